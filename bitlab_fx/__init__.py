@@ -1,0 +1,26 @@
+"""bitlab_fx: ternary (1.58-bit) and low-bit quantization of PyTorch models by graph rewriting.
+
+>>> import torch, bitlab_fx as bfx
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+>>> pm = bfx.prepare_qat(model, bfx.ternary())          # fx graph with fake-quant nodes
+>>> cm = bfx.convert(pm.eval())                         # packed 2-bit weights + torch.ops.bitlab.*
+>>> bfx.summary(cm).totals["quantized"]
+2
+"""
+from .api import convert, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, prepare_qat
+from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
+from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
+from .mapping import QConfigMapping
+from .nn.quantized import QuantizedConv2d, QuantizedLinear
+from .summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare_qat", "convert", "summary", "Summary",
+    "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
+    "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
+    "ternary", "int8", "weight_only",
+    "QuantizedLinear", "QuantizedConv2d",
+    "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
+]

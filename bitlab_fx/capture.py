@@ -1,0 +1,60 @@
+"""Capturing a model as a graph: the only module that calls ``torch.fx.symbolic_trace``/``torch.export``.
+
+Failures become a :class:`CaptureError` that names the innermost module being traced when tracing
+failed and the first line of why.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import List
+
+import torch
+from torch import fx, nn
+
+from .errors import CaptureError
+
+
+class _RecordingTracer(fx.Tracer):
+    """A plain fx tracer that remembers which module it was inside, for error messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: List[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # subclasses of nn.Linear/nn.Conv2d that keep their forward stay one node, like the originals
+        for cls in (nn.Linear, nn.Conv2d):
+            if isinstance(m, cls) and type(m).forward is cls.forward:
+                return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.stack.append(name)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def trace_fx(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with a clear :class:`CaptureError` on failure."""
+    tracer = _RecordingTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # tracing runs arbitrary user code: any exception means "not traceable"
+        where = tracer.stack[-1] if tracer.stack else ""
+        module = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else \
+            f"the top-level {type(model).__name__}.forward"
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise CaptureError(
+            f"torch.fx could not trace {module}: {first_line(e)} (at {frame.filename}:{frame.lineno}). "
+            "Data-dependent control flow (if/for on tensor values) and calls fx cannot follow are the usual causes: "
+            "make that code traceable, or quantize the traceable parts by passing them to prepare_qat "
+            "(e.g. prepare_qat(model.encoder, ...))") from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)

@@ -1,0 +1,133 @@
+"""Inference modules that hold a converted layer's packed weights, scales and bias.
+
+``convert`` puts one of these where each quantized ``nn.Linear``/``nn.Conv2d`` was. The graph calls
+the ``torch.ops.bitlab`` op on their buffers directly (``get_attr`` nodes); their ``forward`` calls
+the same op, so they also work as eager drop-in layers. No float copy of the weight is kept.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import ops  # noqa: F401  (defines torch.ops.bitlab)
+from ..errors import ConvertError
+from ..quant import primitives as P
+from ..quant.packing import FORMAT_VERSION, pack_ternary, unpack_ternary
+
+
+def _check_finite(weight: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ConvertError(f"layer {name!r}: the weight has {bad} NaN/inf value(s) and cannot be quantized; "
+                           "the training diverged or the checkpoint is corrupt: fix or reload the weights, "
+                           "or exclude the layer with set_module_name(name, None)")
+
+
+class _QuantizedBase(nn.Module):
+    """Common state: the weight format, the activation mode and a format version in the state_dict."""
+
+    weight_format: str  # "ternary" | "int8"
+
+    def _init_common(self, spec, act: str, act_scale: Optional[torch.Tensor], name: str, rule: str):
+        self.spec = spec
+        self.act = act
+        self.name = name
+        self.rule = rule
+        self.weight_format = "ternary" if spec.format == "ternary" else "int8"
+        self.register_buffer("act_scale", act_scale)
+
+    def _store_weight(self, weight: torch.Tensor):
+        _check_finite(weight, self.name)
+        wq, g = P.quantize_weight(weight, self.spec)
+        self.register_buffer("weight_scale", g)
+        flat = wq.reshape(wq.shape[0], -1)
+        self.zero_fraction = float((flat == 0).float().mean()) if flat.numel() else 0.0
+        if self.weight_format == "ternary":
+            self.register_buffer("packed_weight", pack_ternary(flat))
+        else:
+            self.register_buffer("qweight", wq.contiguous())
+
+    @property
+    def stored_weight(self) -> torch.Tensor:
+        return self.packed_weight if self.weight_format == "ternary" else self.qweight
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weight as int8 with the original shape (unpacked: for inspection and tests)."""
+        if self.weight_format == "int8":
+            return self.qweight
+        k = math.prod(self.weight_shape[1:])
+        return unpack_ternary(self.packed_weight, k).reshape(self.weight_shape)
+
+    def get_extra_state(self):
+        return {"format_version": FORMAT_VERSION, "weight_format": self.weight_format,
+                "weight_shape": list(self.weight_shape), "act": self.act}
+
+    def set_extra_state(self, state):
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ConvertError(f"layer {self.name!r}: packed format version {state.get('format_version')} does not match "
+                               f"this bitlab_fx (version {FORMAT_VERSION}); re-convert the model with this version")
+        if list(state.get("weight_shape", [])) != list(self.weight_shape) or state.get("weight_format") != self.weight_format:
+            raise ConvertError(f"layer {self.name!r}: saved weight {state.get('weight_format')} {state.get('weight_shape')} "
+                               f"does not match this layer ({self.weight_format} {list(self.weight_shape)})")
+
+    def packed_bytes(self) -> int:
+        """Bytes of the stored weight, scales, bias and static activation scale."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+
+class QuantizedLinear(_QuantizedBase):
+    """A converted linear layer: ``y = bitlab.ternary_linear(x, packed_weight, weight_scale, bias)``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, act: str = "per_token",
+                 act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = ""):
+        super().__init__()
+        self._init_common(spec, act, act_scale, name, rule)
+        self.out_features, self.in_features = weight.shape
+        self.weight_shape: Tuple[int, ...] = tuple(weight.shape)
+        self._store_weight(weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.bitlab.ternary_linear if self.weight_format == "ternary" else torch.ops.bitlab.int8_linear
+        return op(x, self.stored_weight, self.weight_scale, self.bias, self.act, self.act_scale)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
+
+
+class QuantizedConv2d(_QuantizedBase):
+    """A converted conv2d layer (``bitlab.ternary_conv2d`` / ``bitlab.int8_conv2d``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
+                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = ""):
+        super().__init__()
+        self._init_common(spec, act, act_scale, name, rule)
+        self.weight_shape = tuple(weight.shape)
+        self.out_channels = weight.shape[0]
+        self.in_channels = weight.shape[1] * groups
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        self._store_weight(weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def op_args(self) -> tuple:
+        """Arguments after (x, weight, weight_scale, bias) of this layer's op."""
+        geometry = (self.stride, self.padding, self.dilation, self.groups, self.act)
+        if self.weight_format == "ternary":
+            return (list(self.weight_shape),) + geometry
+        return geometry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_format == "ternary":
+            return torch.ops.bitlab.ternary_conv2d(x, self.packed_weight, self.weight_scale, self.bias,
+                                                   *self.op_args(), self.act_scale)
+        return torch.ops.bitlab.int8_conv2d(x, self.qweight, self.weight_scale, self.bias, *self.op_args(),
+                                            self.act_scale)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_shape[2:])}, "
+                f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, groups={self.groups}, "
+                f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")

@@ -1,0 +1,9 @@
+"""``torch.ops.bitlab``: custom ops with a reference implementation and per-device kernels.
+
+Importing this package defines the ops; device kernels register themselves here and compile lazily
+on first use (``import bitlab_fx`` compiles nothing).
+"""
+from . import _schema  # noqa: F401  (defines torch.ops.bitlab.*)
+from ._schema import int8_conv2d, int8_linear, ternary_conv2d, ternary_linear
+
+__all__ = ["ternary_linear", "int8_linear", "ternary_conv2d", "int8_conv2d"]

@@ -1,0 +1,161 @@
+"""The ``torch.ops.bitlab`` custom ops: schemas, argument checks and fake (meta) kernels.
+
+The body of each op is the reference implementation, used on any device that has no faster kernel
+registered (``cpu/`` registers the CPU one, ``cuda/`` the CUDA one).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import KernelError
+from ..quant.packing import padded_k
+from . import reference
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], n: int,
+                  act: str, act_scale: Optional[Tensor]) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise KernelError(f"bitlab.{op}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
+    if act not in reference.ACT_MODES:
+        raise KernelError(f"bitlab.{op}: act={act!r}; use one of {reference.ACT_MODES}")
+    if x.device != weight.device:
+        raise KernelError(f"bitlab.{op}: input is on {x.device} but the quantized weight is on {weight.device}; "
+                          f"move the model with model.to({x.device.type!r}) or the input to {weight.device}")
+    if weight_scale.dim() not in (1, 2) or (weight_scale.dim() == 1 and weight_scale.shape[0] not in (1, n)) \
+            or (weight_scale.dim() == 2 and weight_scale.shape[0] != n):
+        raise KernelError(f"bitlab.{op}: weight_scale of shape {tuple(weight_scale.shape)} does not fit {n} output "
+                          f"channels; expected [1], [{n}] or [{n}, groups]")
+    if bias is not None and bias.shape != (n,):
+        raise KernelError(f"bitlab.{op}: bias of shape {tuple(bias.shape)} does not fit {n} output channels")
+    if act_scale is not None and act_scale.numel() != 1:
+        raise KernelError(f"bitlab.{op}: a static act_scale must hold one number, got shape {tuple(act_scale.shape)}")
+
+
+def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                 act: str, act_scale: Optional[Tensor], packed: bool) -> int:
+    """Validate the arguments of a linear op; return the number of output features."""
+    if weight.dim() != 2:
+        raise KernelError(f"bitlab.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, kw = weight.shape
+    k = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0:
+        raise KernelError(f"bitlab.{op}: input must have at least one dim [..., K]; got a scalar")
+    if packed:
+        if weight.dtype != torch.uint8:
+            raise KernelError(f"bitlab.{op}: packed weight must be uint8, got {weight.dtype}")
+        if kw * 4 != padded_k(k):
+            raise KernelError(f"bitlab.{op}: input has K={k} features but the packed weight {tuple(weight.shape)} "
+                              f"holds K_pad={kw * 4} (expected {padded_k(k)}); the input does not match this layer")
+    else:
+        if weight.dtype != torch.int8:
+            raise KernelError(f"bitlab.{op}: weight must be int8, got {weight.dtype}")
+        if kw != k:
+            raise KernelError(f"bitlab.{op}: input has K={k} features but the weight has shape {tuple(weight.shape)}")
+    _check_common(op, x, weight, weight_scale, bias, n, act, act_scale)
+    if weight_scale.dim() == 2 and k % weight_scale.shape[1]:
+        raise KernelError(f"bitlab.{op}: {weight_scale.shape[1]} scale groups do not divide K={k}")
+    return n
+
+
+@torch.library.custom_op("bitlab::ternary_linear", mutates_args=())
+def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                   act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+    """``y = x @ (Wq * weight_scale).T + bias`` with ternary ``Wq`` packed 2 bits per value and ``x``
+    quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``)."""
+    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, packed=True)
+    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, act_scale)
+
+
+@ternary_linear.register_fake
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None):
+    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, packed=True)
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("bitlab::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+    """Like ``ternary_linear`` with int8 weights ``[N, K]``."""
+    check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
+    return reference.int8_linear(x, weight, weight_scale, bias, act, act_scale)
+
+
+@int8_linear.register_fake
+def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
+    n = check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def conv2d_out_shape(op: str, x: Tensor, weight_shape: List[int], stride: List[int], padding: List[int],
+                     dilation: List[int], groups: int) -> List[int]:
+    if x.dim() != 4:
+        raise KernelError(f"bitlab.{op}: input must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    cout, cin_g, kh, kw = weight_shape
+    if x.shape[1] != cin_g * groups:
+        raise KernelError(f"bitlab.{op}: input has {x.shape[1]} channels but the weight {list(weight_shape)} "
+                          f"with groups={groups} expects {cin_g * groups}")
+    out = [x.shape[0], cout]
+    for i, (size, k) in enumerate(((x.shape[2], kh), (x.shape[3], kw))):
+        o = (size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
+        if o <= 0:
+            raise KernelError(f"bitlab.{op}: input of shape {tuple(x.shape)} is too small for kernel {kh}x{kw}")
+        out.append(o)
+    return out
+
+
+def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                 act, act_scale, packed: bool) -> List[int]:
+    if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise KernelError(f"bitlab.{op}: weight_shape must have 4 ints and stride/padding/dilation 2 each")
+    if packed:
+        k = weight_shape[1] * weight_shape[2] * weight_shape[3]
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != (weight_shape[0], padded_k(k) // 4):
+            raise KernelError(f"bitlab.{op}: packed weight {tuple(weight.shape)} {weight.dtype} does not match "
+                              f"weight_shape {list(weight_shape)}")
+    elif weight.dtype != torch.int8 or list(weight.shape) != list(weight_shape):
+        raise KernelError(f"bitlab.{op}: weight must be int8 of shape {list(weight_shape)}, got {tuple(weight.shape)} {weight.dtype}")
+    if weight_scale.dim() != 1:
+        raise KernelError(f"bitlab.{op}: conv weight scales must be per tensor [1] or per channel [Cout]")
+    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, act_scale)
+    return conv2d_out_shape(op, x, weight_shape, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("bitlab::ternary_conv2d", mutates_args=())
+def ternary_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                   weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                   act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+    """conv2d with packed ternary weights of ``weight_shape``; ``act="per_token"`` = one int8 scale per sample."""
+    check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
+                 groups, act, act_scale, packed=True)
+    return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
+                                    groups, act, act_scale)
+
+
+@ternary_conv2d.register_fake
+def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
+      act_scale=None):
+    shape = check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
+                         dilation, groups, act, act_scale, packed=True)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("bitlab::int8_conv2d", mutates_args=())
+def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], stride: List[int],
+                padding: List[int], dilation: List[int], groups: int, act: str = "per_token",
+                act_scale: Optional[Tensor] = None) -> Tensor:
+    """conv2d with int8 weights ``[Cout, Cin/groups, kh, kw]``."""
+    check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, groups,
+                 act, act_scale, packed=False)
+    return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+
+
+@int8_conv2d.register_fake
+def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
+    shape = check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
+                         groups, act, act_scale, packed=False)
+    return x.new_empty(shape)

@@ -1,0 +1,115 @@
+"""Pure-PyTorch implementations of the bitlab ops: the oracle every kernel is tested against.
+
+Device-agnostic and deliberately simple. Integer dot products are computed in float64, where they
+are exact, then rescaled in fp32 in a fixed order::
+
+    y[m, n] = float(acc[m, n]) * weight_scale[n] / s[m]        (+ bias[n])
+    y[m, n] = sum_g(float(acc[m, n, g]) * weight_scale[n, g]) / s[m]   (per-group)
+
+where ``s`` is the activation multiplier (``xq = clamp(round(x * s), -128, 127)``,
+``s = 127 / max(|x|)`` per token or per tensor, or the static ``act_scale``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.packing import unpack_ternary
+from ..quant.primitives import EPS
+
+ACT_MODES = ("per_token", "per_tensor", "none")
+
+
+def act_multiplier(x2: torch.Tensor, act: str, act_scale: Optional[torch.Tensor], token_dims: int = 1) -> torch.Tensor:
+    """``s`` for an fp32 input, shaped to broadcast: ``[M, 1...]`` per token, ``[1...]`` otherwise."""
+    bshape = (1,) * x2.dim()
+    if act_scale is not None:
+        return act_scale.float().reshape(bshape)
+    if x2.numel() == 0:
+        return x2.new_full(bshape, 127.0 / EPS)
+    if act == "per_token":
+        dims = tuple(range(x2.dim() - token_dims, x2.dim()))
+        amax = x2.abs().amax(dim=dims, keepdim=True)
+    else:
+        amax = x2.abs().amax().reshape(bshape)
+    return 127.0 / amax.clamp(min=EPS)
+
+
+def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x2 * s), -128, 127)
+
+
+def _rescale_linear(acc: torch.Tensor, weight_scale: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    ws = weight_scale.float()
+    if ws.dim() == 2:  # acc [M, N, G]
+        return (acc.float() * ws).sum(-1) / s
+    return acc.float() * ws / s
+
+
+def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               act: str, act_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer."""
+    k = x.shape[-1]
+    n = wq.shape[0]
+    x2 = x.reshape(-1, k).float()
+    ws = weight_scale.float()
+    if act == "none":
+        if ws.dim() == 2:
+            w = (wq.float().reshape(n, ws.shape[1], -1) * ws.unsqueeze(-1)).reshape(n, k)
+        else:
+            w = wq.float() * ws.reshape(-1, 1)
+        y = x2 @ w.t()
+    else:
+        s = act_multiplier(x2, act, act_scale)
+        xq = quantize_int8(x2, s).double()
+        if ws.dim() == 2:
+            g = ws.shape[1]
+            acc = torch.einsum("mgk,ngk->mng", xq.reshape(-1, g, k // g), wq.double().reshape(n, g, k // g))
+        else:
+            acc = xq @ wq.double().t()
+        y = _rescale_linear(acc, ws, s)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None):
+    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale)
+
+
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
+    return int_linear(x, weight, weight_scale, bias, act, act_scale)
+
+
+def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               stride: List[int], padding: List[int], dilation: List[int], groups: int,
+               act: str, act_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv2d with integer weights ``wq [Cout, Cin/groups, kh, kw]``; ``act="per_token"`` means one scale per sample."""
+    xf = x.float()
+    ws = weight_scale.float().reshape(1, -1, 1, 1)
+    if act == "none":
+        y = F.conv2d(xf, wq.float() * ws.reshape(-1, 1, 1, 1), None, stride, padding, dilation, groups)
+    else:
+        s = act_multiplier(xf, act, act_scale, token_dims=3)
+        xq = quantize_int8(xf, s).double()
+        acc = F.conv2d(xq, wq.double(), None, stride, padding, dilation, groups)
+        y = acc.float() * ws / s
+    if bias is not None:
+        y = y + bias.float().reshape(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                   act="per_token", act_scale=None):
+    cout = weight_shape[0]
+    k = 1
+    for d in weight_shape[1:]:
+        k *= d
+    wq = unpack_ternary(packed_weight, k).reshape(cout, *weight_shape[1:])
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+
+
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
+    return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)

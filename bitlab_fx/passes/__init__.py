@@ -1,0 +1,1 @@
+"""Graph passes, one per file, each a plain function GraphModule -> GraphModule."""

@@ -1,0 +1,119 @@
+"""Pass 3 (convert): each fake-quantized layer becomes one ``torch.ops.bitlab`` call on packed weights.
+
+::
+
+    fc1 = call_function[bitlab.ternary_linear](x, get_attr[fc1.packed_weight], get_attr[fc1.weight_scale],
+                                               get_attr[fc1.bias], "per_token", None)
+
+The module at ``fc1`` becomes a :class:`~bitlab_fx.nn.QuantizedLinear` holding only packed buffers.
+int8 signed input quantizers are fused into the op; other activation quantizers (lower bits,
+unsigned, outputs) stay in the graph as quantize-dequantize modules.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import fx
+
+from ..nn.quantized import QuantizedConv2d, QuantizedLinear
+from ..quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from ._common import META, LayerMeta, layer_nodes, set_submodule, unique_name
+
+_OPS = {
+    ("linear", "ternary"): torch.ops.bitlab.ternary_linear.default,
+    ("linear", "int8"): torch.ops.bitlab.int8_linear.default,
+    ("conv2d", "ternary"): torch.ops.bitlab.ternary_conv2d.default,
+    ("conv2d", "int8"): torch.ops.bitlab.int8_conv2d.default,
+}
+
+
+def _module_at(gm: fx.GraphModule, node) -> Optional[torch.nn.Module]:
+    return gm.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+
+def _fused_activation(afq: Optional[ActivationFakeQuant]) -> Tuple[str, Optional[torch.Tensor]]:
+    """(act mode, static multiplier) when the op can quantize the input itself, else ("none", None)."""
+    if afq is None or not (afq.spec.bits == 8 and afq.spec.signed):
+        return "none", None
+    if afq.spec.dynamic:
+        return afq.spec.granularity, None
+    return "per_tensor", afq.multiplier(torch.empty(0)).detach().reshape(1).clone()
+
+
+def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
+    """Where the converted layer lives: the module's own path, or ``<owner>.<param>_quantized`` for functional calls."""
+    if isinstance(meta.object_type, type):
+        return meta.fqn
+    owner, _, pname = meta.weight.rpartition(".")
+    name = unique_name(gm.get_submodule(owner), f"{pname}_quantized")
+    return f"{owner}.{name}" if owner else name
+
+
+def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, spec, act: str):
+    weight = gm.get_parameter(meta.weight)
+    bias = gm.get_parameter(meta.bias) if meta.bias else None
+    if meta.op == "linear":
+        return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule))
+    stride, padding, dilation, groups = node.args[3:7]
+    return QuantizedConv2d(weight, bias, spec, stride, padding, dilation, groups, act, None,
+                           name=meta.fqn, rule=str(meta.rule))
+
+
+def _erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
+    for n in nodes:
+        if isinstance(n, fx.Node) and not n.users:
+            gm.graph.erase_node(n)
+
+
+def _drop_float_params(gm: fx.GraphModule, meta: LayerMeta) -> None:
+    """Functional calls: delete the float weight/bias from their owner once nothing reads them."""
+    for target in (meta.weight, meta.bias):
+        if target and not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+            owner, _, name = target.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
+    containers: Dict[str, str] = {}
+    for node in list(layer_nodes(gm)):
+        meta: LayerMeta = node.meta[META]
+        wfq = _module_at(gm, node.args[1])
+        if not isinstance(wfq, WeightFakeQuant):
+            continue  # float layer, or weight left float
+        x_node, w_node = node.args[0], node.args[1]
+        afq = _module_at(gm, x_node)
+        act, act_scale = _fused_activation(afq if isinstance(afq, ActivationFakeQuant) else None)
+        if meta.weight not in containers:
+            container = _build_container(gm, node, meta, wfq.spec, act)
+            containers[meta.weight] = _container_path(gm, meta)
+            set_submodule(gm, containers[meta.weight], container)
+        path = containers[meta.weight]
+        container = gm.get_submodule(path)
+        with gm.graph.inserting_before(node):
+            get = lambda name: gm.graph.get_attr(f"{path}.{name}")
+            scale_node = None
+            if act_scale is not None:
+                scale_name = unique_name(container, "act_scale_static")
+                container.register_buffer(scale_name, act_scale)
+                scale_node = get(scale_name)
+            x_in = x_node.args[0] if act != "none" else x_node
+            fmt = container.weight_format
+            args = (x_in, get("packed_weight" if fmt == "ternary" else "qweight"), get("weight_scale"),
+                    get("bias") if container.bias is not None else None)
+            if meta.op == "conv2d":
+                args = args + tuple(container.op_args()[:-1])
+            new = gm.graph.call_function(_OPS[(meta.op, fmt)], args + (act, scale_node))
+        new.meta.update(node.meta)
+        meta.container = path
+        node.replace_all_uses_with(new)
+        old_bias, w_src = node.args[2], w_node.args[0]
+        gm.graph.erase_node(node)
+        _erase_if_unused(gm, w_node, x_node if act != "none" else None, old_bias)
+        _erase_if_unused(gm, w_src)
+        if not isinstance(meta.object_type, type):
+            _drop_float_params(gm, meta)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

@@ -1,0 +1,108 @@
+"""Pass 1: bring every supported layer to one form, whatever captured it.
+
+``call_module[fc1](x)`` on an ``nn.Linear`` becomes ``call_function[F.linear](x, get_attr[fc1.weight],
+get_attr[fc1.bias])`` (``nn.Conv2d`` likewise becomes ``F.conv2d`` with explicit stride/padding/
+dilation/groups), and ``F.linear``/``F.conv2d`` calls on module parameters are recognised as they are.
+Each such node gets a :class:`LayerMeta` in ``node.meta["bitlab"]``. Parameters keep their names.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._common import FUNCTIONALS, META, MODULES, LayerMeta
+
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
+
+
+def _pair(v) -> Tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """``padding`` as two ints; None when it cannot be (even kernels with padding='same')."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(s % 2 for s in spans) else tuple(s // 2 for s in spans)
+    return _pair(conv.padding)
+
+
+def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind: str) -> Optional[str]:
+    """Rewrite one call_module node; return a reason when the module is left as it is."""
+    if len(node.args) != 1 or node.kwargs:
+        return "called with more than one input"
+    if kind == "conv2d":
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        padding = _explicit_padding(module)
+        if padding is None:
+            return "padding='same' with an even kernel span is not supported"
+    graph = gm.graph
+    with graph.inserting_before(node):
+        w = graph.get_attr(f"{node.target}.weight")
+        b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        if kind == "linear":
+            new = graph.call_function(F.linear, (node.args[0], w, b))
+        else:
+            new = graph.call_function(F.conv2d, (node.args[0], w, b, _pair(module.stride), padding,
+                                                 _pair(module.dilation), module.groups))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new.meta[META] = LayerMeta(fqn=node.target, object_type=type(module), op=kind, weight=w.target,
+                               bias=None if b is None else b.target)
+    return None
+
+
+def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
+    """LayerMeta for ``F.linear(x, w, b)``/``F.conv2d(...)`` when ``w`` (and ``b``) are module parameters."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    w, b = bound.get("weight"), bound.get("bias")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    if kind == "conv2d" and isinstance(bound.get("padding"), str):
+        return None  # string padding on a functional call: left float
+    # positional form with every argument explicit, as the module rewrite produces
+    if kind == "linear":
+        node.args, node.kwargs = (bound["input"], w, b), {}
+    else:
+        rest = [bound.get(n, d) for n, d in zip(names[3:], _CONV_DEFAULTS[1:])]
+        node.args, node.kwargs = (bound["input"], w, b, _pair(rest[0]), _pair(rest[1]), _pair(rest[2]), rest[3]), {}
+    fqn = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
+    return LayerMeta(fqn=fqn, object_type=node.target, op=kind, weight=w.target, bias=None if b is None else b.target)
+
+
+def _module_kind(module: nn.Module) -> Optional[str]:
+    """"linear"/"conv2d" for nn.Linear/nn.Conv2d and subclasses that keep their forward."""
+    for cls, kind in MODULES.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite supported layers to functional form; record unsupported ones in ``gm.meta``."""
+    skipped = gm.meta.setdefault("bitlab_fx", {}).setdefault("skipped", {})
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            kind = _module_kind(module)
+            if kind is not None:
+                reason = _module_call_to_functional(gm, node, module, kind)
+                if reason:
+                    skipped[node.target] = reason
+        elif node.op == "call_function" and node.target in FUNCTIONALS:
+            meta = _functional_meta(node, FUNCTIONALS[node.target])
+            if meta is not None:
+                node.meta[META] = meta
+    gm.graph.lint()
+    gm.recompile()
+    return gm

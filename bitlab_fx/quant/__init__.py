@@ -1,0 +1,1 @@
+"""Tensor math of the quantizers; never imports torch.fx."""

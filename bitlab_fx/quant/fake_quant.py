@@ -1,0 +1,93 @@
+"""The fake-quant modules that ``prepare_qat`` inserts into graphs (``call_module`` nodes).
+
+Each one quantizes and dequantizes in the forward pass and lets gradients pass straight through.
+``enabled = False`` turns one into the identity (see ``bfx.disable_fake_quant``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import IntActivation, IntWeight, TernaryWeight
+from . import primitives as P
+
+
+class WeightFakeQuant(nn.Module):
+    """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec."""
+
+    def __init__(self, spec: Union[TernaryWeight, IntWeight], layer: str = "", rule: str = ""):
+        super().__init__()
+        self.spec = spec
+        self.layer = layer  # fqn of the layer this belongs to, for messages and summaries
+        self.rule = rule
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return P.fake_quantize_weight(w, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
+
+
+class ActivationFakeQuant(nn.Module):
+    """Fake-quantizes activations with an :class:`IntActivation` spec.
+
+    ``token_dims`` is how many trailing dims form one token: 1 for linear layers (one scale per row),
+    3 for conv2d (one scale per sample ``[C, H, W]``).
+
+    Dynamic specs compute the scale from each input. Static specs (``dynamic=False``) observe the
+    running max of ``|x|`` (exponential moving average, ``momentum``) while training and use the
+    stored value in eval mode; ``observe = False`` freezes it.
+    """
+
+    def __init__(self, spec: IntActivation, token_dims: int = 1, layer: str = "", rule: str = "",
+                 momentum: float = 0.1):
+        super().__init__()
+        self.spec = spec
+        self.token_dims = token_dims
+        self.layer = layer
+        self.rule = rule
+        self.enabled = True
+        self.observe = True
+        self.momentum = momentum
+        if not spec.dynamic:
+            self.register_buffer("running_amax", torch.zeros(()))
+
+    def multiplier(self, x: torch.Tensor) -> torch.Tensor:
+        """The multiplier ``s`` used for ``x`` (``xq = round(x * s)``)."""
+        if self.spec.dynamic:
+            return P.activation_multiplier(x, self.spec, self.token_dims)
+        if self.training and self.observe and x.numel():
+            with torch.no_grad():
+                xf = x.detach().float()
+                amax = xf.abs().amax() if self.spec.signed else xf.clamp(min=0).amax()
+                if self.running_amax.item() == 0:
+                    self.running_amax.copy_(amax)
+                else:
+                    self.running_amax.lerp_(amax, self.momentum)
+        return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return P.fake_quantize_activation(x, self.multiplier(x), self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
+
+
+FAKE_QUANT_TYPES = (WeightFakeQuant, ActivationFakeQuant)
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool, observe: Optional[bool] = None) -> nn.Module:
+    """Turn every fake-quant module of ``model`` on or off (and optionally its observers)."""
+    for m in model.modules():
+        if isinstance(m, FAKE_QUANT_TYPES):
+            m.enabled = enabled
+            if observe is not None and isinstance(m, ActivationFakeQuant):
+                m.observe = observe
+    return model

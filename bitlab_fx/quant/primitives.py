@@ -1,0 +1,125 @@
+"""Quantizer math on tensors: scales, rounding and straight-through estimators.
+
+Conventions (used by every kernel too, so converted models reproduce prepared ones):
+
+- weights: ``W ≈ Wq * g``; ``g`` is the dequantization step (fp32), one per group of the granularity.
+- activations: ``xq = clamp(round(x * s), qmin, qmax)``; ``s`` is the quantization *multiplier*
+  (``127 / max|x|`` for int8), so ``x ≈ xq / s``.
+- all scale math runs in fp32 whatever the input dtype; ``torch.round`` rounds half to even.
+"""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+
+from ..config import IntActivation, IntWeight, PerGroup, TernaryWeight
+
+EPS = 1e-5  # guards every max/mean that could be zero (all-zero rows give scale EPS, never NaN)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns the quantized value ``q`` exactly; the gradient flows to ``x`` unchanged (BitNet's STE)."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``q`` in the forward pass, identity gradient to ``x`` in the backward pass."""
+    return _StraightThrough.apply(x, q.detach())
+
+
+def weight_groups(w: torch.Tensor, granularity) -> torch.Tensor:
+    """View a weight ``[N, ...]`` as ``[N, G, n]`` groups of the granularity (G=1 per channel, N=1 per tensor)."""
+    flat = w.reshape(w.shape[0], -1)
+    if granularity == "per_tensor":
+        return flat.reshape(1, 1, -1)
+    if granularity == "per_channel":
+        return flat.unsqueeze(1)
+    if isinstance(granularity, PerGroup):
+        return flat.reshape(flat.shape[0], flat.shape[1] // granularity.size, granularity.size)
+    raise ValueError(f"unknown weight granularity {granularity!r}")
+
+
+def scale_shape(w_shape, granularity) -> Tuple[int, ...]:
+    """Shape of the stored weight scale: ``[1]``, ``[N]`` or ``[N, K/group]``."""
+    n = w_shape[0]
+    k = 1
+    for d in w_shape[1:]:
+        k *= d
+    if granularity == "per_tensor":
+        return (1,)
+    if granularity == "per_channel":
+        return (n,)
+    return (n, k // granularity.size)
+
+
+def weight_scale(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
+    """The dequantization step ``g`` of ``w`` (fp32, shape :func:`scale_shape`), computed without gradient."""
+    with torch.no_grad():
+        groups = weight_groups(w.detach().float(), spec.granularity)
+        if isinstance(spec, TernaryWeight):
+            g = groups.abs().mean(-1) if spec.scale == "absmean" else groups.abs().amax(-1)
+        else:
+            g = groups.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
+        g = g.clamp(min=EPS)
+        return g.reshape(scale_shape(w.shape, spec.granularity))
+
+
+def weight_qrange(spec: Union[TernaryWeight, IntWeight]) -> int:
+    return 1 if isinstance(spec, TernaryWeight) else 2 ** (spec.bits - 1) - 1
+
+
+def _expand_scale(g: torch.Tensor, granularity) -> torch.Tensor:
+    """Broadcast a stored scale against ``weight_groups(w)``."""
+    if granularity == "per_tensor":
+        return g.reshape(1, 1, 1)
+    if granularity == "per_channel":
+        return g.reshape(-1, 1, 1)
+    return g.unsqueeze(-1)
+
+
+def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights (int8 tensor, same shape as ``w``) and their fp32 scale ``g``."""
+    g = weight_scale(w, spec)
+    q = weight_qrange(spec)
+    groups = weight_groups(w.detach().float(), spec.granularity)
+    wq = torch.clamp(torch.round(groups / _expand_scale(g, spec.granularity)), -q, q)
+    return wq.reshape(w.shape).to(torch.int8), g
+
+
+def fake_quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
+    """``Wq * g`` in ``w``'s dtype with a straight-through gradient to ``w``."""
+    wq, g = quantize_weight(w, spec)
+    deq = weight_groups(wq.float(), spec.granularity) * _expand_scale(g, spec.granularity)
+    return straight_through(w, deq.reshape(w.shape).to(w.dtype))
+
+
+def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int) -> torch.Tensor:
+    """The dynamic multiplier ``s`` (fp32), one per token (reduced over the last ``token_dims`` dims)
+    or one for the whole tensor; shaped to broadcast against ``x``."""
+    with torch.no_grad():
+        xf = x.detach().float()
+        if spec.granularity == "per_token" and x.dim() > token_dims:
+            dims = tuple(range(x.dim() - token_dims, x.dim()))
+            amax = xf.abs().amax(dim=dims, keepdim=True) if spec.signed else xf.clamp(min=0).amax(dim=dims, keepdim=True)
+        else:
+            amax = (xf.abs().amax() if spec.signed else xf.clamp(min=0).amax()) if xf.numel() else xf.new_ones(())
+        return spec.qmax / amax.clamp(min=EPS)
+
+
+def fake_quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:
+    """``clamp(round(x*s), qmin, qmax) / s`` in ``x``'s dtype with a straight-through gradient."""
+    return straight_through(x, (quantize_activation(x, s, spec) / s).to(x.dtype))
+
+
+def quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:
+    """The integer activation codes as an fp32 tensor of whole numbers (no gradient)."""
+    with torch.no_grad():
+        return torch.clamp(torch.round(x.detach().float() * s), spec.qmin, spec.qmax)

@@ -1,0 +1,124 @@
+"""Per-layer tables of prepared and converted models: formats, rules, sizes.
+
+>>> import torch, bitlab_fx as bfx
+>>> pm = bfx.prepare_qat(torch.nn.Sequential(torch.nn.Linear(256, 64)), bfx.ternary())
+>>> s = bfx.summary(pm)
+>>> s.rows[0]["weight"], s.rows[0]["rule"]
+('ternary', '"global"')
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+from .nn.quantized import _QuantizedBase
+from .passes._common import META, STAGE, LayerMeta, layer_nodes, stage_of
+from .quant import primitives as P
+from .quant.packing import padded_k
+from .quant.fake_quant import WeightFakeQuant, ActivationFakeQuant
+
+COLUMNS = ["layer", "type", "weight", "w_granularity", "activation", "rule", "params", "bytes_fp32", "bytes_quant",
+           "zeros"]
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, type):
+        return t.__name__
+    return f"F.{getattr(t, '__name__', str(t))}"
+
+
+def _act_label(spec) -> str:
+    if spec is None:
+        return "float"
+    return f"{spec.format} {spec.granularity}{'' if spec.dynamic else ' static'}"
+
+
+def _projected_bytes(weight: torch.Tensor, spec) -> int:
+    """Bytes the converted weight and its scale will take."""
+    n, k = weight.shape[0], math.prod(weight.shape[1:])
+    data = n * padded_k(k) // 4 if spec.format == "ternary" else n * k
+    return data + 4 * math.prod(P.scale_shape(weight.shape, spec.granularity))
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
+    row = {"layer": meta.fqn, "type": _type_name(meta.object_type), "weight": "float", "w_granularity": "",
+           "activation": "float", "rule": "" if meta.rule is None else str(meta.rule), "zeros": ""}
+    if meta.container is not None:  # converted
+        c: _QuantizedBase = gm.get_submodule(meta.container)
+        n_params = math.prod(c.weight_shape) + (0 if c.bias is None else c.bias.numel())
+        row.update(weight=c.spec.format, w_granularity=str(c.spec.granularity), params=n_params,
+                   bytes_fp32=4 * n_params, bytes_quant=c.packed_bytes(), zeros=f"{c.zero_fraction:.1%}")
+        a = meta.config.input if meta.config is not None else None
+        row["activation"] = _act_label(a) + (" (fused)" if c.act != "none" and a is not None else "")
+        return row
+    weight = gm.get_parameter(meta.weight)
+    bias = gm.get_parameter(meta.bias) if meta.bias else None
+    n_params = weight.numel() + (0 if bias is None else bias.numel())
+    row.update(params=n_params, bytes_fp32=4 * n_params, bytes_quant=_nbytes(weight) + _nbytes(bias))
+    cfg = meta.config
+    if cfg is not None and cfg.weight is not None:
+        wq, _ = P.quantize_weight(weight, cfg.weight)
+        row.update(weight=cfg.weight.format, w_granularity=str(cfg.weight.granularity),
+                   bytes_quant=_projected_bytes(weight, cfg.weight) + _nbytes(bias),
+                   zeros=f"{(wq == 0).float().mean().item():.1%}")
+    if cfg is not None:
+        row["activation"] = _act_label(cfg.input)
+    return row
+
+
+@dataclass
+class Summary:
+    """What :func:`summary` returns: ``rows`` (one dict per layer), ``totals``, ``skipped`` and a table as ``str()``."""
+
+    stage: str
+    rows: List[Dict[str, Any]]
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> Dict[str, Any]:
+        before = sum(r["bytes_fp32"] for r in self.rows)
+        after = sum(r["bytes_quant"] for r in self.rows)
+        return {"layers": len(self.rows), "quantized": sum(r["weight"] != "float" for r in self.rows),
+                "params": sum(r["params"] for r in self.rows), "bytes_fp32": before, "bytes_quant": after,
+                "compression": before / after if after else float("nan")}
+
+    def __str__(self) -> str:
+        t = self.totals
+        body = [[r[c] for c in COLUMNS] for r in self.rows]
+        body.append(["TOTAL", "", f"{t['quantized']}/{t['layers']} quantized", "", "", "", t["params"],
+                     t["bytes_fp32"], t["bytes_quant"], f"{t['compression']:.1f}x smaller"])
+        text = f"bitlab_fx summary ({self.stage})\n" + tabulate(body, headers=COLUMNS, intfmt=",")
+        if self.skipped:
+            text += "\nleft float (unsupported): " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        return text
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module) -> Summary:
+    """One row per layer that prepare_qat saw: name, type, weight format, granularity, activation
+    quantization, the mapping rule that matched, parameter count, bytes in fp32 and quantized
+    (projected for prepared models, measured for converted ones) and the share of zero ternary weights."""
+    stage = stage_of(model)
+    if stage is None or not isinstance(model, fx.GraphModule):
+        from .errors import ConfigError
+        raise ConfigError(f"summary: the {type(model).__name__} was not prepared by bfx.prepare_qat; "
+                          "call it on the result of prepare_qat or convert")
+    seen, rows = set(), []
+    for node in layer_nodes(model):
+        meta = node.meta[META]
+        key = meta.weight
+        if key in seen:  # a shared weight: one row
+            continue
+        seen.add(key)
+        rows.append(_row(model, node, meta))
+    return Summary(stage, rows, dict(model.meta[STAGE].get("skipped", {})))
