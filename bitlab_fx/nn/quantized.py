@@ -91,8 +91,10 @@ class QuantizedLinear(_QuantizedBase):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.bitlab.ternary_linear if self.weight_format == "ternary" else torch.ops.bitlab.int8_linear
-        return op(x, self.stored_weight, self.weight_scale, self.bias, self.act, self.act_scale)
+        if self.weight_format == "ternary":
+            return torch.ops.bitlab.ternary_linear(x, self.packed_weight, self.weight_scale, self.bias, self.act,
+                                                   self.act_scale, self.in_features)
+        return torch.ops.bitlab.int8_linear(x, self.qweight, self.weight_scale, self.bias, self.act, self.act_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

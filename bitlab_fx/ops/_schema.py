@@ -37,7 +37,7 @@ def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias
 
 
 def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                 act: str, act_scale: Optional[Tensor], packed: bool) -> int:
+                 act: str, act_scale: Optional[Tensor], packed: bool, in_features: int = -1) -> int:
     """Validate the arguments of a linear op; return the number of output features."""
     if weight.dim() != 2:
         raise KernelError(f"bitlab.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -48,6 +48,8 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
     if packed:
         if weight.dtype != torch.uint8:
             raise KernelError(f"bitlab.{op}: packed weight must be uint8, got {weight.dtype}")
+        if in_features >= 0 and k != in_features:
+            raise KernelError(f"bitlab.{op}: input has K={k} features but this layer has in_features={in_features}")
         if kw * 4 != padded_k(k):
             raise KernelError(f"bitlab.{op}: input has K={k} features but the packed weight {tuple(weight.shape)} "
                               f"holds K_pad={kw * 4} (expected {padded_k(k)}); the input does not match this layer")
@@ -64,16 +66,17 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
 
 @torch.library.custom_op("bitlab::ternary_linear", mutates_args=())
 def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                   act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+                   act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1) -> Tensor:
     """``y = x @ (Wq * weight_scale).T + bias`` with ternary ``Wq`` packed 2 bits per value and ``x``
-    quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``)."""
-    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, packed=True)
+    quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``).
+    ``in_features`` (the true K; -1: trust ``x``) lets the op reject inputs whose K only matches the padding."""
+    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
     return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, act_scale)
 
 
 @ternary_linear.register_fake
-def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None):
-    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, packed=True)
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
     return x.new_empty(*x.shape[:-1], n)
 
 

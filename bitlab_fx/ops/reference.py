@@ -75,7 +75,7 @@ def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None):
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
     return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale)
 
 

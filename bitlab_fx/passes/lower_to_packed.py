@@ -103,7 +103,10 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                     get("bias") if container.bias is not None else None)
             if meta.op == "conv2d":
                 args = args + tuple(container.op_args()[:-1])
-            new = gm.graph.call_function(_OPS[(meta.op, fmt)], args + (act, scale_node))
+            args = args + (act, scale_node)
+            if (meta.op, fmt) == ("linear", "ternary"):
+                args = args + (container.in_features,)
+            new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
         new.meta.update(node.meta)
         meta.container = path
         node.replace_all_uses_with(new)

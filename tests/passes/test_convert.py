@@ -1,0 +1,118 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import bitlab_fx as bfx
+from conftest import SmallNet, mlp
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and "bitlab" in str(n.target)]
+
+
+def _qc():
+    return (bfx.QConfigMapping().set_global(bfx.ternary()).set_object_type(nn.Conv2d, bfx.int8())
+            .set_module_name("head", None))
+
+
+def test_convert_lowers_to_bitlab_ops_and_drops_float_weights(small_net):
+    pm = bfx.prepare_qat(small_net, _qc())
+    cm = bfx.convert(pm.eval())
+    ops = [str(t) for t in _ops(cm)]
+    assert ops.count("bitlab.ternary_linear.default") == 2
+    assert ops.count("bitlab.int8_conv2d.default") == 2
+    assert isinstance(cm.fc1, bfx.QuantizedLinear) and isinstance(cm.conv, bfx.QuantizedConv2d)
+    keys = set(cm.state_dict())
+    assert "fc1.packed_weight" in keys and "fc1.weight" not in keys and "w" not in keys
+    assert "conv.qweight" in keys and "head.weight" in keys  # head excluded: stays float
+    assert cm.fc1.packed_weight.dtype == torch.uint8 and cm.conv.qweight.dtype == torch.int8
+    floats = [k for k, v in cm.state_dict().items() if torch.is_tensor(v) and v.dtype.is_floating_point and v.dim() >= 2]
+    assert floats == ["head.weight"]  # the only float matrix left is the excluded head
+    assert "fake_quant" not in cm.code and "_fq" not in cm.code
+    assert pm.fc1.weight is not None  # convert copies by default
+
+
+def test_converted_reproduces_prepared(small_net):
+    torch.manual_seed(1)
+    pm = bfx.prepare_qat(small_net, _qc())
+    opt = torch.optim.SGD(pm.parameters(), lr=0.05)
+    for _ in range(3):  # trained weights, not just initial ones
+        x = torch.randn(8, 3, 8, 8)
+        pm(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    cm = bfx.convert(pm)
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        a, b = pm(x), cm(x)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
+
+
+@pytest.mark.parametrize("cfg", [bfx.ternary("per_tensor", "per_tensor"), bfx.ternary(bfx.PerGroup(16)),
+                                 bfx.int8(), bfx.weight_only("ternary"), bfx.weight_only("int4"),
+                                 bfx.QuantConfig(weight="ternary", input=bfx.IntActivation(8, dynamic=False, granularity="per_tensor")),
+                                 bfx.QuantConfig(weight="ternary", input="uint4")])
+def test_every_config_converts_faithfully(cfg):
+    torch.manual_seed(0)
+    model = mlp((32, 64, 16))
+    pm = bfx.prepare_qat(model, cfg)
+    pm(torch.randn(64, 32).relu())  # observes static ranges
+    pm.eval()
+    cm = bfx.convert(pm)
+    x = torch.randn(10, 32).relu()
+    a, b = pm(x).detach(), cm(x)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_converted_output_in_input_dtype(dtype):
+    pm = bfx.prepare_qat(mlp(), bfx.ternary())
+    cm = bfx.convert(pm.eval()).to(dtype)
+    y = cm(torch.randn(3, 32, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+def test_converted_state_dict_at_least_10x_smaller_for_512_wide_mlp():
+    model = mlp((512, 512, 512, 512))
+    cm = bfx.convert(bfx.prepare_qat(model, bfx.ternary()).eval())
+
+    def size(m):
+        buf = io.BytesIO()
+        torch.save(m.state_dict(), buf)
+        return buf.tell()
+
+    assert size(model) / size(cm) >= 10
+    t = bfx.summary(cm).totals
+    assert t["bytes_fp32"] / t["bytes_quant"] >= 10
+
+
+def test_converted_state_dict_round_trip_and_version_check():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary())
+    cm = bfx.convert(pm.eval())
+    cm2 = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()).eval())
+    cm2.load_state_dict(cm.state_dict())
+    x = torch.randn(4, 32)
+    assert torch.equal(cm(x), cm2(x))
+    sd = cm.state_dict()
+    sd["0._extra_state"] = dict(sd["0._extra_state"], format_version=99)
+    with pytest.raises(bfx.ConvertError, match="format version 99"):
+        cm2.load_state_dict(sd)
+
+
+def test_convert_inplace_and_torch_compile_free_eval():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary()).eval()
+    cm = bfx.convert(pm, inplace=True)
+    assert cm is pm
+    assert isinstance(cm.get_submodule("0"), bfx.QuantizedLinear)
+
+
+def test_quantized_linear_eager_forward_matches_graph():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary()).eval()
+    cm = bfx.convert(pm)
+    x = torch.randn(5, 32)
+    h = torch.relu(cm.get_submodule("0")(x))
+    torch.testing.assert_close(cm.get_submodule("2")(h), cm(x))

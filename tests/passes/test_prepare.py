@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import bitlab_fx as bfx
+from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from conftest import SmallNet, mlp
+
+
+def _fq_nodes(gm):
+    return {n.target: type(gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (WeightFakeQuant, ActivationFakeQuant))}
+
+
+def test_prepare_returns_graph_module_with_explicit_fake_quant_nodes(small_net):
+    pm = bfx.prepare_qat(small_net, bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("head", None))
+    assert isinstance(pm, fx.GraphModule)
+    fq = _fq_nodes(pm)
+    for layer in ["conv", "conv_dw", "fc1", "w"]:
+        assert fq[f"{layer}_weight_fq"] is WeightFakeQuant
+        assert fq[f"{layer}_input_fq"] is ActivationFakeQuant
+    assert not any(k.startswith("head") for k in fq)
+    # layers are functional calls reading get_attr parameters, fed by the fake quant nodes
+    lin = [n for n in pm.graph.nodes if n.target is F.linear]
+    fc1 = next(n for n in lin if n.meta["bitlab"].fqn == "fc1")
+    assert fc1.args[0].target == "fc1_input_fq" and fc1.args[1].target == "fc1_weight_fq"
+    assert fc1.args[1].args[0].op == "get_attr" and fc1.args[1].args[0].target == "fc1.weight"
+    assert "fc1_input_fq" in pm.code
+
+
+def test_input_model_untouched_and_state_dict_compatible(small_net):
+    before = copy.deepcopy(small_net.state_dict())
+    pm = bfx.prepare_qat(small_net, bfx.ternary())
+    assert all(torch.equal(before[k], v) for k, v in small_net.state_dict().items())
+    assert not any(isinstance(m, WeightFakeQuant) for m in small_net.modules())
+    assert set(pm.state_dict()) == set(small_net.state_dict())
+    pm.load_state_dict(small_net.state_dict(), strict=True)
+
+
+def test_fake_quant_disabled_gives_float_model(small_net):
+    x = torch.randn(2, 3, 8, 8)
+    pm = bfx.prepare_qat(small_net, bfx.ternary())
+    assert not torch.allclose(pm(x), small_net(x), atol=1e-5)
+    bfx.disable_fake_quant(pm)
+    torch.testing.assert_close(pm(x), small_net(x))
+    bfx.enable_fake_quant(pm)
+    assert not torch.allclose(pm(x), small_net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2), dict(padding=2, dilation=2), dict(groups=4), dict(padding="same"),
+                                dict(padding="valid", bias=False), dict(stride=(2, 1), padding=(1, 0))])
+def test_conv_geometries_prepare_and_match_float_when_disabled(kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, **kw), nn.ReLU())
+    x = torch.randn(2, 8, 9, 9)
+    pm = bfx.prepare_qat(model, bfx.int8())
+    assert "conv2d" in pm.code
+    bfx.disable_fake_quant(pm)
+    torch.testing.assert_close(pm(x), model(x))
+
+
+def test_unsupported_conv_left_float_and_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    pm = bfx.prepare_qat(model, bfx.ternary())
+    assert "0" in bfx.summary(pm).skipped and "reflect" in bfx.summary(pm).skipped["0"]
+
+
+def test_shared_weight_has_one_weight_fake_quant():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    pm = bfx.prepare_qat(Tied(), bfx.ternary())
+    fq = _fq_nodes(pm)
+    assert sum(t is WeightFakeQuant for t in fq.values()) == 1
+    assert sum(t is ActivationFakeQuant for t in fq.values()) == 2
+
+
+def test_linear_subclass_with_same_forward_is_quantized_and_matched_by_type():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(8, 8))
+    pm = bfx.prepare_qat(model, bfx.QConfigMapping().set_object_type(MyLinear, bfx.int8()))
+    assert bfx.summary(pm).rows[0]["weight"] == "int8"
+
+
+def test_output_quant_inserted_after_layer():
+    cfg = bfx.QuantConfig(weight="int8", input="int8", output=bfx.IntActivation(4, signed=False))
+    pm = bfx.prepare_qat(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), cfg)
+    assert "_0_output_fq" in pm.code or "0_output_fq" in pm.code
+    y = pm(torch.randn(3, 8))
+    assert y.min() >= 0
+
+
+def test_prepare_keeps_training_mode_and_checks_example_inputs():
+    model = mlp().eval()
+    pm = bfx.prepare_qat(model, bfx.ternary(), example_inputs=(torch.randn(2, 32),))
+    assert not pm.training
+    with pytest.raises(bfx.CaptureError, match="example_inputs"):
+        bfx.prepare_qat(model, bfx.ternary(), example_inputs=(torch.randn(2, 31),))

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+import bitlab_fx as bfx
+from conftest import mlp
+
+
+def test_convert_of_unprepared_model():
+    with pytest.raises(bfx.ConvertError, match="not prepared with bfx.prepare_qat"):
+        bfx.convert(mlp())
+
+
+def test_convert_twice():
+    cm = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()))
+    with pytest.raises(bfx.ConvertError, match="already converted"):
+        bfx.convert(cm)
+
+
+def test_prepare_twice():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary())
+    with pytest.raises(bfx.ConfigError, match="already prepared"):
+        bfx.prepare_qat(pm, bfx.ternary())
+
+
+def test_group_size_not_dividing_in_features_names_layer_and_numbers():
+    model = nn.Sequential(nn.Linear(48, 8))
+    with pytest.raises(bfx.ConfigError, match=r"layer '0'.*group size 32 does not divide in_features=48"):
+        bfx.prepare_qat(model, bfx.ternary(bfx.PerGroup(32)))
+
+
+def test_per_group_on_conv_is_rejected():
+    with pytest.raises(bfx.ConfigError, match="linear layers only"):
+        bfx.prepare_qat(nn.Sequential(nn.Conv2d(4, 4, 1)), bfx.ternary(bfx.PerGroup(2)))
+
+
+def test_nan_weights_at_convert_name_the_layer():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary())
+    with torch.no_grad():
+        pm.get_submodule("2").weight[0, 0] = float("nan")
+    with pytest.raises(bfx.ConvertError, match=r"layer '2'.*NaN/inf"):
+        bfx.convert(pm)
+
+
+def test_untraceable_model_names_the_module_and_reason():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Gate()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(bfx.CaptureError, match=r"module 'inner' \(Gate\).*TraceError"):
+        bfx.prepare_qat(Net(), bfx.ternary())
+
+
+def test_bad_qconfig_types():
+    with pytest.raises(bfx.ConfigError):
+        bfx.prepare_qat(mlp(), None)
+    with pytest.raises(bfx.ConfigError):
+        bfx.prepare_qat(mlp(), "ternary")
+    with pytest.raises(bfx.ConfigError, match="frontend"):
+        bfx.prepare_qat(mlp(), bfx.ternary(), frontend="onnx")
+    with pytest.raises(bfx.ConfigError, match="torch.nn.Module"):
+        bfx.prepare_qat(lambda x: x, bfx.ternary())
+
+
+def test_bias_quant_not_yet_lowered_is_a_clear_error():
+    cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")
+    with pytest.raises(bfx.ConfigError, match="IntBias"):
+        bfx.prepare_qat(mlp(), cfg)
+
+
+def test_op_errors_are_kernel_errors():
+    cm = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()))
+    with pytest.raises(bfx.KernelError, match="K=31"):
+        cm(torch.randn(2, 31))
+    with pytest.raises(bfx.KernelError, match="dtype"):
+        cm(torch.ones(2, 32, dtype=torch.int64))

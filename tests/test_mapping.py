@@ -1,0 +1,73 @@
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitlab_fx as bfx
+
+T, I8 = bfx.ternary(), bfx.int8()
+
+
+def test_priority_global_type_regex_name():
+    qc = (bfx.QConfigMapping().set_global(T).set_object_type(nn.Conv2d, I8)
+          .set_module_name_regex(r"blocks\.\d+\.attn.*", bfx.weight_only("int4"))
+          .set_module_name("blocks.0.attn.q", None))
+    assert qc.resolve("fc", nn.Linear)[0] == T
+    assert qc.resolve("stem", nn.Conv2d)[0] == I8
+    # regex beats object type
+    assert qc.resolve("blocks.1.attn.conv", nn.Conv2d)[0].weight.bits == 4
+    # module name beats regex; None excludes
+    cfg, rule = qc.resolve("blocks.0.attn.q", nn.Linear)
+    assert cfg is None and rule.kind == "module_name"
+
+
+def test_regex_first_match_in_insertion_order_and_fullmatch():
+    qc = bfx.QConfigMapping().set_module_name_regex(r"layer\..*", T).set_module_name_regex(r"layer\.1", I8)
+    assert qc.resolve("layer.1", nn.Linear)[0] == T
+    assert qc.resolve("xlayer.1", nn.Linear) == (None, None)  # fullmatch, not search
+
+
+def test_object_type_matches_subclasses_and_functionals():
+    class MyLinear(nn.Linear):
+        pass
+    qc = bfx.QConfigMapping().set_object_type(nn.Linear, T).set_object_type(F.linear, I8)
+    assert qc.resolve("a", MyLinear)[0] == T
+    assert qc.resolve("b", F.linear)[0] == I8
+    assert qc.resolve("c", nn.Conv2d) == (None, None)
+
+
+def test_unused_rule_warns_naming_it():
+    model = nn.Sequential(nn.Linear(8, 8))
+    qc = bfx.QConfigMapping().set_global(T).set_module_name("haed", None)
+    with pytest.warns(UserWarning, match=r"module_name\('haed'\) matched no layer"):
+        bfx.prepare_qat(model, qc)
+
+
+def test_used_rules_do_not_warn():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    qc = bfx.QConfigMapping().set_global(T).set_module_name("1", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bfx.prepare_qat(model, qc)
+
+
+def test_to_dict_from_dict_json_round_trip():
+    qc = (bfx.QConfigMapping().set_global(T).set_object_type(nn.Conv2d, I8)
+          .set_module_name_regex(".*head", None).set_module_name("fc", bfx.ternary("per_tensor")))
+    d = json.loads(json.dumps(qc.to_dict()))
+    back = bfx.QConfigMapping.from_dict(d)
+    for fqn, t in [("x", nn.Linear), ("c", nn.Conv2d), ("lm_head", nn.Linear), ("fc", nn.Linear)]:
+        assert back.resolve(fqn, t)[0] == qc.resolve(fqn, t)[0]
+    assert [str(r) for r in back.rules()] == [str(r) for r in qc.rules()]
+
+
+def test_bad_mapping_input():
+    with pytest.raises(bfx.ConfigError, match="regular expression"):
+        bfx.QConfigMapping().set_module_name_regex("(", T)
+    with pytest.raises(bfx.ConfigError, match="expected a bfx.QuantConfig"):
+        bfx.QConfigMapping().set_global("ternary")
+    with pytest.raises(bfx.ConfigError, match="cannot import"):
+        bfx.QConfigMapping.from_dict({"object_type": [["torch.nn.Lineer", None]]})
