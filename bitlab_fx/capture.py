@@ -8,7 +8,6 @@ from __future__ import annotations
 import traceback
 from typing import List
 
-import torch
 from torch import fx, nn
 
 from .errors import CaptureError

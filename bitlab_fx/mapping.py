@@ -23,8 +23,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
-
 from .config import QuantConfig
 from .errors import ConfigError
 

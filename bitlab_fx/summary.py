@@ -16,11 +16,11 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
+from .errors import ConfigError
 from .nn.quantized import _QuantizedBase
 from .passes._common import META, STAGE, LayerMeta, layer_nodes, stage_of
 from .quant import primitives as P
 from .quant.packing import padded_k
-from .quant.fake_quant import WeightFakeQuant, ActivationFakeQuant
 
 COLUMNS = ["layer", "type", "weight", "w_granularity", "activation", "rule", "params", "bytes_fp32", "bytes_quant",
            "zeros"]
@@ -110,7 +110,6 @@ def summary(model: nn.Module) -> Summary:
     (projected for prepared models, measured for converted ones) and the share of zero ternary weights."""
     stage = stage_of(model)
     if stage is None or not isinstance(model, fx.GraphModule):
-        from .errors import ConfigError
         raise ConfigError(f"summary: the {type(model).__name__} was not prepared by bfx.prepare_qat; "
                           "call it on the result of prepare_qat or convert")
     seen, rows = set(), []
