@@ -73,6 +73,17 @@ class _QuantizedBase(nn.Module):
             raise ConvertError(f"layer {self.name!r}: saved weight {state.get('weight_format')} {state.get('weight_shape')} "
                                f"does not match this layer ({self.weight_format} {list(self.weight_shape)})")
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales:
+        # they stay fp32 (so converted == prepared holds in any dtype); only their device follows.
+        scales = {k: v for k, v in self._buffers.items() if v is not None and (k == "weight_scale" or k.startswith("act_scale"))}
+        super()._apply(fn, recurse)
+        for k, old in scales.items():
+            new = self._buffers[k]
+            if new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return self
+
     def packed_bytes(self) -> int:
         """Bytes of the stored weight, scales, bias and static activation scale."""
         return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))

@@ -116,3 +116,16 @@ def test_quantized_linear_eager_forward_matches_graph():
     x = torch.randn(5, 32)
     h = torch.relu(cm.get_submodule("0")(x))
     torch.testing.assert_close(cm.get_submodule("2")(h), cm(x))
+
+
+def test_casting_converted_model_keeps_fp32_scales():
+    cm = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()).eval())
+    x = torch.randn(3, 32)
+    ref = cm(x)
+    cm16 = cm.to(torch.bfloat16)
+    layer = cm16.get_submodule("0")
+    assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert layer.packed_weight.dtype == torch.uint8
+    y = cm16(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
