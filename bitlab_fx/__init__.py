@@ -12,6 +12,7 @@ from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, Te
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
 from .mapping import QConfigMapping
 from .nn.quantized import QuantizedConv2d, QuantizedLinear
+from .recipes import QuantWarmup
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -20,7 +21,7 @@ __all__ = [
     "prepare_qat", "convert", "summary", "Summary",
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
-    "ternary", "int8", "weight_only",
+    "ternary", "int8", "weight_only", "QuantWarmup",
     "QuantizedLinear", "QuantizedConv2d",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
 ]

@@ -14,26 +14,44 @@ from ..config import IntActivation, IntWeight, TernaryWeight
 from . import primitives as P
 
 
-class WeightFakeQuant(nn.Module):
-    """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec."""
+class _FakeQuant(nn.Module):
+    """What every fake quantizer has: ``enabled`` and the float/quantized blend ``mix`` used by warm-up.
 
-    def __init__(self, spec: Union[TernaryWeight, IntWeight], layer: str = "", rule: str = ""):
+    ``mix = 1`` (default) is plain fake quantization; ``0 < mix < 1`` returns
+    ``(1 - mix) * x + mix * fake_quant(x)`` (see ``bfx.QuantWarmup``); ``mix = 0`` is the identity.
+    """
+
+    def __init__(self, spec, layer: str, rule: str):
         super().__init__()
         self.spec = spec
         self.layer = layer  # fqn of the layer this belongs to, for messages and summaries
         self.rule = rule
         self.enabled = True
+        self.mix = 1.0
+
+    def _blend(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q if self.mix >= 1.0 else torch.lerp(x, q, self.mix)
+
+    def _active(self) -> bool:
+        return self.enabled and self.mix > 0.0
+
+
+class WeightFakeQuant(_FakeQuant):
+    """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec."""
+
+    def __init__(self, spec: Union[TernaryWeight, IntWeight], layer: str = "", rule: str = ""):
+        super().__init__(spec, layer, rule)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self._active():
             return w
-        return P.fake_quantize_weight(w, self.spec)
+        return self._blend(w, P.fake_quantize_weight(w, self.spec))
 
     def extra_repr(self) -> str:
         return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
 
 
-class ActivationFakeQuant(nn.Module):
+class ActivationFakeQuant(_FakeQuant):
     """Fake-quantizes activations with an :class:`IntActivation` spec.
 
     ``token_dims`` is how many trailing dims form one token: 1 for linear layers (one scale per row),
@@ -46,12 +64,8 @@ class ActivationFakeQuant(nn.Module):
 
     def __init__(self, spec: IntActivation, token_dims: int = 1, layer: str = "", rule: str = "",
                  momentum: float = 0.1):
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec, layer, rule)
         self.token_dims = token_dims
-        self.layer = layer
-        self.rule = rule
-        self.enabled = True
         self.observe = True
         self.momentum = momentum
         if not spec.dynamic:
@@ -72,9 +86,9 @@ class ActivationFakeQuant(nn.Module):
         return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self._active():
             return x
-        return P.fake_quantize_activation(x, self.multiplier(x), self.spec)
+        return self._blend(x, P.fake_quantize_activation(x, self.multiplier(x), self.spec))
 
     def extra_repr(self) -> str:
         return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"

@@ -92,3 +92,27 @@ def test_disabled_fake_quant_is_identity():
     fq.enabled = False
     w = torch.randn(3, 3)
     assert fq(w) is w
+
+
+def test_warmup_blends_float_to_quantized():
+    import bitlab_fx as bfx
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    pm = bfx.prepare_qat(model, bfx.ternary())
+    x = torch.randn(4, 16)
+    full = pm(x).detach()
+    warm = bfx.QuantWarmup(pm, ramp_steps=4, delay_steps=2)
+    torch.testing.assert_close(pm(x), model(x))          # delay: float
+    for _ in range(4):
+        warm.step()
+    assert warm.mix == 0.5
+    mid = pm(x)
+    assert not torch.allclose(mid, full) and not torch.allclose(mid, model(x))
+    for _ in range(2):
+        warm.step()
+    torch.testing.assert_close(pm(x), full)              # after the ramp: plain QAT
+    state = warm.state_dict()
+    warm2 = bfx.QuantWarmup(pm, ramp_steps=4, delay_steps=2)
+    warm2.load_state_dict(state)
+    assert warm2.mix == 1.0
