@@ -106,3 +106,26 @@ def test_prepare_keeps_training_mode_and_checks_example_inputs():
     assert not pm.training
     with pytest.raises(bfx.CaptureError, match="example_inputs"):
         bfx.prepare_qat(model, bfx.ternary(), example_inputs=(torch.randn(2, 31),))
+
+
+def test_functional_conv2d_on_module_parameters_with_kwargs():
+    class FConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(6, 2, 3, 3) / 5)
+            self.b = nn.Parameter(torch.zeros(6))
+
+        def forward(self, x):
+            return F.conv2d(x, self.kernel, bias=self.b, stride=2, padding=1, groups=2)
+
+    torch.manual_seed(0)
+    model = FConv()
+    x = torch.randn(2, 4, 8, 8)
+    pm = bfx.prepare_qat(model, bfx.QConfigMapping().set_object_type(F.conv2d, bfx.int8()))
+    row = bfx.summary(pm).rows[0]
+    assert row["layer"] == "kernel" and row["type"] == "F.conv2d" and row["weight"] == "int8"
+    cm = bfx.convert(pm.eval())
+    assert "int8_conv2d" in cm.code and "kernel" not in dict(cm.named_parameters())
+    torch.testing.assert_close(cm(x), pm(x), rtol=1e-4, atol=1e-5)
+    bfx.disable_fake_quant(pm)
+    torch.testing.assert_close(pm(x), model(x))
