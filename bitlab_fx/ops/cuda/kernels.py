@@ -1,0 +1,409 @@
+"""Triton kernels for ``bitlab.ternary_linear`` and ``bitlab.int8_linear``.
+
+Three kernels, launched on whatever device the tensors are on (CUDA, or CPU under
+``TRITON_INTERPRET=1``, which is how the tests run without a GPU):
+
+* ``_quant_act_kernel``: one program per row; int8 ``xq [M, K_pad]`` (zero padded) and fp32 ``s [M]``,
+  rounding half to even like ``torch.round``, ``s = (1 / max(amax, EPS)) * 127`` exactly like the
+  reference (whose ``127.0 / t`` is ``t.reciprocal() * 127``).
+* ``_linear_kernel``: ``y^T[BN, BM] = W[BN, K] . xq^T[K, BM]`` over K in steps of ``NB`` 128-blocks. Each
+  step loads ``NB * 32`` packed bytes per output row; shifts 0/2/4/6 and a mask give four runs ``r`` of
+  codes, ``w = code - 1`` in {-1, 0, 1}; run ``r`` pairs with activations ``k = 128 b + 32 r + j``.
+  Small M (decode): elementwise products reduced with ``tl.sum`` (a GEMV, no padding of M to 16).
+  Larger M: int8 ``tl.dot`` with int32 accumulation, the weight tile as the left operand (it stays in
+  registers after unpacking). Optional deterministic split-K: partials go to a workspace
+  ``[SPLIT_K, M, N]`` (int32, or fp32 when already scaled) and ``_splitk_reduce_kernel`` sums them in a
+  fixed order and applies the epilogue. No atomics, no host sync, no data-dependent launch.
+* Epilogue, as in ``reference.py``: ``y = float(acc) * ws[n] / s[m] + bias`` (per-group:
+  ``sum_g float(acc_g) * ws[n, g] / s[m]``), in ``x.dtype``.
+
+int8 weights run through the same kernel with ``PACKED=False`` (the runs are read straight from
+``[N, K]``). ``act="none"`` runs it with float activations (fp32 products, IEEE ``tl.dot``).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...quant.packing import BLOCK, LANES, padded_k
+from ...quant.primitives import EPS
+from .. import reference
+
+try:  # the generic libdevice front end (CUDA or HIP); extern calls do not run in the interpreter
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old triton
+    from triton.language.extra.cuda import libdevice  # type: ignore
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover
+    _InterpretedFunction = ()
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+MODE_PER_TOKEN, MODE_FROM_AMAX, MODE_STATIC, MODE_ROW_AMAX = 0, 1, 2, 3
+WS_TENSOR, WS_CHANNEL, WS_GROUP = 0, 1, 2
+
+
+@triton.jit
+def _round_half_even(v, INTERPRET: tl.constexpr):
+    """Round to nearest, ties to even (``torch.round``); ``|v| <= 128`` here."""
+    if INTERPRET:  # no extern calls: adding 1.5 * 2**23 leaves no fraction bits, fp32 addition rounds ties to even
+        return (v + 12582912.0) - 12582912.0
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def _to_out_dtype(y, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even like ``Tensor.to`` (the GPU cast does; the interpreter's
+    bf16 cast truncates, so round the bits by hand there)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(dtype)
+
+
+@triton.jit
+def _quant_act_kernel(x_ptr, xq_ptr, s_ptr, src_ptr, K, K_pad, stride_xm,
+                      MODE: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Row ``m``: ``xq[m] = clamp(round(x[m] * s), -128, 127)`` zero padded to ``K_pad``; ``s_ptr[m] = s``.
+
+    MODE 0: ``s`` from the row's absmax; 1: from the absmax in ``src_ptr[0]``; 2: ``s = src_ptr[0]``;
+    3: only write the row's absmax to ``s_ptr[m]`` (first step of per-tensor quantization).
+    """
+    m = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + m * stride_xm
+    offs = tl.arange(0, BLOCK_K)
+    if MODE == 0 or MODE == 3:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        a = tl.max(amax, axis=0)
+    elif MODE == 1:
+        a = tl.load(src_ptr).to(tl.float32)
+    else:
+        a = 0.0
+    if MODE == 3:
+        tl.store(s_ptr + m, a)
+    else:
+        if MODE == 2:
+            s = tl.load(src_ptr).to(tl.float32)
+        else:
+            s = tl.math.div_rn(1.0, tl.maximum(a, 1e-5)) * 127.0
+        tl.store(s_ptr + m, s)
+        for k0 in range(0, K_pad, BLOCK_K):
+            kk = k0 + offs
+            v = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            q = _round_half_even(tl.minimum(tl.maximum(v * s, -128.0), 127.0), INTERPRET)
+            tl.store(xq_ptr + m * K_pad + kk, q.to(tl.int8), mask=kk < K_pad)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
+              WS_MODE: tl.constexpr, ACT_FLOAT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc [BN, BM]`` -> ``out[m, n] = float(acc) * ws[n] / s[m] + bias[n]`` (ws already applied per group)."""
+    y = acc.to(tl.float32)
+    if WS_MODE == 0:
+        y = y * tl.load(ws_ptr)
+    elif WS_MODE == 1:
+        y = y * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    if not ACT_FLOAT:
+        s = tl.load(s_ptr + offs_m, mask=mask_m, other=1.0)
+        y = tl.math.div_rn(y, s[None, :])
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    y = _to_out_dtype(y, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(ptrs, y, mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr,
+                   M, N, K, K_pad, G, GROUP_SIZE, stride_xm, stride_wn, ITERS_PER_SPLIT,
+                   PACKED: tl.constexpr, ACT_FLOAT: tl.constexpr, WS_MODE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, INTERPRET: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` over the K range of split ``program_id(2)``.
+
+    ``x_ptr``: int8 ``xq [M, K_pad]`` (row stride ``stride_xm``), or the float input when ``ACT_FLOAT``.
+    ``w_ptr``: packed uint8 ``[N, K_pad/4]`` or int8 ``[N, K]`` (row stride ``stride_wn``).
+    ``out_ptr``: ``y [M, N]``, or the split-K workspace ``[SPLIT_K, M, N]`` when ``WRITE_PARTIAL``.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    RUN: tl.constexpr = NB * 32
+    BLOCK_K: tl.constexpr = NB * 128
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    i = tl.arange(0, RUN)
+    k_run = (i // 32) * 128 + (i % 32)  # k of element i of run 0, relative to the step's first k
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+    if ACT_FLOAT or WS_MODE == 2:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    it0 = pid_k * ITERS_PER_SPLIT
+    it1 = tl.minimum(it0 + ITERS_PER_SPLIT, tl.cdiv(K_pad, BLOCK_K))
+    for it in range(it0, it1):
+        k0 = it * BLOCK_K
+        if PACKED:  # one contiguous load of NB * 32 bytes per output row
+            kb = k0 // 4 + i
+            b = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K_pad // 4)[None, :], other=0)
+        for r in tl.static_range(4):
+            kk = k0 + r * 32 + k_run
+            if PACKED:
+                w = ((b >> (2 * r)) & 3).to(tl.int8) - 1
+            else:
+                w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0)
+            if ACT_FLOAT:
+                xv = tl.load(x_cols + kk[:, None], mask=(kk < K)[:, None] & mask_m[None, :], other=0.0)
+                xv = xv.to(tl.float32)
+                w = w.to(tl.float32)
+                if USE_DOT:
+                    part = tl.dot(w, xv, input_precision="ieee")
+                else:
+                    part = tl.sum(w[:, :, None] * xv[None, :, :], axis=1)
+            else:
+                xv = tl.load(x_cols + kk[:, None], mask=(kk < K_pad)[:, None] & mask_m[None, :], other=0)
+                if USE_DOT:
+                    part = tl.dot(w, xv, out_dtype=tl.int32)
+                else:
+                    part = tl.sum(w.to(tl.int32)[:, :, None] * xv.to(tl.int32)[None, :, :], axis=1)
+            if WS_MODE == 2:  # the host guarantees that every run of this step lies in one group
+                g = tl.minimum((k0 + r * 32) // GROUP_SIZE, G - 1)  # runs past K (padding) add 0
+                wsg = tl.load(ws_ptr + offs_n * G + g, mask=mask_n, other=0.0)
+                acc += part.to(tl.float32) * wsg[:, None]
+            else:
+                acc += part
+    if WRITE_PARTIAL:
+        ptrs = out_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
+        tl.store(ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
+    else:
+        _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
+                  WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr, M, N, SPLIT_K,
+                          WS_MODE: tl.constexpr, ACT_FLOAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Sum the ``SPLIT_K`` partials of one tile in split order (deterministic), then the epilogue."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mask = mask_n[:, None] & mask_m[None, :]
+    ptrs = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    acc = tl.load(ptrs, mask=mask, other=0)
+    for sk in range(1, SPLIT_K):
+        acc += tl.load(ptrs + sk * M * N, mask=mask, other=0)
+    _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
+              WS_MODE, ACT_FLOAT, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Tile shape of ``_linear_kernel``: ``BLOCK_M`` tokens x ``BLOCK_N`` outputs, ``NB`` 128-blocks of K per
+    step, ``use_dot`` (int8 ``tl.dot``, needs ``BLOCK_M, BLOCK_N >= 16``) or the elementwise GEMV, and
+    ``split_k`` K splits (1: the epilogue runs in the same kernel)."""
+    block_m: int
+    block_n: int
+    nb: int = 2
+    use_dot: bool = False
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+GEMV_MAX_M = 8  # up to this many tokens the elementwise GEMV beats an MMA padded to 16 rows
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # H100 SXM; only used to exercise the same heuristics under the interpreter
+
+
+def choose_config(m: int, n: int, k_pad: int, group_size: int = 0, sms: int = 132) -> LinearConfig:
+    """Fixed tile shapes by problem size (no autotuning: deterministic and CUDA-graph safe).
+
+    Decode (``m <= 8``): elementwise GEMV with narrow N tiles and split-K until ~4 programs per SM.
+    Prefill: int8 ``tl.dot``; wide tiles once M is large. Defaults picked for H100, to be tuned with
+    ``benchmarks/bench_linear_cuda.py --sweep``.
+    """
+    if m <= GEMV_MAX_M:
+        bm = triton.next_power_of_2(max(m, 1))
+        cfg = LinearConfig(block_m=bm, block_n=64 if bm <= 2 else 32 if bm <= 4 else 16, nb=2, num_warps=4)
+        target = 4 * sms
+    elif m <= 64:
+        cfg = LinearConfig(block_m=max(16, triton.next_power_of_2(m)), block_n=64, nb=2, use_dot=True, num_warps=4)
+        target = 2 * sms
+    elif m <= 128:
+        cfg = LinearConfig(block_m=64, block_n=128, nb=1, use_dot=True, num_warps=4)
+        target = sms
+    else:
+        cfg = LinearConfig(block_m=128, block_n=128, nb=1, use_dot=True, num_warps=8)
+        target = sms
+    return fit_config(cfg, m, n, k_pad, group_size, target)
+
+
+def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 0, target_programs: int = 0) -> LinearConfig:
+    """Make ``cfg`` valid for the problem: per-group scales need each step inside one group (else ``nb=1``,
+    one group per 32-run); split K (powers of two, >= 4 steps each) until ``target_programs``; drop empty splits."""
+    nb = cfg.nb
+    if group_size and group_size % (nb * BLOCK):
+        nb = 1
+    iters = max(1, -(-k_pad // (nb * BLOCK)))
+    split = cfg.split_k
+    if target_programs:
+        tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+        while tiles * split < target_programs and iters // (split * 2) >= 4:
+            split *= 2
+    per_split = -(-iters // max(1, split))
+    split = -(-iters // per_split)
+    return replace(cfg, nb=nb, split_k=split)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def _interpreted(kernel) -> bool:
+    """True under ``TRITON_INTERPRET=1`` (read by ``triton.jit`` when this module was imported)."""
+    return bool(_InterpretedFunction) and isinstance(kernel, _InterpretedFunction)
+
+
+def _launch(kernel):
+    """``torch.library.wrap_triton`` so torch.compile / make_fx can trace the launch (a no-op in eager)."""
+    return torch.library.wrap_triton(kernel)
+
+
+def quantize_activations(x2: Tensor, act: str, act_scale: Optional[Tensor], k_pad: int):
+    """int8 ``xq [M, k_pad]`` (zero padded) and fp32 ``s [M]`` for a 2-D input, exactly like the reference."""
+    m, k = x2.shape
+    xq = torch.empty(m, k_pad, dtype=torch.int8, device=x2.device)
+    s = torch.empty(m, dtype=torch.float32, device=x2.device)
+    block_k = min(4096, max(128, triton.next_power_of_2(max(k_pad, 1))))
+    interp = _interpreted(_quant_act_kernel)
+    kernel = _launch(_quant_act_kernel)
+    if act_scale is not None:
+        mode, src = MODE_STATIC, act_scale.reshape(1).to(torch.float32)
+    elif act == "per_token":
+        mode, src = MODE_PER_TOKEN, s
+    else:
+        amax = torch.empty(m, dtype=torch.float32, device=x2.device)
+        kernel[(m,)](x2, xq, amax, amax, k, k_pad, x2.stride(0),
+                     MODE=MODE_ROW_AMAX, BLOCK_K=block_k, INTERPRET=interp, num_warps=4)
+        mode, src = MODE_FROM_AMAX, amax.amax().reshape(1)
+    kernel[(m,)](x2, xq, s, src, k, k_pad, x2.stride(0),
+                 MODE=mode, BLOCK_K=block_k, INTERPRET=interp, num_warps=4)
+    return xq, s
+
+
+def _ws_mode(weight_scale: Tensor) -> int:
+    if weight_scale.dim() == 2:
+        return WS_GROUP
+    return WS_CHANNEL if weight_scale.shape[0] != 1 else WS_TENSOR
+
+
+def supports(k: int, weight_scale: Tensor) -> bool:
+    """Per-group scales need groups of a multiple of 32 columns (each 32-run of K in one group)."""
+    return weight_scale.dim() != 2 or (k // weight_scale.shape[1]) % LANES == 0
+
+
+def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
+                act_scale: Optional[Tensor], packed: bool, config: Optional[LinearConfig]) -> Tensor:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if not supports(k, weight_scale):
+        wq_fn = reference.ternary_linear if packed else reference.int8_linear
+        return wq_fn(x, weight, weight_scale, bias, act, act_scale)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    k_pad = padded_k(k)
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    ws = weight_scale.to(torch.float32).contiguous()
+    ws_mode = _ws_mode(ws)
+    groups = ws.shape[1] if ws_mode == WS_GROUP else 1
+    group_size = k // groups if ws_mode == WS_GROUP else 0
+    act_float = act == "none"
+    if act_float:
+        xin, s, stride_xm = x2, ws, x2.stride(0)  # s unused
+    else:
+        xin, s = quantize_activations(x2, act, act_scale, k_pad)
+        stride_xm = k_pad
+    if config is None:
+        config = choose_config(m, n, k_pad, group_size, _num_sms(x.device))
+    else:
+        config = fit_config(config, m, n, k_pad, group_size)
+    cfg = config
+    iters = -(-k_pad // (cfg.nb * BLOCK))
+    per_split = -(-iters // cfg.split_k)
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else ws
+    partial = cfg.split_k > 1
+    if partial:
+        part_dtype = torch.float32 if (act_float or ws_mode == WS_GROUP) else torch.int32
+        dest = torch.empty(cfg.split_k, m, n, dtype=part_dtype, device=x.device)
+    else:
+        dest = out
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    interp = _interpreted(_linear_kernel)
+    _launch(_linear_kernel)[grid](
+        xin, weight, ws, s, bias_arg, dest, m, n, k, k_pad, groups, max(group_size, 1), stride_xm, weight.stride(0),
+        per_split, PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=has_bias, WRITE_PARTIAL=partial,
+        USE_DOT=cfg.use_dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, INTERPRET=interp,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial:
+        rbm = min(16, triton.next_power_of_2(m))
+        rgrid = (triton.cdiv(n, 64), triton.cdiv(m, rbm))
+        _launch(_splitk_reduce_kernel)[rgrid](
+            dest, ws, s, bias_arg, out, m, n, cfg.split_k, WS_MODE=ws_mode, ACT_FLOAT=act_float, HAS_BIAS=has_bias,
+            BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, num_warps=4)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def ternary_linear_triton(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                          act: str = "per_token", act_scale: Optional[Tensor] = None,
+                          config: Optional[LinearConfig] = None) -> Tensor:
+    """``bitlab.ternary_linear`` with the Triton kernels, on the tensors' device (no argument checks).
+
+    ``config`` overrides the tile shape chosen by :func:`choose_config` (tests and benchmark sweeps).
+    """
+    return _int_linear(x, packed_weight, weight_scale, bias, act, act_scale, True, config)
+
+
+def int8_linear_triton(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                       act: str = "per_token", act_scale: Optional[Tensor] = None,
+                       config: Optional[LinearConfig] = None) -> Tensor:
+    """``bitlab.int8_linear`` with the Triton kernels (int8 weights ``[N, K]``)."""
+    return _int_linear(x, weight, weight_scale, bias, act, act_scale, False, config)
+
+
+KERNELS = [_quant_act_kernel, _linear_kernel, _splitk_reduce_kernel]
