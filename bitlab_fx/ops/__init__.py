@@ -5,5 +5,7 @@ on first use (``import bitlab_fx`` compiles nothing).
 """
 from . import _schema  # noqa: F401  (defines torch.ops.bitlab.*)
 from ._schema import int8_conv2d, int8_linear, ternary_conv2d, ternary_linear
+from .cuda import register as _register_cuda_kernels  # Triton, imported on the first CUDA call
+_register_cuda_kernels()
 
 __all__ = ["ternary_linear", "int8_linear", "ternary_conv2d", "int8_conv2d"]

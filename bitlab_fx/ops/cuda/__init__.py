@@ -1,0 +1,112 @@
+"""CUDA implementations of ``bitlab.ternary_linear`` and ``bitlab.int8_linear`` (Triton, in ``kernels.py``).
+
+:func:`register` is cheap and imports neither triton nor CUDA: ``bitlab_fx.ops`` calls it at import.
+``kernels.py`` (and triton) load the first time a CUDA tensor reaches one of the ops.
+
+How the ops are wired (``torch.library.triton_op`` creates a *new* op and cannot adopt the existing
+``custom_op``s, so we do by hand what it does, for CUDA inputs only):
+
+* eager: ``register_kernel(op, "cuda", fn)``; ``fn`` launches the kernels directly (``wrap_triton``
+  switched off, as ``triton_op`` does for its eager path, to skip the tracing HOP).
+* ``torch.compile``: a ``FunctionalTensorMode`` rule decomposes the op, for CUDA tensors, into its
+  ``wrap_triton`` kernel launches, so AOTAutograd/Inductor see (and schedule) the Triton kernels
+  instead of an opaque call; ``fullgraph=True`` holds either way. ``torch.export`` keeps the op
+  (exactly like ``triton_op``), and ``BITLAB_TRITON_DECOMPOSE=0`` keeps it opaque under compile too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _schema
+
+_OPS = {"ternary_linear": True, "int8_linear": False}  # op name -> packed weights
+_registered = False
+
+
+def _kernels():
+    from . import kernels  # imports triton
+
+    _remember_kernels(kernels.KERNELS)
+    return kernels
+
+
+def _remember_kernels(kernels_list) -> None:
+    """Let the AOTAutograd cache key include our kernel sources, as ``triton_op`` does."""
+    try:
+        from torch._library import triton as lib_triton
+    except ImportError:  # pragma: no cover
+        return
+    for name in _OPS:
+        lib_triton.triton_ops_to_kernels.setdefault(f"bitlab::{name}", list(kernels_list))
+
+
+def _check_and_run(name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                   act: str, act_scale: Optional[Tensor], in_features: int) -> Tensor:
+    packed = _OPS[name]
+    extra = {} if in_features == -1 else {"in_features": in_features}
+    _schema.check_linear(name, x, weight, weight_scale, bias, act, act_scale, packed, **extra)
+    k = _kernels()
+    fn = k.ternary_linear_triton if packed else k.int8_linear_triton
+    return fn(x, weight, weight_scale, bias, act, act_scale)
+
+
+def _eager(name: str):
+    def run(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+        from torch._library.triton import set_wrap_triton_enabled
+
+        with set_wrap_triton_enabled(False):
+            return _check_and_run(name, x, weight, weight_scale, bias, act, act_scale, in_features)
+
+    run.__name__ = f"{name}_cuda"
+    return run
+
+
+def _decompose(name: str):
+    def rule(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        x = args[0] if args else kwargs.get("x")
+        if (not isinstance(x, Tensor) or x.device.type != "cuda" or custom_triton_ops_decomposition_disabled()
+                or os.environ.get("BITLAB_TRITON_DECOMPOSE", "1") == "0"):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        from torch._subclasses import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not Tensor for t in types):
+            return NotImplemented
+        with mode:
+            return _check_and_run(name, *_bind(args, kwargs))
+
+    return rule
+
+
+def _bind(args, kwargs):
+    names = ("x", "weight", "weight_scale", "bias", "act", "act_scale", "in_features")
+    defaults = (None, None, None, None, "per_token", None, -1)
+    vals = list(args) + [None] * (len(names) - len(args))
+    out = []
+    for i, (n, d) in enumerate(zip(names, defaults)):
+        v = vals[i] if i < len(args) else kwargs.get(n, kwargs.get("packed_weight" if n == "weight" else n, d))
+        out.append(v)
+    return out
+
+
+def register() -> None:
+    """Register the CUDA kernels of the linear ops (idempotent; imports no triton)."""
+    global _registered
+    if _registered:
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for name in _OPS:
+        op = getattr(_schema, name)
+        op.register_kernel("cuda", _eager(name))
+        op.register_torch_dispatch(FunctionalTensorMode, _decompose(name))
+    _registered = True
+
+
+__all__ = ["register"]
