@@ -212,7 +212,7 @@ def _splitk_reduce_kernel(part_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr, M, N, SPLI
     for sk in range(1, SPLIT_K):
         acc += tl.load(ptrs + sk * M * N, mask=mask, other=0)
     _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
-              WS_MODE, ACT_FLOAT, HAS_BIAS)
+              WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET)
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -1,0 +1,195 @@
+"""Triton kernels vs ``reference.py``. Run by ``test_triton_kernels.py`` in a subprocess: with
+``TRITON_INTERPRET=1`` on CPU tensors, or natively on a GPU (plus opcheck, torch.compile, CUDA graphs).
+
+Not collected on its own (no ``test_`` prefix): ``TRITON_INTERPRET`` must be set before triton is
+imported and must not leak into other test modules.
+"""
+import os
+
+import pytest
+import torch
+
+import bitlab_fx  # noqa: F401  (defines torch.ops.bitlab)
+from bitlab_fx.ops import reference
+from bitlab_fx.ops.cuda import kernels as K
+from bitlab_fx.quant.packing import pack_ternary, padded_k
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if os.environ.get("BITLAB_TRITON_CASES") != "1" or (not INTERPRET and not torch.cuda.is_available()):
+    pytest.skip("helper of test_triton_kernels.py, which runs it in a subprocess", allow_module_level=True)
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
+       torch.float16: dict(rtol=1e-3, atol=2e-3)}
+
+
+def _problem(m, k, n, dtype, scale, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    wq = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ws = {"tensor": torch.rand(1, generator=g) + 0.1, "channel": torch.rand(n, generator=g) + 0.1,
+          "group": torch.rand(n, k // 64, generator=g) + 0.1}[scale]
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, wq, ws, b)]
+
+
+def _act(act):
+    """(act, act_scale): "static" means per_token with a static multiplier."""
+    return ("per_token", torch.tensor([2.5], device=DEVICE)) if act == "static" else (act, None)
+
+
+def _assert_matches(y, ref, exact):
+    assert y.shape == ref.shape and y.dtype == ref.dtype and y.device == ref.device
+    if exact:  # integer dot product and the same fp32 rescale order: bit for bit
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    else:  # float summation order differs (per-group partial sums, act="none")
+        torch.testing.assert_close(y, ref, **TOL[y.dtype])
+
+
+# ---------------------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["per_token", "per_tensor", "static"])
+@pytest.mark.parametrize("m,k", [(1, 200), (17, 260)])
+def test_quantize_activations_exact(m, k, act, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype).to(DEVICE)
+    x[0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.0, -0.0, 3.5], dtype=dtype)  # ties under s=1/2
+    mode, act_scale = ("per_token", torch.tensor([0.5], device=DEVICE)) if act == "static" else (act, None)
+    xq, s = K.quantize_activations(x, mode, act_scale, padded_k(k))
+    s_ref = reference.act_multiplier(x.float(), mode, act_scale).reshape(-1).expand(m)
+    xq_ref = reference.quantize_int8(x.float(), s_ref[:, None]).to(torch.int8)
+    assert xq.shape == (m, padded_k(k)) and xq.dtype == torch.int8 and s.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref.contiguous(), rtol=0, atol=0)
+    torch.testing.assert_close(xq[:, :k], xq_ref, rtol=0, atol=0)
+    assert not xq[:, k:].any()
+
+
+def test_quantize_all_zero_row_uses_eps():
+    x = torch.zeros(2, 40, device=DEVICE)
+    xq, s = K.quantize_activations(x, "per_token", None, 128)
+    assert not xq.any() and torch.all(s == reference.act_multiplier(x, "per_token", None).reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------- linear
+
+
+def _linear_cases():
+    """M x dtype x act x weight kind, cycling shape, scale kind and bias (a covering set, kept fast)."""
+    i = 0
+    for m in (1, 3, 8, 17):
+        for dtype in DTYPES:
+            for act in ("per_token", "per_tensor", "none", "static"):
+                for packed in (True, False):
+                    k, n = [(200, 37), (320, 7), (192, 9)][i % 3]
+                    scale = ["channel", "tensor", "group"][(i // 3) % 3]
+                    if scale == "group" and k % 64:
+                        k = 320
+                    yield pytest.param(m, k, n, dtype, act, scale, bool(i % 2), packed,
+                                       id=f"m{m}-k{k}-n{n}-{str(dtype)[6:]}-{act}-{scale}-b{i % 2}-{'tern' if packed else 'int8'}")
+                    i += 1
+
+
+@pytest.mark.parametrize("m,k,n,dtype,act,scale,bias,packed", list(_linear_cases()))
+def test_linear_matches_reference(m, k, n, dtype, act, scale, bias, packed):
+    x, wq, ws, b = _problem(m, k, n, dtype, scale, bias)
+    mode, act_scale = _act(act)
+    w = pack_ternary(wq) if packed else wq
+    fn, ref_fn = ((K.ternary_linear_triton, reference.ternary_linear) if packed
+                  else (K.int8_linear_triton, reference.int8_linear))
+    y = fn(x, w, ws, b, mode, act_scale)
+    _assert_matches(y, ref_fn(x, w, ws, b, mode, act_scale), exact=act != "none" and scale != "group")
+
+
+CONFIGS = {  # every code path: GEMV / dot, split-K (int32 and fp32 partials), one or two 128-blocks per step
+    "gemv": K.LinearConfig(block_m=4, block_n=16, nb=2),
+    "gemv-split3": K.LinearConfig(block_m=8, block_n=8, nb=1, split_k=3),
+    "dot": K.LinearConfig(block_m=16, block_n=16, nb=2, use_dot=True),
+    "dot-split2": K.LinearConfig(block_m=16, block_n=32, nb=1, use_dot=True, split_k=2),
+}
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("scale,act", [("channel", "per_token"), ("group", "per_tensor"), ("tensor", "none")])
+@pytest.mark.parametrize("packed", [True, False], ids=["tern", "int8"])
+def test_every_config_matches_reference(cfg, scale, act, packed):
+    x, wq, ws, b = _problem(5, 448, 19, torch.bfloat16, scale, True, seed=1)
+    w = pack_ternary(wq) if packed else wq
+    fn, ref_fn = ((K.ternary_linear_triton, reference.ternary_linear) if packed
+                  else (K.int8_linear_triton, reference.int8_linear))
+    y = fn(x, w, ws, b, act, None, config=CONFIGS[cfg])
+    _assert_matches(y, ref_fn(x, w, ws, b, act, None), exact=act != "none" and scale != "group")
+
+
+def test_default_configs_split_k_on_long_k():
+    cfg = K.choose_config(1, 64, padded_k(8192))
+    assert not cfg.use_dot and cfg.split_k > 1
+    assert K.choose_config(256, 4096, 4096).use_dot
+    x, wq, ws, b = _problem(2, 2048, 24, torch.float16, "channel", False, seed=2)
+    y = K.ternary_linear_triton(x, pack_ternary(wq), ws, b)
+    _assert_matches(y, reference.ternary_linear(x, pack_ternary(wq), ws, b), exact=True)
+
+
+def test_leading_dims_strided_input_and_empty():
+    x, wq, ws, b = _problem(6, 130, 11, torch.float32, "channel", True)
+    wide = torch.randn(6, 200, device=DEVICE)
+    wide[:, :130] = x
+    xs = wide[:, :130].reshape(2, 3, 130)  # row stride 200
+    y = K.ternary_linear_triton(xs, pack_ternary(wq), ws, b)
+    assert y.shape == (2, 3, 11)
+    _assert_matches(y, reference.ternary_linear(xs, pack_ternary(wq), ws, b), exact=True)
+    empty = K.ternary_linear_triton(x[:0], pack_ternary(wq), ws, b)
+    assert empty.shape == (0, 11)
+
+
+def test_group_size_not_multiple_of_32_falls_back_to_reference():
+    x, wq, ws, b = _problem(3, 200, 5, torch.float32, "channel", False)
+    ws = torch.rand(5, 5, device=DEVICE) + 0.1  # groups of 40
+    y = K.ternary_linear_triton(x, pack_ternary(wq), ws, b)
+    _assert_matches(y, reference.ternary_linear(x, pack_ternary(wq), ws, b), exact=True)
+
+
+# ---------------------------------------------------------------------------------------- CUDA only
+
+
+def _op_args(packed):
+    x, wq, ws, b = _problem(3, 200, 37, torch.bfloat16, "channel", True)
+    if packed:
+        return torch.ops.bitlab.ternary_linear.default, (x, pack_ternary(wq), ws, b, "per_token", None)
+    return torch.ops.bitlab.int8_linear.default, (x, wq, ws, b, "per_tensor", None)
+
+
+@cuda_only
+@pytest.mark.parametrize("packed", [True, False], ids=["tern", "int8"])
+def test_op_dispatches_to_triton_and_passes_opcheck(packed):
+    op, args = _op_args(packed)
+    y = op(*args)
+    ref_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    ref = (reference.ternary_linear if packed else reference.int8_linear)(*ref_args)
+    torch.testing.assert_close(y.cpu(), ref, **TOL[torch.bfloat16])
+    torch.library.opcheck(op, args)
+
+
+@cuda_only
+@pytest.mark.parametrize("decompose", ["1", "0"])
+def test_torch_compile_fullgraph(decompose, monkeypatch):
+    monkeypatch.setenv("BITLAB_TRITON_DECOMPOSE", decompose)
+    torch._dynamo.reset()
+    op, args = _op_args(True)
+    f = torch.compile(lambda *a: op(*a) * 2, fullgraph=True)
+    torch.testing.assert_close(f(*args), op(*args) * 2, rtol=0, atol=0)
+
+
+@cuda_only
+def test_cuda_graph_capture_and_replay():
+    op, args = _op_args(True)
+    x = args[0]
+    op(*args)  # load kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = op(*args)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, op(*args), rtol=0, atol=0)
