@@ -1,0 +1,202 @@
+"""The C kernel for ``torch.ops.bitlab`` on CPU: loader and ``torch.library`` registration.
+
+:func:`register` (called by ``bitlab_fx.ops``) registers the CPU kernels; nothing is compiled until
+the first call, which builds ``bitlab_cpu.c`` into the user cache (see ``_build.py``) and loads it
+with ctypes. Without a working C compiler the ops fall back to ``reference.py`` with one warning.
+
+Environment:
+
+- ``BITLAB_FX_DISABLE_CPU_KERNEL=1``: always use the reference implementation.
+- ``BITLAB_FX_CACHE_DIR``: where the compiled library is cached.
+- ``BITLAB_FX_CPU_ISA=scalar|avx2|vnni``: cap the instruction set (debugging, tests).
+- ``CC``: the C compiler.
+
+The kernel runs ``torch.get_num_threads()`` OpenMP threads; it links the ``libgomp`` that torch has
+already loaded, so torch's ops and this kernel share one thread pool instead of fighting over cores.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _schema, reference
+
+_ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
+_ACT = {"per_token": 0, "per_tensor": 1}
+_ABI = 3
+_lock = threading.Lock()
+_lib = None  # ctypes library once loaded
+_failed = False  # build or load failed (warned once)
+
+
+def _load():
+    global _lib, _failed
+    with _lock:
+        if _lib is not None or _failed:
+            return _lib
+        try:
+            from . import _build
+            lib = ctypes.CDLL(str(_build.build()))
+            if lib.bitlab_abi_version() != _ABI:
+                raise _build.BuildError(f"library ABI {lib.bitlab_abi_version()} != {_ABI}")
+            p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+            lib.bitlab_linear.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, i32, f32, p, i32]
+            lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
+            lib.bitlab_set_isa.argtypes = [i32]
+            isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
+            lib.bitlab_set_isa(_ISA.get(isa, -1))
+            _lib = lib
+        except Exception as e:  # no compiler, compile error, unloadable library
+            _failed = True
+            warnings.warn(f"bitlab_fx: could not build the CPU kernel, using the slow reference implementation "
+                          f"instead ({type(e).__name__}: {str(e).strip()[:500]}). Install a C compiler (cc/gcc) or "
+                          f"set CC; set BITLAB_FX_DISABLE_CPU_KERNEL=1 to silence this.", RuntimeWarning, stacklevel=4)
+        return _lib
+
+
+def kernel_library():
+    """The loaded ctypes library, or None (disabled by env, or it could not be built)."""
+    if os.environ.get("BITLAB_FX_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+        return None
+    return _lib if _lib is not None else _load()
+
+
+def set_isa(name: Optional[str] = None) -> str:
+    """Cap the kernel's instruction set (``"scalar"``, ``"avx2"``, ``"vnni"``; None: the best); returns the one used."""
+    lib = kernel_library()
+    if lib is None:
+        return "reference"
+    got = lib.bitlab_set_isa(-1 if name is None else _ISA[name])
+    return {v: k for k, v in _ISA.items()}[got]
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _scales(weight_scale: Tensor, n: int):
+    ws = weight_scale.float().contiguous()
+    if ws.dim() == 2:
+        return ws, 2, ws.shape[1]
+    return ws, (1 if ws.shape[0] == n and n > 1 else 0), 1
+
+
+def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool:
+    k = x.shape[-1]
+    if act == "none" or k == 0:
+        return False
+    if weight_scale.dim() == 2 and ternary and (k // weight_scale.shape[1]) % 32:
+        return False  # ternary groups must cover whole 32-runs of the packed layout
+    return True
+
+
+def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
+            act_scale: Optional[Tensor]) -> Tensor:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    xf = x2.float().contiguous()
+    ws, kind, groups = _scales(weight_scale, n)
+    w = weight.contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    if act_scale is not None:
+        code, static = 2, float(act_scale.float().reshape(-1)[0])
+    else:
+        code, static = _ACT[act], 0.0
+    out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, _ptr(b), code,
+                           static, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"bitlab CPU kernel: out of memory for a [{m}, {k}] x [{n}, {k}] linear")
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
+    lib = kernel_library()
+    if lib is None or not _supported(x, weight_scale, act, ternary=True):
+        return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, act_scale)
+    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, act_scale)
+
+
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
+    _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
+    lib = kernel_library()
+    if lib is None or not _supported(x, weight_scale, act, ternary=False):
+        return reference.int8_linear(x, weight, weight_scale, bias, act, act_scale)
+    return _linear(lib, 1, x, weight, weight_scale, bias, act, act_scale)
+
+
+def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                 weight_shape, stride, padding, dilation, act: str, act_scale: Optional[Tensor]) -> Tensor:
+    """groups=1 conv2d: quantize x exactly like the reference, unfold the int8 codes, run the linear kernel."""
+    cout, cin, kh, kw = weight_shape
+    xf = x.float()
+    s = reference.act_multiplier(xf, act, act_scale, token_dims=3)
+    xq = reference.quantize_int8(xf, s)
+    batch = x.shape[0]
+    cols = F.unfold(xq, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
+    k, length = cols.shape[1], cols.shape[2]
+    cols = cols.transpose(1, 2).to(torch.int8).contiguous()  # [B, L, K] exact: integers in [-128, 127]
+    s_rows = s.reshape(-1).expand(batch).repeat_interleave(length).contiguous()
+    ws, kind, groups = _scales(weight_scale, cout)
+    w = weight.reshape(cout, -1).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    m = batch * length
+    out = torch.empty(m, cout, dtype=torch.float32)
+    if m:
+        rc = lib.bitlab_linear_q(cols.data_ptr(), s_rows.data_ptr(), m, k, w.data_ptr(), wfmt, cout, ws.data_ptr(),
+                                 kind, groups, _ptr(b), out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("bitlab CPU kernel: out of memory in conv2d")
+    ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
+    y = out.reshape(batch, length, cout).transpose(1, 2).reshape(batch, cout, ho, wo)
+    return y.to(x.dtype).contiguous()
+
+
+def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                   act="per_token", act_scale=None):
+    _schema.check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
+                         dilation, groups, act, act_scale, packed=True)
+    lib = kernel_library()
+    if lib is None or groups != 1 or act == "none":
+        return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
+                                        groups, act, act_scale)
+    return _conv_im2col(lib, 0, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
+                        act_scale)
+
+
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
+    _schema.check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
+                         groups, act, act_scale, packed=False)
+    lib = kernel_library()
+    if lib is None or groups != 1 or act == "none":
+        return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+    return _conv_im2col(lib, 1, x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, act,
+                        act_scale)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the CPU kernels for the four ops (idempotent; compiles nothing)."""
+    global _registered
+    if _registered:
+        return
+    for name, fn in (("ternary_linear", ternary_linear), ("int8_linear", int8_linear),
+                     ("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d)):
+        torch.library.register_kernel(f"bitlab::{name}", "cpu", fn)
+    _registered = True

@@ -1,0 +1,693 @@
+/* bitlab_fx CPU kernels: int8 activations x ternary (2-bit packed) or int8 weights.
+ *
+ * Plain C, no torch headers; loaded with ctypes (see __init__.py / _build.py). Compiled with
+ * -O3 -ffp-contract=off (so the fp32 rescale rounds exactly like reference.py) and, when available,
+ * -fopenmp (sharing torch's libgomp, so both use one thread pool).
+ *
+ * Math (identical to reference.py):
+ *   s[m]  = (1 / max(|x[m,:]|, 1e-5)) * 127     per token (per row), or over all rows, or static
+ *   xq    = clamp(round_half_even(x * s), -128, 127)
+ *   acc   = sum_k xq[m,k] * w[n,k]                 exact int32
+ *   y     = (float)acc * ws[n] / s[m]  (+ bias[n]) per tensor / per channel
+ *   y     = (sum_g (float)acc_g * ws[n,g]) / s[m]  per group
+ *
+ * Ternary weights are packed as codes c = w + 1 in {0,1,2} (see quant/packing.py): in each
+ * 128-wide block, byte j holds k = j, j+32, j+64, j+96 in bits 0-1, 2-3, 4-5, 6-7. A "run" below
+ * is 32 consecutive k (run r of block b covers k = 128b + 32r .. +31). The kernels compute
+ * sum(xq * c) with unsigned codes and subtract sum(xq) once per row (and group).
+ *
+ * ISA: scalar (portable), AVX2 (maddubs, int16 partial sums flushed to int32 every 32 runs:
+ * |pair| <= 2*2*128 = 512, 32 runs -> <= 16384), AVX-512 VNNI on 256-bit vectors (vpdpbusd,
+ * int32 accumulation). Chosen at run time with __builtin_cpu_supports.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BITLAB_X86 1
+#include <immintrin.h>
+#endif
+
+#define BITLAB_ABI 3
+#ifndef BITLAB_PART
+#define BITLAB_PART 0 /* 0: whole library in one unit; 1: core + scalar + AVX2; 2: VNNI tiles */
+#endif
+#define EPS 1e-5f
+#define MAXT 4 /* max register tile in n and in m */
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { W_TERNARY = 0, W_INT8 = 1 };
+enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
+
+#if BITLAB_PART != 2
+static int g_isa = -1;
+
+int bitlab_abi_version(void) { return BITLAB_ABI; }
+
+int bitlab_best_isa(void) {
+#ifdef BITLAB_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512bw"))
+            return ISA_VNNI;
+        return ISA_AVX2;
+    }
+#endif
+    return ISA_SCALAR;
+}
+
+/* Select the ISA (clamped to what the CPU has); returns the one in use. */
+int bitlab_set_isa(int isa) {
+    int best = bitlab_best_isa();
+    g_isa = (isa < 0 || isa > best) ? best : isa;
+    return g_isa;
+}
+
+static int isa(void) {
+    if (g_isa < 0) bitlab_set_isa(-1);
+    return g_isa;
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Work description shared by all threads.                                                     */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    /* inputs */
+    const float *x;        /* [M, K] fp32 (NULL when xq_in is given) */
+    const int8_t *xq_in;   /* [M, K] pre-quantized activations (conv path) */
+    const float *s_in;     /* [M] multipliers for xq_in */
+    int64_t M, K, N;
+    int wfmt;
+    const void *w;         /* ternary: uint8 [N, Kp/4]; int8: int8 [N, K] */
+    const float *ws;       /* [1], [N] or [N, G] */
+    int ws_kind;           /* 0 per tensor, 1 per channel, 2 per group */
+    int64_t G, gs;         /* groups, group size in k */
+    const float *bias;     /* [N] or NULL */
+    int act;
+    float static_s;
+    float *out;            /* [M, N] fp32 */
+    /* scratch */
+    int64_t Kp;            /* padded row length of xq */
+    int8_t *xq;            /* [M, Kp] */
+    float *s;              /* [M] */
+    float *amax;           /* [M] */
+    int32_t *gsum;         /* [M, G] sum of xq over each group */
+    int has_m128;          /* some xq == -128 (only possible with a static scale) */
+    int isa;
+    int nr, mr;            /* register tile */
+} job_t;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Activation quantization                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+static float absmax_scalar(const float *x, int64_t n) {
+    float m = 0.f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+static int quant_scalar(const float *x, int64_t n, float s, int8_t *q) {
+    int m128 = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i] * s;
+        if (v != v) v = 0.f;
+        v = v > 127.f ? 127.f : v;
+        v = v < -128.f ? -128.f : v;
+        int r = (int)nearbyintf(v);
+        m128 |= (r == -128);
+        q[i] = (int8_t)r;
+    }
+    return m128;
+}
+
+static int32_t sum_i8_scalar(const int8_t *q, int64_t n) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < n; i++) s += q[i];
+    return s;
+}
+
+#ifdef BITLAB_X86
+#define TGT_AVX2 __attribute__((target("avx2,fma")))
+#define TGT_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+static TGT_AVX2 float absmax_avx2(const float *x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+        m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8)));
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float t[8];
+    _mm256_storeu_ps(t, m0);
+    float m = absmax_scalar(x + i, n - i);
+    for (int j = 0; j < 8; j++) m = t[j] > m ? t[j] : m;
+    return m;
+}
+
+static TGT_AVX2 int quant_avx2(const float *x, int64_t n, float s, int8_t *q) {
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i vmin = _mm256_set1_epi32(0);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 f = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vs);
+            /* max/min return the second operand for NaN -> clamps NaN to -128/127, never UB */
+            f = _mm256_min_ps(_mm256_max_ps(f, lo), hi);
+            v[j] = _mm256_cvtps_epi32(f); /* MXCSR default: round half to even */
+            vmin = _mm256_min_epi32(vmin, v[j]);
+        }
+        __m256i p01 = _mm256_packs_epi32(v[0], v[1]);
+        __m256i p23 = _mm256_packs_epi32(v[2], v[3]);
+        __m256i b = _mm256_packs_epi16(p01, p23);
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, perm));
+    }
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, vmin);
+    int m128 = 0;
+    for (int j = 0; j < 8; j++) m128 |= (t[j] == -128);
+    return m128 | quant_scalar(x + i, n - i, s, q + i);
+}
+
+static TGT_AVX2 int32_t sum_i8_avx2(const int8_t *q, int64_t n) {
+    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i p = _mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)(q + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, one16));
+    }
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, acc);
+    int32_t s = sum_i8_scalar(q + i, n - i);
+    for (int j = 0; j < 8; j++) s += t[j];
+    return s;
+}
+#endif
+
+static float row_absmax(const job_t *j, const float *x, int64_t n) {
+#ifdef BITLAB_X86
+    if (j->isa >= ISA_AVX2) return absmax_avx2(x, n);
+#endif
+    return absmax_scalar(x, n);
+}
+
+static int row_quant(const job_t *j, const float *x, int64_t n, float s, int8_t *q) {
+#ifdef BITLAB_X86
+    if (j->isa >= ISA_AVX2) return quant_avx2(x, n, s, q);
+#endif
+    return quant_scalar(x, n, s, q);
+}
+
+static int32_t row_sum(const job_t *j, const int8_t *q, int64_t n) {
+#ifdef BITLAB_X86
+    if (j->isa >= ISA_AVX2) return sum_i8_avx2(q, n);
+#endif
+    return sum_i8_scalar(q, n);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ternary dot-product tiles: acc[n*MR+m] = sum over runs [r0, r1) of xq[m] * code[n]          */
+/* ------------------------------------------------------------------------------------------ */
+static void tern_scalar(const uint8_t *const *w, int nr, const int8_t *const *x, int mr, int64_t r0, int64_t r1,
+                        int32_t *acc) {
+    for (int n = 0; n < nr; n++)
+        for (int m = 0; m < mr; m++) {
+            int32_t a = 0;
+            for (int64_t run = r0; run < r1; run++) {
+                const uint8_t *wb = w[n] + (run >> 2) * 32;
+                const int8_t *xr = x[m] + run * 32;
+                int sh = (int)(run & 3) * 2;
+                for (int j = 0; j < 32; j++) a += ((wb[j] >> sh) & 3) * xr[j];
+            }
+            acc[n * mr + m] = a;
+        }
+}
+
+#ifdef BITLAB_X86
+static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* AVX2: maddubs(code u8, xq s8) -> int16 pairs, summed in int16 for <= 32 runs, then madd to int32. */
+static inline __attribute__((always_inline)) TGT_AVX2 void
+tern_avx2_body(const uint8_t *const *w, const int NR, const int8_t *const *x, const int MR, int64_t r0, int64_t r1,
+               int32_t *acc) {
+    const __m256i m3 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
+    __m256i a32[MAXT][MAXT];
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) a32[n][m] = _mm256_setzero_si256();
+    int64_t run = r0;
+    while (run < r1) {
+        __m256i a16[MAXT][MAXT];
+        for (int n = 0; n < NR; n++)
+            for (int m = 0; m < MR; m++) a16[n][m] = _mm256_setzero_si256();
+        int64_t lim = run + 32 < r1 ? run + 32 : r1;
+        for (; run < lim && (run & 3); run++) { /* unaligned head, one run at a time */
+            __m128i sh = _mm_cvtsi32_si128((int)(run & 3) * 2);
+            for (int m = 0; m < MR; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + run * 32));
+                for (int n = 0; n < NR; n++) {
+                    __m256i c = _mm256_and_si256(
+                        _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32)), sh), m3);
+                    a16[n][m] = _mm256_add_epi16(a16[n][m], _mm256_maddubs_epi16(c, xv));
+                }
+            }
+        }
+        for (; run + 4 <= lim; run += 4) { /* whole 128-blocks */
+            __m256i wv[MAXT];
+            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32));
+            for (int r = 0; r < 4; r++) {
+                __m256i c[MAXT];
+                for (int n = 0; n < NR; n++) c[n] = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
+                for (int m = 0; m < MR; m++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + (run + r) * 32));
+                    for (int n = 0; n < NR; n++)
+                        a16[n][m] = _mm256_add_epi16(a16[n][m], _mm256_maddubs_epi16(c[n], xv));
+                }
+            }
+        }
+        for (; run < lim; run++) { /* tail runs */
+            __m128i sh = _mm_cvtsi32_si128((int)(run & 3) * 2);
+            for (int m = 0; m < MR; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + run * 32));
+                for (int n = 0; n < NR; n++) {
+                    __m256i c = _mm256_and_si256(
+                        _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32)), sh), m3);
+                    a16[n][m] = _mm256_add_epi16(a16[n][m], _mm256_maddubs_epi16(c, xv));
+                }
+            }
+        }
+        for (int n = 0; n < NR; n++)
+            for (int m = 0; m < MR; m++) a32[n][m] = _mm256_add_epi32(a32[n][m], _mm256_madd_epi16(a16[n][m], one16));
+    }
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) acc[n * MR + m] = hsum_epi32(a32[n][m]);
+}
+
+/* VNNI (AVX-512 VNNI on 256-bit registers): vpdpbusd accumulates u8*s8 quads straight into int32. */
+static inline __attribute__((always_inline)) TGT_VNNI void
+tern_vnni_body(const uint8_t *const *w, const int NR, const int8_t *const *x, const int MR, int64_t r0, int64_t r1,
+               int32_t *acc) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i a[MAXT][MAXT];
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) a[n][m] = _mm256_setzero_si256();
+    int64_t run = r0;
+    for (; run < r1 && (run & 3); run++) {
+        __m128i sh = _mm_cvtsi32_si128((int)(run & 3) * 2);
+        for (int m = 0; m < MR; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + run * 32));
+            for (int n = 0; n < NR; n++) {
+                __m256i c = _mm256_and_si256(
+                    _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32)), sh), m3);
+                a[n][m] = _mm256_dpbusd_epi32(a[n][m], c, xv);
+            }
+        }
+    }
+    for (; run + 4 <= r1; run += 4) {
+        __m256i wv[MAXT];
+        for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32));
+        for (int r = 0; r < 4; r++) {
+            __m256i c[MAXT];
+            for (int n = 0; n < NR; n++) c[n] = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
+            for (int m = 0; m < MR; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + (run + r) * 32));
+                for (int n = 0; n < NR; n++) a[n][m] = _mm256_dpbusd_epi32(a[n][m], c[n], xv);
+            }
+        }
+    }
+    for (; run < r1; run++) {
+        __m128i sh = _mm_cvtsi32_si128((int)(run & 3) * 2);
+        for (int m = 0; m < MR; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + run * 32));
+            for (int n = 0; n < NR; n++) {
+                __m256i c = _mm256_and_si256(
+                    _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32)), sh), m3);
+                a[n][m] = _mm256_dpbusd_epi32(a[n][m], c, xv);
+            }
+        }
+    }
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) acc[n * MR + m] = hsum_epi32(a[n][m]);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* int8 weight tiles: acc[n*MR+m] = sum_{k in [k0,k1)} xq[m][k] * w[n][k]                       */
+/* maddubs(|w|, sign(xq, w)) is exact while xq != -128 (then |pair| <= 128*127*2 < 32768);    */
+/* otherwise ("wide") sign-extend both to int16 and use madd.                                 */
+/* ------------------------------------------------------------------------------------------ */
+static inline __attribute__((always_inline)) TGT_AVX2 void
+i8_avx2_body(const int8_t *const *w, const int NR, const int8_t *const *x, const int MR, int64_t k0, int64_t k1,
+             int32_t *acc, const int wide) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i a[MAXT][MAXT];
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) a[n][m] = _mm256_setzero_si256();
+    int64_t k = k0;
+    (void)wide;
+    for (; k + 32 <= k1; k += 32) {
+        __m256i wv[MAXT], aw[MAXT];
+        for (int n = 0; n < NR; n++) {
+            wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + k));
+            aw[n] = _mm256_abs_epi8(wv[n]);
+        }
+        for (int m = 0; m < MR; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + k));
+            for (int n = 0; n < NR; n++) {
+                __m256i p = _mm256_maddubs_epi16(aw[n], _mm256_sign_epi8(xv, wv[n]));
+                a[n][m] = _mm256_add_epi32(a[n][m], _mm256_madd_epi16(p, one16));
+            }
+        }
+    }
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) {
+            int32_t s = hsum_epi32(a[n][m]);
+            for (int64_t kk = k; kk < k1; kk++) s += (int32_t)w[n][kk] * x[m][kk];
+            acc[n * MR + m] = s;
+        }
+}
+
+/* exact for any int8 values (xq == -128 included): sign-extend to int16, madd; one (n, m) pair at a time */
+static TGT_AVX2 __attribute__((unused)) void i8_wide_avx2(const int8_t *const *w, int nr, const int8_t *const *x,
+                                                          int mr, int64_t k0, int64_t k1, int32_t *acc) {
+    for (int n = 0; n < nr; n++)
+        for (int m = 0; m < mr; m++) {
+            __m256i a = _mm256_setzero_si256();
+            int64_t k = k0;
+            for (; k + 16 <= k1; k += 16)
+                a = _mm256_add_epi32(a, _mm256_madd_epi16(
+                                            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[n] + k))),
+                                            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x[m] + k)))));
+            int32_t s = hsum_epi32(a);
+            for (; k < k1; k++) s += (int32_t)w[n][k] * x[m][k];
+            acc[n * mr + m] = s;
+        }
+}
+
+static inline __attribute__((always_inline)) TGT_VNNI void
+i8_vnni_body(const int8_t *const *w, const int NR, const int8_t *const *x, const int MR, int64_t k0, int64_t k1,
+             int32_t *acc, const int wide) {
+    (void)wide; /* dpbusd has no int16 intermediate; sign(-128) is still wrong, so "wide" uses AVX2 */
+    __m256i a[MAXT][MAXT];
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) a[n][m] = _mm256_setzero_si256();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        __m256i wv[MAXT], aw[MAXT];
+        for (int n = 0; n < NR; n++) {
+            wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + k));
+            aw[n] = _mm256_abs_epi8(wv[n]);
+        }
+        for (int m = 0; m < MR; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + k));
+            for (int n = 0; n < NR; n++) a[n][m] = _mm256_dpbusd_epi32(a[n][m], aw[n], _mm256_sign_epi8(xv, wv[n]));
+        }
+    }
+    for (int n = 0; n < NR; n++)
+        for (int m = 0; m < MR; m++) {
+            int32_t s = hsum_epi32(a[n][m]);
+            for (int64_t kk = k; kk < k1; kk++) s += (int32_t)w[n][kk] * x[m][kk];
+            acc[n * MR + m] = s;
+        }
+}
+
+typedef void (*tern_fn)(const uint8_t *const *, const int8_t *const *, int64_t, int64_t, int32_t *);
+typedef void (*i8_fn)(const int8_t *const *, const int8_t *const *, int64_t, int64_t, int32_t *, int);
+
+#define DEF_AVX2_TERN(NR, MR)                                                                                          \
+    static TGT_AVX2 void tern_avx2_##NR##_##MR(const uint8_t *const *w, const int8_t *const *x, int64_t r0,      \
+                                               int64_t r1, int32_t *acc) {                                        \
+        tern_avx2_body(w, NR, x, MR, r0, r1, acc);                                                               \
+    }
+#define DEF_AVX2_I8(NR, MR)                                                                                       \
+    static TGT_AVX2 void i8_avx2_##NR##_##MR(const int8_t *const *w, const int8_t *const *x, int64_t k0,         \
+                                             int64_t k1, int32_t *acc, int wide) {                                \
+        if (wide) i8_wide_avx2(w, NR, x, MR, k0, k1, acc);                                                       \
+        else i8_avx2_body(w, NR, x, MR, k0, k1, acc, 0);                                                         \
+    }
+#define DEF_VNNI_TERN(NR, MR)                                                                                          \
+    static TGT_VNNI void tern_vnni_##NR##_##MR(const uint8_t *const *w, const int8_t *const *x, int64_t r0,      \
+                                               int64_t r1, int32_t *acc) {                                        \
+        tern_vnni_body(w, NR, x, MR, r0, r1, acc);                                                               \
+    }
+#define DEF_VNNI_I8(NR, MR)                                                                                       \
+    static TGT_VNNI void i8_vnni_##NR##_##MR(const int8_t *const *w, const int8_t *const *x, int64_t k0,         \
+                                             int64_t k1, int32_t *acc, int wide) {                                \
+        i8_vnni_body(w, NR, x, MR, k0, k1, acc, wide);                                                           \
+    }
+#define DEF_ALL(D) D(1, 1) D(2, 1) D(3, 1) D(4, 1) D(1, 2) D(2, 2) D(1, 3) D(2, 3) D(1, 4) D(2, 4)
+/* tiles in use: M == 1 -> 4x1 (and n remainders 1..3 x 1); M >= 2 -> 2xMR (and 1xMR) */
+#define TABLE(P)                                                                                              \
+    {{P##_1_1, P##_1_2, P##_1_3, P##_1_4}, {P##_2_1, P##_2_2, P##_2_3, P##_2_4}, {P##_3_1, 0, 0, 0},          \
+     {P##_4_1, 0, 0, 0}}
+/* Tiles are split over two translation units (BITLAB_PART=1/2) so they compile in parallel. */
+#if BITLAB_PART != 2
+DEF_ALL(DEF_AVX2_TERN)
+DEF_ALL(DEF_VNNI_I8)
+const tern_fn bitlab_tern_avx2[4][4] = TABLE(tern_avx2);
+const i8_fn bitlab_i8_vnni[4][4] = TABLE(i8_vnni);
+#else
+extern const tern_fn bitlab_tern_avx2[4][4];
+extern const i8_fn bitlab_i8_vnni[4][4];
+#endif
+#if BITLAB_PART != 1
+DEF_ALL(DEF_AVX2_I8)
+DEF_ALL(DEF_VNNI_TERN)
+const i8_fn bitlab_i8_avx2[4][4] = TABLE(i8_avx2);
+const tern_fn bitlab_tern_vnni[4][4] = TABLE(tern_vnni);
+#else
+extern const i8_fn bitlab_i8_avx2[4][4];
+extern const tern_fn bitlab_tern_vnni[4][4];
+#endif
+#define TERN_AVX2 bitlab_tern_avx2
+#define I8_AVX2 bitlab_i8_avx2
+#define TERN_VNNI bitlab_tern_vnni
+#define I8_VNNI bitlab_i8_vnni
+#endif /* BITLAB_X86 */
+
+#if BITLAB_PART != 2 /* everything below: the core (part 1) */
+
+static void i8_scalar(const int8_t *const *w, int nr, const int8_t *const *x, int mr, int64_t k0, int64_t k1,
+                      int32_t *acc) {
+    for (int n = 0; n < nr; n++)
+        for (int m = 0; m < mr; m++) {
+            int32_t a = 0;
+            for (int64_t k = k0; k < k1; k++) a += (int32_t)w[n][k] * x[m][k];
+            acc[n * mr + m] = a;
+        }
+}
+
+/* acc over k-range of one group, in the weight format's units */
+static void dot_tile(const job_t *j, const void *const *w, int nr, const int8_t *const *x, int mr, int64_t k0,
+                     int64_t k1, int32_t *acc) {
+    if (j->wfmt == W_TERNARY) {
+        const uint8_t *const *wt = (const uint8_t *const *)w;
+        int64_t r0 = k0 / 32, r1 = (k1 + 31) / 32;
+#ifdef BITLAB_X86
+        if (j->isa == ISA_VNNI) { TERN_VNNI[nr - 1][mr - 1](wt, x, r0, r1, acc); return; }
+        if (j->isa == ISA_AVX2) { TERN_AVX2[nr - 1][mr - 1](wt, x, r0, r1, acc); return; }
+#endif
+        tern_scalar(wt, nr, x, mr, r0, r1, acc);
+    } else {
+        const int8_t *const *w8 = (const int8_t *const *)w;
+#ifdef BITLAB_X86
+        if (j->isa == ISA_VNNI && !j->has_m128) { I8_VNNI[nr - 1][mr - 1](w8, x, k0, k1, acc, 0); return; }
+        if (j->isa >= ISA_AVX2) { I8_AVX2[nr - 1][mr - 1](w8, x, k0, k1, acc, j->has_m128); return; }
+#endif
+        i8_scalar(w8, nr, x, mr, k0, k1, acc);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Phases                                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+static void split(int64_t total, int64_t unit, int tid, int nt, int64_t *b, int64_t *e) {
+    int64_t units = (total + unit - 1) / unit;
+    int64_t per = units / nt, rem = units % nt;
+    int64_t u0 = tid * per + (tid < rem ? tid : rem);
+    int64_t u1 = u0 + per + (tid < rem ? 1 : 0);
+    *b = u0 * unit < total ? u0 * unit : total;
+    *e = u1 * unit < total ? u1 * unit : total;
+}
+
+static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
+    for (int64_t m = m0; m < m1; m++) {
+        int8_t *q = j->xq + m * j->Kp;
+        if (j->xq_in) {
+            memcpy(q, j->xq_in + m * j->K, (size_t)j->K);
+            for (int64_t k = 0; k < j->K; k++) *m128 |= (q[k] == -128);
+        } else {
+            *m128 |= row_quant(j, j->x + m * j->K, j->K, j->s[m], q);
+        }
+        memset(q + j->K, 0, (size_t)(j->Kp - j->K));
+        for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = row_sum(j, q + g * j->gs, j->gs);
+    }
+}
+
+static inline float rescale(const job_t *j, const int32_t *accg, int64_t n, int64_t m) {
+    /* accg: G partial sums of xq * code (ternary) or xq * w (int8) */
+    const int32_t *gsum = j->gsum + m * j->G;
+    float y;
+    if (j->ws_kind == 2) {
+        const float *ws = j->ws + n * j->G;
+        y = 0.f;
+        for (int64_t g = 0; g < j->G; g++) {
+            int32_t a = accg[g] - (j->wfmt == W_TERNARY ? gsum[g] : 0);
+            float p = (float)a * ws[g];
+            y = g ? y + p : p;
+        }
+        y = y / j->s[m];
+    } else {
+        int32_t a = accg[0] - (j->wfmt == W_TERNARY ? gsum[0] : 0);
+        y = (float)a * j->ws[j->ws_kind ? n : 0] / j->s[m];
+    }
+    if (j->bias) y = y + j->bias[n];
+    return y;
+}
+
+static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
+    const int NR = j->nr, MR = j->mr;
+    int64_t wstride = j->wfmt == W_TERNARY ? j->Kp / 4 : j->K;
+    int32_t acc[MAXT * MAXT];
+    int32_t *accg = (int32_t *)malloc(sizeof(int32_t) * MAXT * MAXT * (size_t)(j->G > 0 ? j->G : 1));
+    for (int64_t n = n0; n < n1; n += NR) {
+        int nr = n1 - n < NR ? (int)(n1 - n) : NR;
+        const void *wp[MAXT];
+        for (int a = 0; a < nr; a++) wp[a] = (const int8_t *)j->w + (n + a) * wstride;
+        for (int64_t m = 0; m < j->M; m += MR) {
+            int mr = j->M - m < MR ? (int)(j->M - m) : MR;
+            const int8_t *xp[MAXT];
+            for (int b = 0; b < mr; b++) xp[b] = j->xq + (m + b) * j->Kp;
+            for (int64_t g = 0; g < j->G; g++) {
+                int64_t k0 = g * j->gs, k1 = (g == j->G - 1) ? j->K : k0 + j->gs;
+                if (j->wfmt == W_TERNARY && g == j->G - 1) k1 = j->Kp;
+                dot_tile(j, wp, nr, xp, mr, k0, k1, acc);
+                for (int t = 0; t < nr * mr; t++) accg[t * j->G + g] = acc[t];
+            }
+            for (int a = 0; a < nr; a++)
+                for (int b = 0; b < mr; b++)
+                    j->out[(m + b) * j->N + n + a] = rescale(j, accg + (a * mr + b) * j->G, n + a, m + b);
+        }
+    }
+    free(accg);
+}
+
+static void run_thread(job_t *j, int tid, int nt) {
+    int64_t m0, m1;
+    split(j->M, 1, tid, nt, &m0, &m1);
+    /* phase 1: multipliers */
+    if (!j->xq_in && (j->act == ACT_TOKEN || j->act == ACT_TENSOR))
+        for (int64_t m = m0; m < m1; m++) j->amax[m] = row_absmax(j, j->x + m * j->K, j->K);
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp barrier
+    }
+#endif
+    if (!j->xq_in) {
+        float tmax = 0.f;
+        if (j->act == ACT_TENSOR)
+            for (int64_t m = 0; m < j->M; m++) tmax = j->amax[m] > tmax ? j->amax[m] : tmax;
+        for (int64_t m = m0; m < m1; m++) {
+            float s;
+            if (j->act == ACT_STATIC) s = j->static_s;
+            else {
+                float a = j->act == ACT_TENSOR ? tmax : j->amax[m];
+                a = a < EPS ? EPS : a; /* clamp(min=EPS); NaN stays NaN like torch */
+                s = (1.0f / a) * 127.0f; /* torch: 127.0 / t == t.reciprocal() * 127 */
+            }
+            j->s[m] = s;
+        }
+    } else {
+        for (int64_t m = m0; m < m1; m++) j->s[m] = j->s_in[m];
+    }
+    /* phase 2: quantize my rows */
+    int m128 = 0;
+    quant_rows(j, m0, m1, &m128);
+    if (m128) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+        j->has_m128 = 1;
+    }
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp barrier
+    }
+#endif
+    /* phase 3: my output columns */
+    int64_t n0, n1;
+    split(j->N, j->nr, tid, nt, &n0, &n1);
+    gemm_cols(j, n0, n1);
+}
+
+static int run_job(job_t *j, int nthreads) {
+    j->isa = isa();
+    j->Kp = j->wfmt == W_TERNARY ? (j->K + 127) / 128 * 128 : (j->K + 31) / 32 * 32;
+    if (j->ws_kind != 2) { j->G = 1; j->gs = j->Kp; }
+    if (j->M <= 0 || j->N <= 0) return 0;
+    if (j->M == 1) { j->nr = 4; j->mr = 1; }
+    else if (j->M < 4) { j->nr = 2; j->mr = (int)j->M; }
+    else { j->nr = 2; j->mr = 4; }
+    size_t xq_bytes = (size_t)(j->M * j->Kp + 64);
+    j->xq = (int8_t *)aligned_alloc(64, (xq_bytes + 63) / 64 * 64);
+    j->s = (float *)malloc(sizeof(float) * (size_t)j->M);
+    j->amax = (float *)malloc(sizeof(float) * (size_t)j->M);
+    j->gsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(j->M * j->G));
+    if (!j->xq || !j->s || !j->amax || !j->gsum) {
+        free(j->xq); free(j->s); free(j->amax); free(j->gsum);
+        return -1;
+    }
+    j->has_m128 = 0;
+    /* below ~1M multiply-adds a second thread costs more than it saves */
+    double work = (double)j->M * (double)j->N * (double)j->K;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work < 1e6) nt = 1;
+    if (nt > j->N / j->nr && j->N / j->nr >= 1) nt = (int)(j->N / j->nr);
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        run_thread(j, omp_get_thread_num(), omp_get_num_threads());
+    } else
+#endif
+        run_thread(j, 0, 1);
+    free(j->xq); free(j->s); free(j->amax); free(j->gsum);
+    return 0;
+}
+
+/* y[M,N] = linear(x[M,K]) with activation quantization; returns 0 on success. */
+int bitlab_linear(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
+                  int ws_kind, int64_t G, const float *bias, int act, float static_s, float *out, int nthreads) {
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.x = x; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.act = act; j.static_s = static_s; j.out = out;
+    return run_job(&j, nthreads);
+}
+
+/* Same with pre-quantized activations xq[M,K] and their multipliers s[M] (conv via im2col). */
+int bitlab_linear_q(const int8_t *xq, const float *s, int64_t M, int64_t K, const void *w, int wfmt, int64_t N,
+                    const float *ws, int ws_kind, int64_t G, const float *bias, float *out, int nthreads) {
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.xq_in = xq; j.s_in = s; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.act = ACT_GIVEN; j.out = out;
+    return run_job(&j, nthreads);
+}
+#endif /* BITLAB_PART != 2 */
