@@ -13,6 +13,7 @@ from .errors import BitlabError, CaptureError, ConfigError, ConvertError, Kernel
 from .mapping import QConfigMapping
 from .nn.quantized import QuantizedConv2d, QuantizedLinear
 from .recipes import QuantWarmup
+from .seed import BitQuantConfig
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -21,7 +22,7 @@ __all__ = [
     "prepare_qat", "convert", "summary", "Summary",
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
-    "ternary", "int8", "weight_only", "QuantWarmup",
+    "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig",
     "QuantizedLinear", "QuantizedConv2d",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
 ]

@@ -1,4 +1,5 @@
-"""Eager layers: the converted-layer containers (and the seed-style drop-in layers)."""
+"""Eager layers: the converted-layer containers and the seed-style (BitLab) drop-in layers."""
 from .quantized import QuantizedConv2d, QuantizedLinear
+from .bitlinear import BitLinear
 
-__all__ = ["QuantizedLinear", "QuantizedConv2d"]
+__all__ = ["QuantizedLinear", "QuantizedConv2d", "BitLinear"]
