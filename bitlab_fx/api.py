@@ -10,31 +10,40 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
-from .capture import trace_fx
+from .capture import first_line, trace_export, trace_fx
 from .errors import CaptureError, ConfigError, ConvertError
-from .mapping import as_mapping
-from .passes._common import STAGE, stage_of
+from .mapping import QConfigMapping, as_mapping
+from .partial import short_reason, convert_partial, plan_partial, prepare_partial, record_calls
+from .passes._common import ROOT_ATTR, STAGE, stage_of
 from .passes.insert_fake_quant import insert_fake_quant
 from .passes.lower_to_packed import lower_to_packed
 from .passes.normalize import normalize
+from .passes.normalize_export import normalize_export
 from .quant.fake_quant import FAKE_QUANT_TYPES, set_fake_quant_enabled
 
-FRONTENDS = ("fx",)
+FRONTENDS = ("fx", "fx_whole", "export")
 
 
 def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] = None, *,
-                frontend: str = "fx") -> fx.GraphModule:
+                frontend: str = "fx", dynamic_shapes: Any = None) -> nn.Module:
     """Capture ``model`` and insert fake-quant nodes for quantization-aware training.
 
     ``qconfig`` is a :class:`QConfigMapping`, a single :class:`QuantConfig` applied to every supported
     layer, or a seed-style ``BitQuantConfig``. The input model is not modified; parameter names are
     kept, so a state_dict of the float model loads into the result. ``example_inputs``, if given, are
     run once through the prepared model to check that it works.
+
+    ``frontend``: ``"fx"`` (default) returns an fx GraphModule when the whole model traces, else the
+    model itself (same class) with its largest traceable parts replaced by prepared graphs (see
+    :mod:`bitlab_fx.partial`; ``example_inputs`` are then also used to check each traced part);
+    ``"fx_whole"`` raises :class:`CaptureError` instead of tracing partially; ``"export"`` captures with
+    ``torch.export`` (non-strict; needs ``example_inputs``, takes ``dynamic_shapes``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"prepare_qat expects a torch.nn.Module, got {type(model).__name__}")
@@ -45,14 +54,43 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
         raise ConfigError(f"prepare_qat(frontend={frontend!r}): use one of {FRONTENDS}")
     mapping = as_mapping(qconfig)
     was_training = model.training
-    gm = trace_fx(copy.deepcopy(model))
-    gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": frontend}
-    gm = normalize(gm)
-    gm = insert_fake_quant(gm, mapping)
-    gm.meta[STAGE]["stage"] = "prepared"
+    if frontend == "export":
+        gm = _capture_export(model, mapping, example_inputs, dynamic_shapes)
+    else:
+        gm = _capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx")
     gm.train(was_training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs)
+    return gm
+
+
+def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool) -> nn.Module:
+    """Whole-model fx trace; when it fails and ``partial``, the model with its traceable parts prepared."""
+    try:
+        gm = trace_fx(model)
+    except CaptureError as e:
+        if not partial:
+            raise
+        was_training = model.training
+        calls = record_calls(model.eval(), example_inputs)
+        plan = plan_partial(model, calls)
+        model.train(was_training)
+        if not plan.graphs and not plan.layers:
+            raise
+        return prepare_partial(model, mapping, plan, short_reason(first_line(e.__cause__ or e)))
+    gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": "fx"}
+    gm = normalize(gm)
+    gm = insert_fake_quant(gm, mapping)
+    gm.meta[STAGE]["stage"] = "prepared"
+    return gm
+
+
+def _capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, dynamic_shapes) -> fx.GraphModule:
+    gm = trace_export(model, example_inputs, dynamic_shapes)
+    gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": "export"}
+    gm = normalize_export(gm, model)
+    gm = insert_fake_quant(gm, mapping)
+    gm.meta[STAGE]["stage"] = "prepared"
     return gm
 
 
@@ -69,25 +107,43 @@ def _check_runs(gm: fx.GraphModule, example_inputs) -> None:
         gm.train(training)
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Lower the fake-quant nodes of a prepared model to packed weights and ``torch.ops.bitlab`` calls.
 
     The converted model computes what the prepared model computes in eval mode; only packed weights
-    and scales are kept. Returns a copy unless ``inplace=True``.
+    and scales are kept. Returns a copy unless ``inplace=True``, of the same kind as given (a
+    GraphModule, or the partially traced model with its class).
     """
+    _check_not_wrapped(model)
     stage = stage_of(model)
     if stage == "converted":
         raise ConvertError("convert: this model is already converted; convert the prepared model "
                            "(the result of bfx.prepare_qat) once")
-    if stage != "prepared" or not isinstance(model, fx.GraphModule):
+    partial = not isinstance(model, fx.GraphModule) and ROOT_ATTR in model.__dict__
+    if stage != "prepared" or not (isinstance(model, fx.GraphModule) or partial):
         has_fq = any(isinstance(m, FAKE_QUANT_TYPES) for m in model.modules())
         raise ConvertError(f"convert: the {type(model).__name__} was not prepared with bfx.prepare_qat "
                            f"({'its fake-quant modules were found outside a prepared graph' if has_fq else 'no fake-quant nodes found'}); "
                            "call model = bfx.prepare_qat(model, qconfig) first, then train, then convert")
     gm = model if inplace else copy.deepcopy(model)
+    if partial:
+        return convert_partial(gm)
     gm = lower_to_packed(gm)
     gm.meta[STAGE]["stage"] = "converted"
     return gm
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """DDP wrappers and FSDP2-sharded models cannot be converted as they are; say what to do instead."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConvertError("convert: got a DistributedDataParallel wrapper; convert the prepared model it wraps: "
+                           "bfx.convert(ddp_model.module)")
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)  # not imported: not FSDP
+    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
+        raise ConvertError("convert: the model is sharded with FSDP2 (fully_shard), its parameters are DTensor "
+                           "shards; gather a full state dict (torch.distributed.checkpoint.state_dict."
+                           "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))), load it "
+                           "into an unsharded prepared model (bfx.prepare_qat of the same float model) and convert that")
 
 
 def disable_fake_quant(model: nn.Module) -> nn.Module:

@@ -6,11 +6,13 @@ failed and the first line of why.
 from __future__ import annotations
 
 import traceback
-from typing import List
+from typing import Any, List, Optional
 
+import torch
 from torch import fx, nn
 
 from .errors import CaptureError
+from .passes._common import is_hf_conv1d
 
 
 class _RecordingTracer(fx.Tracer):
@@ -21,6 +23,8 @@ class _RecordingTracer(fx.Tracer):
         self.stack: List[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_hf_conv1d(m):  # HF GPT-2 Conv1D: one node, normalize reads its [in, out] weight transposed
+            return True
         # subclasses of nn.Linear/nn.Conv2d that keep their forward stay one node, like the originals
         for cls in (nn.Linear, nn.Conv2d):
             if isinstance(m, cls) and type(m).forward is cls.forward:
@@ -57,3 +61,17 @@ def trace_fx(model: nn.Module) -> fx.GraphModule:
             "(e.g. prepare_qat(model.encoder, ...))") from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def trace_export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Optional[Any] = None) -> fx.GraphModule:
+    """``torch.export.export(strict=False)`` then ``.module()``: an fx GraphModule of aten ops whose
+    ``get_attr`` targets keep the parameter names and whose nodes carry ``nn_module_stack``."""
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError("prepare_qat(frontend='export') needs example_inputs as a tuple, e.g. (x,)")
+    try:
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first_line(e)}. "
+                           "Use the default frontend='fx' (it traces what it can and keeps the rest eager), "
+                           "or fix the export error (see torch.export's message)") from e
+    return ep.module()

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .errors import ConfigError
 from .nn.quantized import _QuantizedBase
-from .passes._common import META, STAGE, LayerMeta, layer_nodes, stage_of
+from .passes._common import META, STAGE, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
 from .quant import primitives as P
 from .quant.packing import padded_k
 
@@ -60,7 +60,7 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
         a = meta.config.input if meta.config is not None else None
         row["activation"] = _act_label(a) + (" (fused)" if c.act != "none" and a is not None else "")
         return row
-    weight = gm.get_parameter(meta.weight)
+    weight = layer_weight(gm, meta)
     bias = gm.get_parameter(meta.bias) if meta.bias else None
     n_params = weight.numel() + (0 if bias is None else bias.numel())
     row.update(params=n_params, bytes_fp32=4 * n_params, bytes_quant=_nbytes(weight) + _nbytes(bias))
@@ -77,11 +77,17 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
 
 @dataclass
 class Summary:
-    """What :func:`summary` returns: ``rows`` (one dict per layer), ``totals``, ``skipped`` and a table as ``str()``."""
+    """What :func:`summary` returns: ``rows`` (one dict per layer), ``totals``, ``skipped`` and a table as ``str()``.
+
+    For partially traced models, ``traced`` maps each prepared part to ``"graph"`` (a traced submodule)
+    or ``"layer"`` (a lone layer as its own graph), and ``untraced`` each module that did not trace
+    (``""`` is the root) to the first line of why."""
 
     stage: str
     rows: List[Dict[str, Any]]
     skipped: Dict[str, str] = field(default_factory=dict)
+    traced: Dict[str, str] = field(default_factory=dict)
+    untraced: Dict[str, str] = field(default_factory=dict)
 
     @property
     def totals(self) -> Dict[str, Any]:
@@ -99,6 +105,12 @@ class Summary:
         text = f"bitlab_fx summary ({self.stage})\n" + tabulate(body, headers=COLUMNS, intfmt=",")
         if self.skipped:
             text += "\nleft float (unsupported): " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        if self.traced:
+            graphs = [k for k, v in self.traced.items() if v == "graph"]
+            text += (f"\ntraced as graphs ({len(graphs)}): {', '.join(graphs) or '-'}; "
+                     f"lone layers as their own graphs: {len(self.traced) - len(graphs)}")
+            text += "\nnot traced (kept eager):\n" + "\n".join(
+                f"  {k or '(root)'}: {v}" for k, v in self.untraced.items())
         return text
 
     __repr__ = __str__
@@ -109,6 +121,8 @@ def summary(model: nn.Module) -> Summary:
     quantization, the mapping rule that matched, parameter count, bytes in fp32 and quantized
     (projected for prepared models, measured for converted ones) and the share of zero ternary weights."""
     stage = stage_of(model)
+    if stage is not None and not isinstance(model, fx.GraphModule) and "parts" in bitlab_meta(model):
+        return _partial_summary(model, bitlab_meta(model))
     if stage is None or not isinstance(model, fx.GraphModule):
         raise ConfigError(f"summary: the {type(model).__name__} was not prepared by bfx.prepare_qat; "
                           "call it on the result of prepare_qat or convert")
@@ -121,3 +135,35 @@ def summary(model: nn.Module) -> Summary:
         seen.add(key)
         rows.append(_row(model, node, meta))
     return Summary(stage, rows, dict(model.meta[STAGE].get("skipped", {})))
+
+
+def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
+    m = model.get_submodule(path)
+    n = sum(p.numel() for p in m.parameters(recurse=False))
+    return {"layer": path, "type": type(m).__name__, "weight": "float", "w_granularity": "", "activation": "float",
+            "rule": rule, "params": n, "bytes_fp32": 4 * n,
+            "bytes_quant": sum(_nbytes(p) for p in m.parameters(recurse=False)), "zeros": ""}
+
+
+def _partial_summary(model: nn.Module, record: dict) -> Summary:
+    """Rows of every prepared part of a partially traced model, under the original names, in model order."""
+    from .partial import qualify
+
+    rows, skipped = {}, {}
+    for path in record["parts"]:
+        gm = model.get_submodule(path)
+        layer_type = gm.meta[STAGE].get("layer_type")
+        seen = set()
+        for node in layer_nodes(gm):
+            meta = node.meta[META]
+            if meta.weight not in seen:
+                seen.add(meta.weight)
+                row = _row(gm, node, meta)
+                row.update(layer=qualify(path, meta.fqn), type=layer_type or row["type"])
+                rows[row["layer"]] = row
+        skipped.update({qualify(path, k): v for k, v in gm.meta[STAGE].get("skipped", {}).items()})
+    for path, rule in record["float_layers"].items():
+        rows[path] = _float_row(model, path, rule)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
+    return Summary(record["stage"], ordered, skipped, dict(record["parts"]), dict(record["untraced"]))

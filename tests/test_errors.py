@@ -62,7 +62,10 @@ def test_untraceable_model_names_the_module_and_reason():
             return self.inner(x)
 
     with pytest.raises(bfx.CaptureError, match=r"module 'inner' \(Gate\).*TraceError"):
-        bfx.prepare_qat(Net(), bfx.ternary())
+        bfx.prepare_qat(Net(), bfx.ternary(), frontend="fx_whole")
+    pm = bfx.prepare_qat(Net(), bfx.ternary())  # default: partial tracing quantizes inner.fc anyway
+    assert bfx.summary(pm).traced == {"inner.fc": "layer"}
+    assert "TraceError" in bfx.summary(pm).untraced["inner"]
 
 
 def test_bad_qconfig_types():

@@ -12,6 +12,9 @@ from ..mapping import Rule
 
 META = "bitlab"
 STAGE = "bitlab_fx"  # key in GraphModule.meta: {"stage": "prepared" | "converted", ...}
+# A partially traced model (not a GraphModule) keeps the same dict as an attribute of its root module,
+# with "parts" ({path: "graph" | "layer"}) and "untraced" ({path: first line of why}) added.
+ROOT_ATTR = "_bitlab_fx"
 
 
 @dataclass
@@ -27,6 +30,7 @@ class LayerMeta:
     rule: Optional[Rule] = None
     notes: List[str] = field(default_factory=list)
     container: Optional[str] = None  # set by convert: path of the QuantizedLinear/QuantizedConv2d
+    transposed: bool = False  # the stored weight is [in, out] (HF GPT-2 Conv1D); the graph reads it via torch.t
 
     @property
     def token_dims(self) -> int:
@@ -40,9 +44,30 @@ def layer_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
             yield node
 
 
-def stage_of(model: nn.Module) -> Optional[str]:
+def bitlab_meta(model: nn.Module) -> Optional[dict]:
+    """The bitlab_fx record of a prepared/converted model: ``gm.meta["bitlab_fx"]`` or the root attribute."""
     meta = getattr(model, "meta", None)
-    return meta.get(STAGE, {}).get("stage") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and isinstance(meta.get(STAGE), dict):
+        return meta[STAGE]
+    record = model.__dict__.get(ROOT_ATTR) if isinstance(model, nn.Module) else None
+    return record if isinstance(record, dict) else None
+
+
+def stage_of(model: nn.Module) -> Optional[str]:
+    meta = bitlab_meta(model)
+    return None if meta is None else meta.get("stage")
+
+
+def layer_weight(gm: nn.Module, meta: LayerMeta):
+    """The layer's weight in ``F.linear``/``F.conv2d`` orientation (``[out, in, ...]``)."""
+    w = gm.get_parameter(meta.weight)
+    return w.t() if meta.transposed else w
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored ``[in, out]``."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and hasattr(module, "nf")
 
 
 def unique_name(gm: nn.Module, base: str) -> str:

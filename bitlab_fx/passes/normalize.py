@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import FUNCTIONALS, META, MODULES, LayerMeta
+from ._common import FUNCTIONALS, META, MODULES, LayerMeta, is_hf_conv1d
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
@@ -45,7 +46,9 @@ def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Mod
     with graph.inserting_before(node):
         w = graph.get_attr(f"{node.target}.weight")
         b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        if kind == "linear":
+        if kind == "conv1d_hf":  # weight stored [in, out]: read it transposed, the parameter is unchanged
+            new = graph.call_function(F.linear, (node.args[0], graph.call_function(torch.t, (w,)), b))
+        elif kind == "linear":
             new = graph.call_function(F.linear, (node.args[0], w, b))
         else:
             new = graph.call_function(F.conv2d, (node.args[0], w, b, _pair(module.stride), padding,
@@ -53,8 +56,8 @@ def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Mod
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    new.meta[META] = LayerMeta(fqn=node.target, object_type=type(module), op=kind, weight=w.target,
-                               bias=None if b is None else b.target)
+    new.meta[META] = LayerMeta(fqn=node.target, object_type=type(module), op="conv2d" if kind == "conv2d" else "linear",
+                               weight=w.target, bias=None if b is None else b.target, transposed=kind == "conv1d_hf")
     return None
 
 
@@ -81,7 +84,9 @@ def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
 
 
 def _module_kind(module: nn.Module) -> Optional[str]:
-    """"linear"/"conv2d" for nn.Linear/nn.Conv2d and subclasses that keep their forward."""
+    """"linear"/"conv2d" for nn.Linear/nn.Conv2d and subclasses that keep their forward; "conv1d_hf" for HF Conv1D."""
+    if is_hf_conv1d(module):
+        return "conv1d_hf"
     for cls, kind in MODULES.items():
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return kind
