@@ -137,6 +137,9 @@ static int32_t sum_i8_scalar(const int8_t *q, int64_t n) {
 }
 
 #ifdef BITLAB_X86
+/* Keep an accumulator in a register at this point: stops gcc from re-associating the add chains
+ * into trees that need more registers than AVX2 has (which made it spill every accumulator). */
+#define PIN(v) __asm__("" : "+x"(v))
 #define TGT_AVX2 __attribute__((target("avx2,fma")))
 #define TGT_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
@@ -278,8 +281,10 @@ tern_avx2_body(const uint8_t *const *w, const int NR, const int8_t *const *x, co
                 for (int n = 0; n < NR; n++) c[n] = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
                 for (int m = 0; m < MR; m++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + (run + r) * 32));
-                    for (int n = 0; n < NR; n++)
+                    for (int n = 0; n < NR; n++) {
                         a16[n][m] = _mm256_add_epi16(a16[n][m], _mm256_maddubs_epi16(c[n], xv));
+                        PIN(a16[n][m]);
+                    }
                 }
             }
         }
@@ -329,7 +334,10 @@ tern_vnni_body(const uint8_t *const *w, const int NR, const int8_t *const *x, co
             for (int n = 0; n < NR; n++) c[n] = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
             for (int m = 0; m < MR; m++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x[m] + (run + r) * 32));
-                for (int n = 0; n < NR; n++) a[n][m] = _mm256_dpbusd_epi32(a[n][m], c[n], xv);
+                for (int n = 0; n < NR; n++) {
+                    a[n][m] = _mm256_dpbusd_epi32(a[n][m], c[n], xv);
+                    PIN(a[n][m]);
+                }
             }
         }
     }

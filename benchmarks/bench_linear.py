@@ -1,0 +1,179 @@
+"""Ternary linear on CPU: the bitlab C kernel (through the public API) against torch baselines.
+
+Run (serialised against tests on a shared machine)::
+
+    flock -x /tmp/bitlab_cpu.lock python benchmarks/bench_linear.py [--quick]
+
+Shapes are ``N x K`` = out_features x in_features; ``M`` is the batch (tokens). Every time is the best
+median of a few repeats, in microseconds, measured in this one run with torch's default threading
+(``torch.get_num_threads()``; the kernel uses the same count and shares torch's OpenMP pool).
+
+Columns: fp32 / bf16 ``F.linear``; torch int8 weight-only (``torch._weight_int8pack_mm``); torch dynamic
+int8 (``torch.ao.nn.quantized.dynamic.Linear``, baseline only); bitlab reference (``reference.py``, few
+iterations, small shapes only); bitlab kernel = ``bfx.convert(bfx.prepare_qat(nn.Sequential(nn.Linear(K, N)),
+bfx.ternary()).eval())`` called like a model; speedups of the kernel over fp32 / bf16 / int8-wo; the
+kernel's packed-weight GB/s. "GB/s DRAM" is the M=1 op (``torch.ops.bitlab.ternary_linear``) rotating over
+enough distinct layers that their packed weights are ~2.5x the last-level cache, like a decoder streaming
+its layers; it is compared with the read bandwidth of a large-array sum measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+import bitlab_fx as bfx
+from bitlab_fx.ops import cpu, reference
+
+SHAPES = [(1024, 1024), (4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]
+BATCHES = [1, 4, 16, 32, 128]
+
+
+def bench(fn, budget_s=0.25, repeats=5, max_iters=2000):
+    """Microseconds per call: the best over ``repeats`` of the mean of a timed loop (one call if slow)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    if one > budget_s:
+        return one * 1e6
+    iters = max(1, min(max_iters, int(budget_s / repeats / max(one, 1e-7))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - t0) / iters)
+    return min(times) * 1e6
+
+
+def memory_bandwidth_gbs() -> float:
+    big = torch.ones(2 ** 28)  # 1 GiB, far beyond the LLC
+    big.sum()
+    res = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        big.sum()
+        res.append(time.perf_counter() - t0)
+    return big.numel() * 4 / statistics.median(res) / 1e9
+
+
+def llc_bytes() -> int:
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("L3 cache"):
+                return int(line.split(":")[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 64 << 20
+
+
+def dynamic_int8(lin: nn.Linear):
+    """torch's dynamic-quantized int8 linear (benchmark baseline only), or None where unavailable."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+        engines = torch.backends.quantized.supported_engines
+        torch.backends.quantized.engine = "x86" if "x86" in engines else engines[-1]
+        lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
+        return DynLinear.from_float(lin)
+    except Exception:
+        return None
+
+
+def dram_gbs(n: int, k: int, llc: int, quick: bool) -> float:
+    """M=1 through the op, rotating over enough layers that the packed weights exceed the LLC."""
+    one = torch.randint(0, 255, (n, (k + 127) // 128 * 32), dtype=torch.uint8)
+    target = (1 << 30) if quick else int(2.5 * llc)
+    layers = max(2, min(2048, target // one.numel()))
+    weights = [one.clone() for _ in range(layers)]
+    ws, x = torch.rand(n), torch.randn(1, k)
+    op = torch.ops.bitlab.ternary_linear
+
+    def sweep():
+        for w in weights:
+            op(x, w, ws, None, "per_token", None, k)
+
+    sweep()
+    best = min(_timed(sweep) for _ in range(2 if quick else 3))
+    return one.numel() * layers / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer shapes/batches, shorter timings")
+    args = ap.parse_args()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    batches = [1, 32] if args.quick else BATCHES
+    budget = 0.08 if args.quick else 0.2
+    torch.manual_seed(0)
+    assert cpu.kernel_library() is not None, "the CPU kernel did not build"
+    bw = memory_bandwidth_gbs()
+    llc = llc_bytes()
+    rows = []
+    for n, k in shapes:
+        lin = nn.Linear(k, n)
+        w32, b32 = lin.weight.detach(), lin.bias.detach()
+        w16, b16 = w32.bfloat16(), b32.bfloat16()
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        s8 = torch.rand(n)
+        dyn = dynamic_int8(nn.Linear(k, n))
+        model = bfx.convert(bfx.prepare_qat(nn.Sequential(lin), bfx.ternary()).eval())
+        qlin = model.get_submodule("0")
+        packed, wsc, qb = qlin.packed_weight, qlin.weight_scale, qlin.bias
+        packed_bytes = packed.numel()
+        dram = dram_gbs(n, k, llc, args.quick)
+        for m in batches:
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+            with torch.inference_mode():
+                t32 = bench(lambda: F.linear(x, w32, b32), budget)
+                t16 = bench(lambda: F.linear(xb, w16, b16), budget)
+                t8 = bench(lambda: torch._weight_int8pack_mm(x, w8, s8), budget)
+                tdyn = bench(lambda: dyn(x), budget) if dyn is not None else float("nan")
+                small = n * k <= 4096 * 4096 and m <= 32 and not args.quick
+                tref = bench(lambda: reference.ternary_linear(x, packed, wsc, qb), 0.05, repeats=1) \
+                    if small else float("nan")
+                tk = bench(lambda: model(x), budget)
+            rows.append([f"{n}x{k}", m, t32, t16, t8, tdyn, tref, tk, t32 / tk, t16 / tk, t8 / tk,
+                         packed_bytes / tk / 1e3, dram if m == 1 else float("nan")])
+            print(" ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
+        del model, qlin, lin, dyn
+    headers = ["N x K", "M", "fp32 us", "bf16 us", "int8-wo us", "dyn-int8 us", "ref us", "bitlab us",
+               "x fp32", "x bf16", "x int8-wo", "GB/s", "GB/s DRAM"]
+    cpu_name = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                cpu_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    print()
+    print(f"machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
+          f"torch {torch.__version__}; {datetime.date.today()}")
+    print(f"memory bandwidth (1 GiB sum, same run): {bw:.1f} GB/s; LLC {llc >> 20} MiB; "
+          f"DRAM column = % of it in the table below")
+    for r in rows:
+        if r[-1] == r[-1]:
+            r[-1] = f"{r[-1]:.1f} ({100 * r[-1] / bw:.0f}%)"
+        else:
+            r[-1] = ""
+    print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".1f", missingval=""))
+
+
+if __name__ == "__main__":
+    main()
