@@ -14,12 +14,13 @@ from .mapping import QConfigMapping
 from .nn.quantized import QuantizedConv2d, QuantizedLinear
 from .recipes import QuantWarmup
 from .seed import BitQuantConfig
+from .serialization import load_quantized, save_quantized
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "prepare_qat", "convert", "summary", "Summary",
+    "prepare_qat", "convert", "summary", "Summary", "save_quantized", "load_quantized",
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig",

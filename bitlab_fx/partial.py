@@ -106,6 +106,10 @@ def _try_trace(module: nn.Module, calls: Dict[int, tuple]):
     dropped = sorted(set(module.state_dict()) - set(gm.state_dict()))
     if dropped:
         return None, f"tracing would drop {dropped[:3]} (not used by forward)"
+    layers = {name for name, m in module.named_modules() if name and _module_kind(m) is not None}
+    outside = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.rpartition(".")[0] in layers]
+    if outside:  # e.g. T5 reads wo.weight.dtype: after convert there is no float weight to read
+        return None, f"the graph reads {outside[0]!r} outside its layer call (e.g. its dtype)"
     call = calls.get(id(module))
     reason = None if call is None else _mismatch(module, gm, call)
     return (None, reason) if reason else (gm, None)
@@ -165,8 +169,14 @@ class ScopedMapping:
             self.used.add(rule)
         return config, rule
 
-    def warn_unused(self, used) -> None:  # warned once for the whole model by prepare_partial
-        pass
+    def matching_rules(self, fqn: Optional[str], object_types):
+        return self.mapping.matching_rules(None if fqn is None else qualify(self.prefix, fqn), object_types)
+
+    def warn_unused(self, used) -> None:  # collected here, warned once for the whole model by prepare_partial
+        self.used.update(used)
+
+    def __getattr__(self, name: str):  # anything else a pass asks of a mapping
+        return getattr(self.mapping, name)
 
 
 def _prepare_part(gm: fx.GraphModule, mapping: ScopedMapping, normalized: bool) -> fx.GraphModule:
@@ -212,8 +222,13 @@ def convert_partial(model: nn.Module) -> nn.Module:
     record = getattr(model, ROOT_ATTR)
     for path in record["parts"]:
         gm = model.get_submodule(path)
+        dtype = getattr(gm, "weight", None)
+        dtype = dtype.dtype if torch.is_tensor(dtype) else None
         lower_to_packed(gm)
         gm.meta[STAGE]["stage"] = "converted"
+        if dtype is not None and not hasattr(gm, "weight"):
+            # eager parents often read layer.weight.dtype/.device (HF ViT, T5): keep an empty stand-in
+            gm.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
         for node in layer_nodes(gm):
             meta = node.meta[META]
             if meta.container is not None:
