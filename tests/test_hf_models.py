@@ -109,3 +109,12 @@ def test_gpt2_conv1d_float_state_dict_loads_into_prepared():
     sd = model.state_dict()
     assert pm.state_dict()["transformer.h.0.attn.c_attn.weight"].shape == sd["transformer.h.0.attn.c_attn.weight"].shape
     pm.load_state_dict(sd)
+
+
+def test_converted_hf_model_compiles_fullgraph():
+    model, ex, _, head = build("llama")
+    cm = bfx.convert(bfx.prepare_qat(model, _qc(head), ex).eval())
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, fullgraph=True, backend="aot_eager")  # a graph break would raise
+    with torch.no_grad():
+        assert torch.allclose(compiled(*ex).logits, cm(*ex).logits, atol=1e-5)
