@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import IntActivation, IntWeight, TernaryWeight
@@ -59,7 +60,10 @@ class ActivationFakeQuant(_FakeQuant):
 
     Dynamic specs compute the scale from each input. Static specs (``dynamic=False``) observe the
     running max of ``|x|`` (exponential moving average, ``momentum``) while training and use the
-    stored value in eval mode; ``observe = False`` freezes it.
+    stored value in eval mode; ``observe = False`` freezes it. Under ``torch.distributed`` each
+    observation is the max over all ranks (one tiny all-reduce per observer and training step), so
+    DDP/FSDP training observes the global batch exactly like one process would; set
+    ``sync_observer = False`` to keep per-rank ranges.
     """
 
     def __init__(self, spec: IntActivation, token_dims: int = 1, layer: str = "", rule: str = "",
@@ -68,6 +72,7 @@ class ActivationFakeQuant(_FakeQuant):
         self.token_dims = token_dims
         self.observe = True
         self.momentum = momentum
+        self.sync_observer = True
         if not spec.dynamic:
             self.register_buffer("running_amax", torch.zeros(()))
 
@@ -75,15 +80,24 @@ class ActivationFakeQuant(_FakeQuant):
         """The multiplier ``s`` used for ``x`` (``xq = round(x * s)``)."""
         if self.spec.dynamic:
             return P.activation_multiplier(x, self.spec, self.token_dims)
-        if self.training and self.observe and x.numel():
-            with torch.no_grad():
-                xf = x.detach().float()
-                amax = xf.abs().amax() if self.spec.signed else xf.clamp(min=0).amax()
-                if self.running_amax.item() == 0:
-                    self.running_amax.copy_(amax)
-                else:
-                    self.running_amax.lerp_(amax, self.momentum)
+        if self.training and self.observe and x.numel():  # an empty probe (convert, bias step) never observes
+            self._observe(x)
         return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        xf = x.detach().float()
+        amax = xf.abs().amax() if self.spec.signed else xf.clamp(min=0).amax()
+        if self._distributed():  # the max over ranks: every rank observes the global batch
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        if self.running_amax.item() == 0:
+            self.running_amax.copy_(amax)
+        else:
+            self.running_amax.lerp_(amax.to(self.running_amax.dtype), self.momentum)
+
+    def _distributed(self) -> bool:
+        return (self.sync_observer and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._active():
