@@ -134,6 +134,18 @@ class QConfigMapping:
             return self._global.config, self._global
         return None, None
 
+    def matching_rules(self, fqn: Optional[str], object_types: Tuple[Any, ...]) -> List[Rule]:
+        """The rules other than the global one that match, highest priority first: by name and pattern
+        (only when ``fqn`` is given), then by any of ``object_types``. Used for non-layer nodes (activations)."""
+        out: List[Rule] = []
+        if fqn is not None:
+            out += [self._name[fqn]] if fqn in self._name else []
+            out += [rule for pattern, rule in self._regex if pattern.fullmatch(fqn)]
+        for t, rule in self._object_type.items():
+            if any(o is t or (isinstance(t, type) and isinstance(o, type) and issubclass(o, t)) for o in object_types):
+                out.append(rule)
+        return out
+
     def warn_unused(self, used: set) -> None:
         """Warn once for each rule that matched no layer (usually a typo in a name or pattern)."""
         for rule in self.rules():

@@ -41,7 +41,7 @@ def _act_label(spec) -> str:
 def _projected_bytes(weight: torch.Tensor, spec) -> int:
     """Bytes the converted weight and its scale will take."""
     n, k = weight.shape[0], math.prod(weight.shape[1:])
-    data = n * padded_k(k) // 4 if spec.format == "ternary" else n * k
+    data = n * padded_k(k) // 4 if spec.format == "ternary" else (n * ((k + 1) // 2) if spec.bits <= 4 else n * k)
     return data + 4 * math.prod(P.scale_shape(weight.shape, spec.granularity))
 
 

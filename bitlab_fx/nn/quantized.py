@@ -15,7 +15,7 @@ from torch import nn
 from .. import ops  # noqa: F401  (defines torch.ops.bitlab)
 from ..errors import ConvertError
 from ..quant import primitives as P
-from ..quant.packing import FORMAT_VERSION, pack_ternary, unpack_ternary
+from ..quant.packing import FORMAT_VERSION, pack_int4, pack_ternary, unpack_int4, unpack_ternary
 
 
 def _check_finite(weight: torch.Tensor, name: str) -> None:
@@ -29,14 +29,14 @@ def _check_finite(weight: torch.Tensor, name: str) -> None:
 class _QuantizedBase(nn.Module):
     """Common state: the weight format, the activation mode and a format version in the state_dict."""
 
-    weight_format: str  # "ternary" | "int8"
+    weight_format: str  # "ternary" | "int4" (2..4-bit weights, two per byte) | "int8" (5..8-bit weights)
 
     def _init_common(self, spec, act: str, act_scale: Optional[torch.Tensor], name: str, rule: str):
         self.spec = spec
         self.act = act
         self.name = name
         self.rule = rule
-        self.weight_format = "ternary" if spec.format == "ternary" else "int8"
+        self.weight_format = "ternary" if spec.format == "ternary" else ("int4" if spec.bits <= 4 else "int8")
         self.register_buffer("act_scale", act_scale)
 
     def _store_weight(self, weight: torch.Tensor):
@@ -45,21 +45,22 @@ class _QuantizedBase(nn.Module):
         self.register_buffer("weight_scale", g)
         flat = wq.reshape(wq.shape[0], -1)
         self.zero_fraction = float((flat == 0).float().mean()) if flat.numel() else 0.0
-        if self.weight_format == "ternary":
-            self.register_buffer("packed_weight", pack_ternary(flat))
+        if self.weight_format in ("ternary", "int4"):
+            self.register_buffer("packed_weight", pack_ternary(flat) if self.weight_format == "ternary" else pack_int4(flat))
         else:
             self.register_buffer("qweight", wq.contiguous())
 
     @property
     def stored_weight(self) -> torch.Tensor:
-        return self.packed_weight if self.weight_format == "ternary" else self.qweight
+        return self.qweight if self.weight_format == "int8" else self.packed_weight
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight as int8 with the original shape (unpacked: for inspection and tests)."""
         if self.weight_format == "int8":
             return self.qweight
         k = math.prod(self.weight_shape[1:])
-        return unpack_ternary(self.packed_weight, k).reshape(self.weight_shape)
+        unpack = unpack_ternary if self.weight_format == "ternary" else unpack_int4
+        return unpack(self.packed_weight, k).reshape(self.weight_shape)
 
     def get_extra_state(self):
         return {"format_version": FORMAT_VERSION, "weight_format": self.weight_format,
@@ -105,6 +106,9 @@ class QuantizedLinear(_QuantizedBase):
         if self.weight_format == "ternary":
             return torch.ops.bitlab.ternary_linear(x, self.packed_weight, self.weight_scale, self.bias, self.act,
                                                    self.act_scale, self.in_features)
+        if self.weight_format == "int4":
+            return torch.ops.bitlab.int4_linear(x, self.packed_weight, self.weight_scale, self.bias, self.act,
+                                                self.act_scale, self.in_features)
         return torch.ops.bitlab.int8_linear(x, self.qweight, self.weight_scale, self.bias, self.act, self.act_scale)
 
     def extra_repr(self) -> str:
@@ -129,7 +133,7 @@ class QuantizedConv2d(_QuantizedBase):
     def op_args(self) -> tuple:
         """Arguments after (x, weight, weight_scale, bias) of this layer's op."""
         geometry = (self.stride, self.padding, self.dilation, self.groups, self.act)
-        if self.weight_format == "ternary":
+        if self.weight_format != "int8":  # packed formats need the unpacked shape
             return (list(self.weight_shape),) + geometry
         return geometry
 
@@ -137,6 +141,9 @@ class QuantizedConv2d(_QuantizedBase):
         if self.weight_format == "ternary":
             return torch.ops.bitlab.ternary_conv2d(x, self.packed_weight, self.weight_scale, self.bias,
                                                    *self.op_args(), self.act_scale)
+        if self.weight_format == "int4":
+            return torch.ops.bitlab.int4_conv2d(x, self.packed_weight, self.weight_scale, self.bias, *self.op_args(),
+                                                self.act_scale)
         return torch.ops.bitlab.int8_conv2d(x, self.qweight, self.weight_scale, self.bias, *self.op_args(),
                                             self.act_scale)
 

@@ -162,3 +162,96 @@ def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per
     shape = check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
                          groups, act, act_scale, packed=False)
     return x.new_empty(shape)
+
+
+# -- low-bit weights (2..4 bits) packed two per byte, and activation quantize-dequantize -------------------
+def _check_int4_weight(op: str, packed_weight: Tensor, k: int, n: int, in_features: int = -1) -> None:
+    if packed_weight.dtype != torch.uint8 or packed_weight.dim() != 2:
+        raise KernelError(f"bitlab.{op}: packed weight must be uint8 [N, ceil(K/2)], got {tuple(packed_weight.shape)} "
+                          f"{packed_weight.dtype}")
+    if in_features >= 0 and k != in_features:
+        raise KernelError(f"bitlab.{op}: input has K={k} features but this layer has in_features={in_features}")
+    if packed_weight.shape != (n, (k + 1) // 2):
+        raise KernelError(f"bitlab.{op}: packed weight {tuple(packed_weight.shape)} does not hold [{n}, K={k}] "
+                          f"int4 values (expected [{n}, {(k + 1) // 2}]); the input does not match this layer")
+
+
+def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
+                      act_scale: Optional[Tensor], in_features: int) -> int:
+    if x.dim() == 0:
+        raise KernelError("bitlab.int4_linear: input must have at least one dim [..., K]; got a scalar")
+    n = packed_weight.shape[0] if packed_weight.dim() == 2 else -1
+    _check_int4_weight("int4_linear", packed_weight, x.shape[-1], n, in_features)
+    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, act_scale)
+    if weight_scale.dim() == 2 and x.shape[-1] % weight_scale.shape[1]:
+        raise KernelError(f"bitlab.int4_linear: {weight_scale.shape[1]} scale groups do not divide K={x.shape[-1]}")
+    return n
+
+
+@torch.library.custom_op("bitlab::int4_linear", mutates_args=())
+def int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1) -> Tensor:
+    """Like ``ternary_linear`` with signed 2..4-bit weights packed two per byte along K (low nibble = even k),
+    uint8 ``[N, ceil(K/2)]`` (:func:`bitlab_fx.quant.packing.pack_int4`)."""
+    check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    return reference.int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+
+
+@int4_linear.register_fake
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                      act, act_scale) -> List[int]:
+    if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise KernelError("bitlab.int4_conv2d: weight_shape must have 4 ints and stride/padding/dilation 2 each")
+    _check_int4_weight("int4_conv2d", packed_weight, weight_shape[1] * weight_shape[2] * weight_shape[3], weight_shape[0])
+    if weight_scale.dim() != 1:
+        raise KernelError("bitlab.int4_conv2d: conv weight scales must be per tensor [1] or per channel [Cout]")
+    _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, act_scale)
+    return conv2d_out_shape("int4_conv2d", x, weight_shape, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("bitlab::int4_conv2d", mutates_args=())
+def int4_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+    """conv2d with signed 2..4-bit weights of ``weight_shape`` packed two per byte (flattened to ``[Cout, K]``)."""
+    check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act, act_scale)
+    return reference.int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
+                                 groups, act, act_scale)
+
+
+@int4_conv2d.register_fake
+def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
+      act_scale=None):
+    return x.new_empty(check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
+                                         dilation, groups, act, act_scale))
+
+
+def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, granularity: str) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise KernelError(f"bitlab.quantize_dequantize: input dtype {x.dtype} is not supported; pass a float tensor")
+    if not 2 <= bits <= 8:
+        raise KernelError(f"bitlab.quantize_dequantize: bits={bits}; use 2..8")
+    if granularity not in ("per_tensor", "per_token"):
+        raise KernelError(f"bitlab.quantize_dequantize: granularity={granularity!r}; use 'per_tensor' or 'per_token'")
+    if multiplier is not None and multiplier.numel() != 1:
+        raise KernelError(f"bitlab.quantize_dequantize: a static multiplier holds one number, got shape {tuple(multiplier.shape)}")
+
+
+@torch.library.custom_op("bitlab::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, signed: bool,
+                        granularity: str = "per_tensor", token_dims: int = 1) -> Tensor:
+    """``clamp(round(x * s), qmin, qmax) / s``: a converted activation quantizer (static ``multiplier`` ``s``,
+    or dynamic when None: ``s = qmax / max|x|`` per tensor or per token of ``token_dims`` trailing dims)."""
+    check_quantize_dequantize(x, multiplier, bits, granularity)
+    return reference.quantize_dequantize(x, multiplier, bits, signed, granularity, token_dims)
+
+
+@quantize_dequantize.register_fake
+def _(x, multiplier, bits, signed, granularity="per_tensor", token_dims=1):
+    check_quantize_dequantize(x, multiplier, bits, granularity)
+    return torch.empty_like(x)

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..quant.packing import unpack_ternary
+from ..quant.packing import unpack_int4, unpack_ternary
 from ..quant.primitives import EPS
 
 ACT_MODES = ("per_token", "per_tensor", "none")
@@ -113,3 +113,30 @@ def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, p
 
 def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
     return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+
+
+def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    """``int_linear`` with weights of 2..4 bits packed two per byte (:func:`~bitlab_fx.quant.packing.pack_int4`)."""
+    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale)
+
+
+def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                act="per_token", act_scale=None):
+    cout = weight_shape[0]
+    k = 1
+    for d in weight_shape[1:]:
+        k *= d
+    wq = unpack_int4(packed_weight, k).reshape(cout, *weight_shape[1:])
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+
+
+def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bits: int, signed: bool,
+                        granularity: str = "per_tensor", token_dims: int = 1) -> torch.Tensor:
+    """``clamp(round(x * s), qmin, qmax) / s`` in ``x``'s dtype: the converted form of an activation
+    fake quantizer. ``multiplier`` is the static ``s``; None computes it from ``x`` (``granularity``)."""
+    from ..config import IntActivation
+    from ..quant import primitives as P
+
+    spec = IntActivation(bits=bits, signed=signed, granularity=granularity, dynamic=multiplier is None)
+    s = P.activation_multiplier(x, spec, token_dims) if multiplier is None else multiplier.float()
+    return (P.quantize_activation(x, s, spec) / s).to(x.dtype)

@@ -10,22 +10,24 @@ A weight used by several calls gets one weight fake-quant, shared.
 """
 from __future__ import annotations
 
-from typing import Dict, Set
+from typing import Dict, Optional, Set
 
 from torch import fx, nn
 
 from ..config import PerGroup, QuantConfig
 from ..errors import ConfigError
 from ..mapping import QConfigMapping, Rule
-from ..quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from ._common import LayerMeta, layer_nodes, unique_name
+from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
+from ._common import LayerMeta, layer_nodes, layer_weight, unique_name
+from .output_quant import insert_after, insert_output_quant, upstream_quantizer
 
 
 def check_config_fits(meta: LayerMeta, weight_shape, config: QuantConfig) -> None:
     """Raise a ConfigError naming the layer and rule when ``config`` cannot apply to this layer."""
     where = f"layer {meta.fqn!r} ({getattr(meta.object_type, '__name__', meta.object_type)}, matched by rule {meta.rule})"
-    if config.bias is not None:
-        raise ConfigError(f"{where}: IntBias is not supported by prepare_qat in this version; drop bias= from the config")
+    if config.bias is not None and isinstance(config.weight.granularity, PerGroup):
+        raise ConfigError(f"{where}: IntBias needs one weight scale per output channel; use weight granularity "
+                          "'per_channel' or 'per_tensor', or drop bias= from the config")
     if config.weight is None:
         return
     g = config.weight.granularity
@@ -39,8 +41,61 @@ def check_config_fits(meta: LayerMeta, weight_shape, config: QuantConfig) -> Non
                               f"choose a group size that divides {k}, or use 'per_channel'")
 
 
+def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_args: list) -> Optional[ActivationFakeQuant]:
+    """Insert the layer's input fake quant, unless its input already comes quantized (at most as many bits)
+    from an output quantizer through grid-preserving ops; return the quantizer that feeds the layer."""
+    spec = meta.config.input
+    upstream = upstream_quantizer(gm, node.args[0])
+    if spec is None or (upstream is not None and upstream.spec.bits <= spec.bits):
+        if spec is not None:
+            meta.notes.append(f"input already quantized by {upstream.layer!r} ({upstream.spec.format}): not re-quantized")
+        return upstream
+    fq = ActivationFakeQuant(spec, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
+    with gm.graph.inserting_before(node):
+        name = unique_name(gm, f"{meta.fqn}_input_fq")
+        gm.add_submodule(name, fq)
+        new_args[0] = gm.graph.call_module(name, (node.args[0],))
+    return fq
+
+
+def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant]) -> fx.Node:
+    """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step."""
+    where = f"layer {meta.fqn!r} (matched by rule {meta.rule})"
+    if in_fq is None or in_fq.spec.dynamic:
+        found = "no quantized input" if in_fq is None else f"a dynamic {in_fq.spec.granularity} input quantizer"
+        raise ConfigError(f"{where}: IntBias needs one static input scale (its step is input_step * weight_step) "
+                          f"but the layer has {found}; use input=IntActivation(bits, dynamic=False, "
+                          "granularity='per_tensor') or drop bias= from the config")
+    fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule))
+    name = unique_name(gm, f"{meta.fqn}_bias_fq")
+    gm.add_submodule(name, fq)
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_module(name, (node.args[2], node.args[1]))
+
+
+def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_fq: Dict[str, fx.Node]) -> None:
+    config = meta.config
+    w_node = node.args[1]
+    check_config_fits(meta, layer_weight(gm, meta).shape, config)
+    new_args = list(node.args)
+    if config.weight is not None:
+        if meta.weight not in weight_fq:
+            fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule))
+            weight_fq[meta.weight] = _insert_after(gm, w_node, fq, f"{meta.fqn}_weight_fq")
+        new_args[1] = weight_fq[meta.weight]
+    in_fq = _input_quantizer(gm, node, meta, new_args)
+    if config.bias is not None and node.args[2] is not None:
+        new_args[2] = _bias_quantizer(gm, node, meta, in_fq)
+    node.args = tuple(new_args)
+    if not w_node.users:  # a second get_attr of a shared weight, now read through the shared fake quant
+        gm.graph.erase_node(w_node)
+    if config.output is not None:
+        out_fq = ActivationFakeQuant(config.output, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
+        insert_after(gm, node, out_fq, f"{meta.fqn}_output_fq")
+
+
 def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
-    """Insert ``call_module[name](node)`` right after ``node`` and route the given uses through it."""
+    """Insert ``call_module[name](node)`` right after ``node`` (uses are not rerouted)."""
     name = unique_name(gm, base)
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):
@@ -48,40 +103,18 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: st
 
 
 def insert_fake_quant(gm: fx.GraphModule, mapping: QConfigMapping) -> fx.GraphModule:
-    """Insert weight and input fake-quant nodes for every layer the mapping quantizes."""
+    """Insert output quantizers of non-layer nodes (see ``output_quant``), then the weight, input, bias and
+    output fake quant of every layer the mapping quantizes."""
     used: Set[Rule] = set()
     weight_fq: Dict[str, fx.Node] = {}
+    insert_output_quant(gm, mapping, used)
     for node in list(layer_nodes(gm)):
         meta: LayerMeta = node.meta["bitlab"]
         meta.config, meta.rule = mapping.resolve(meta.fqn, meta.object_type)
         if meta.rule is not None:
             used.add(meta.rule)
-        config = meta.config
-        if config is None:
-            continue
-        w_node, x_node = node.args[1], node.args[0]
-        check_config_fits(meta, gm.get_parameter(meta.weight).shape, config)
-        new_args = list(node.args)
-        if config.weight is not None:
-            if meta.weight not in weight_fq:
-                fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule))
-                weight_fq[meta.weight] = _insert_after(gm, w_node, fq, f"{meta.fqn}_weight_fq")
-            new_args[1] = weight_fq[meta.weight]
-        if config.input is not None:
-            fq = ActivationFakeQuant(config.input, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
-            with gm.graph.inserting_before(node):
-                name = unique_name(gm, f"{meta.fqn}_input_fq")
-                gm.add_submodule(name, fq)
-                new_args[0] = gm.graph.call_module(name, (x_node,))
-        node.args = tuple(new_args)
-        if not w_node.users:  # a second get_attr of a shared weight, now read through the shared fake quant
-            gm.graph.erase_node(w_node)
-        if config.output is not None:
-            out_fq = ActivationFakeQuant(config.output, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
-            users = list(node.users)
-            q = _insert_after(gm, node, out_fq, f"{meta.fqn}_output_fq")
-            for user in users:
-                user.replace_input_with(node, q)
+        if meta.config is not None:
+            _quantize_layer(gm, node, meta, weight_fq)
     mapping.warn_unused(used)
     gm.graph.lint()
     gm.recompile()

@@ -7,7 +7,9 @@
 
 The module at ``fc1`` becomes a :class:`~bitlab_fx.nn.QuantizedLinear` holding only packed buffers.
 int8 signed input quantizers are fused into the op; other activation quantizers (lower bits,
-unsigned, outputs) stay in the graph as quantize-dequantize modules.
+unsigned, outputs) become ``bitlab.quantize_dequantize`` calls (``lower_activations``). Weights of
+2..4 bits are packed two per byte (``bitlab.int4_linear``/``int4_conv2d``), 5..8 bits stored as int8;
+an IntBias is stored as its quantized value.
 """
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ import torch
 from torch import fx
 
 from ..nn.quantized import QuantizedConv2d, QuantizedLinear
-from ..quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from ._common import META, LayerMeta, layer_nodes, set_submodule, unique_name
+from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
+from .lower_activations import lower_activation_quantizers
+from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
 
 _OPS = {
     ("linear", "ternary"): torch.ops.bitlab.ternary_linear.default,
     ("linear", "int8"): torch.ops.bitlab.int8_linear.default,
     ("conv2d", "ternary"): torch.ops.bitlab.ternary_conv2d.default,
     ("conv2d", "int8"): torch.ops.bitlab.int8_conv2d.default,
+    ("linear", "int4"): torch.ops.bitlab.int4_linear.default,
+    ("conv2d", "int4"): torch.ops.bitlab.int4_conv2d.default,
 }
 
 
@@ -50,9 +55,19 @@ def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
     return f"{owner}.{name}" if owner else name
 
 
-def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, spec, act: str):
-    weight = gm.get_parameter(meta.weight)
+def _layer_bias(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The float bias, or its quantized value (integer codes times input_step * weight_step) under an IntBias."""
     bias = gm.get_parameter(meta.bias) if meta.bias else None
+    bfq = _module_at(gm, node.args[2])
+    if bias is None or not isinstance(bfq, BiasFakeQuant):
+        return bias
+    with torch.no_grad():
+        return bfq.eval()(bias, weight)
+
+
+def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, spec, act: str):
+    weight = layer_weight(gm, meta)
+    bias = _layer_bias(gm, node, meta, weight)
     if meta.op == "linear":
         return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule))
     stride, padding, dilation, groups = node.args[3:7]
@@ -99,23 +114,27 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 scale_node = get(scale_name)
             x_in = x_node.args[0] if act != "none" else x_node
             fmt = container.weight_format
-            args = (x_in, get("packed_weight" if fmt == "ternary" else "qweight"), get("weight_scale"),
+            args = (x_in, get("qweight" if fmt == "int8" else "packed_weight"), get("weight_scale"),
                     get("bias") if container.bias is not None else None)
             if meta.op == "conv2d":
                 args = args + tuple(container.op_args()[:-1])
             args = args + (act, scale_node)
-            if (meta.op, fmt) == ("linear", "ternary"):
+            if meta.op == "linear" and fmt in ("ternary", "int4"):
                 args = args + (container.in_features,)
             new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
         new.meta.update(node.meta)
         meta.container = path
         node.replace_all_uses_with(new)
         old_bias, w_src = node.args[2], w_node.args[0]
+        bias_fq_args = old_bias.args if _module_at(gm, old_bias) is not None else ()  # IntBias fq(bias, weight)
         gm.graph.erase_node(node)
         _erase_if_unused(gm, w_node, x_node if act != "none" else None, old_bias)
-        _erase_if_unused(gm, w_src)
+        _erase_if_unused(gm, *(a for a in bias_fq_args if a is not w_src))  # w_src goes below
+        w_get = w_src.args[0] if meta.transposed else None  # torch.t(get_attr[weight]): the get_attr goes too
+        _erase_if_unused(gm, w_src, w_get)
         if not isinstance(meta.object_type, type):
             _drop_float_params(gm, meta)
+    lower_activation_quantizers(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import IntActivation, IntWeight, TernaryWeight
+from ..config import IntActivation, IntBias, IntWeight, TernaryWeight
 from . import primitives as P
 
 
@@ -108,7 +108,35 @@ class ActivationFakeQuant(_FakeQuant):
         return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
 
 
-FAKE_QUANT_TYPES = (WeightFakeQuant, ActivationFakeQuant)
+class BiasFakeQuant(_FakeQuant):
+    """Fake-quantizes a bias with an :class:`IntBias` spec on the step ``input_step * weight_step``
+    (Brevitas' ``Int8Bias``): ``call_module[fc1_bias_fq](bias, weight)``.
+
+    ``input_fq`` is the static activation quantizer that feeds the layer (its step is ``1/multiplier``);
+    it is held as a plain reference, not a submodule (it already lives in the graph).
+    """
+
+    def __init__(self, spec: IntBias, weight_spec: Union[TernaryWeight, IntWeight], input_fq: "ActivationFakeQuant",
+                 layer: str = "", rule: str = ""):
+        super().__init__(spec, layer, rule)
+        self.weight_spec = weight_spec
+        object.__setattr__(self, "input_fq", input_fq)
+
+    def step(self, weight: torch.Tensor) -> torch.Tensor:
+        """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient)."""
+        g = P.weight_scale(weight, self.weight_spec).reshape(-1)
+        return g / self.input_fq.multiplier(weight.new_empty(0)).float().reshape(-1)
+
+    def forward(self, bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not self._active() or not self.input_fq.enabled:
+            return bias
+        return self._blend(bias, P.fake_quantize_bias(bias, self.step(weight), self.spec.bits))
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
+
+
+FAKE_QUANT_TYPES = (WeightFakeQuant, ActivationFakeQuant, BiasFakeQuant)
 
 
 def set_fake_quant_enabled(model: nn.Module, enabled: bool, observe: Optional[bool] = None) -> nn.Module:

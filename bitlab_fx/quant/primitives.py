@@ -123,3 +123,16 @@ def quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -
     """The integer activation codes as an fp32 tensor of whole numbers (no gradient)."""
     with torch.no_grad():
         return torch.clamp(torch.round(x.detach().float() * s), spec.qmin, spec.qmax)
+
+
+def quantize_bias(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer bias codes (fp32 whole numbers): ``clamp(round(b / step), -2**(bits-1), 2**(bits-1)-1)``;
+    ``step = input_step * weight_step`` (per output channel or one number)."""
+    with torch.no_grad():
+        q = 2 ** (bits - 1)
+        return torch.clamp(torch.round(b.detach().float() / step), -q, q - 1)
+
+
+def fake_quantize_bias(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """``quantize_bias(b) * step`` in ``b``'s dtype with a straight-through gradient to ``b``."""
+    return straight_through(b, (quantize_bias(b, step, bits) * step).to(b.dtype))

@@ -1,0 +1,182 @@
+"""Brevitas-style low-bit QAT through the graph passes: intN weights, static unsigned activations after
+ReLUs, the model input, IntBias; lowered to packed int4 / int8 ops and fused quantize-dequantize."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitlab_fx as bfx
+from conftest import mlp
+
+ACT4 = dict(bits=4, dynamic=False, granularity="per_tensor")
+
+
+class LeNet(nn.Module):
+    """The LeNet-5 of the Brevitas tutorial, plain torch.nn."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 6, 5), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(6, 16, 5), nn.ReLU()
+        self.fc1, self.relu3 = nn.Linear(400, 120), nn.ReLU()
+        self.fc2, self.relu4 = nn.Linear(120, 84), nn.ReLU()
+        self.fc3 = nn.Linear(84, 10, bias=False)
+
+    def forward(self, x):
+        out = F.max_pool2d(self.relu1(self.conv1(x)), 2)
+        out = F.max_pool2d(self.relu2(self.conv2(out)), 2)
+        out = out.reshape(out.shape[0], -1)
+        return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(out)))))
+
+
+def w3a4_mapping():
+    return (bfx.QConfigMapping()
+            .set_global(bfx.QuantConfig(weight=bfx.IntWeight(3), input=bfx.IntActivation(signed=True, **ACT4),
+                                        bias=bfx.IntBias(8)))
+            .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(signed=False, **ACT4))))
+
+
+def _fq_names(gm, kind):
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == kind]
+
+
+def _trained_lenet(steps=3):
+    torch.manual_seed(0)
+    pm = bfx.prepare_qat(LeNet(), w3a4_mapping())
+    opt = torch.optim.SGD(pm.parameters(), lr=0.05)
+    for _ in range(steps):
+        x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+        loss = F.cross_entropy(pm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pm.eval()
+
+
+def test_lenet_mapping_inserts_brevitas_style_quantizers():
+    pm = bfx.prepare_qat(LeNet(), w3a4_mapping())
+    assert _fq_names(pm, "ActivationFakeQuant") == ["conv1_input_fq", "relu1_output_fq", "relu2_output_fq",
+                                                    "relu3_output_fq", "relu4_output_fq"]  # one per ReLU + the model input
+    assert _fq_names(pm, "BiasFakeQuant") == ["conv1_bias_fq", "conv2_bias_fq", "fc1_bias_fq", "fc2_bias_fq"]  # fc3 has no bias
+    assert pm.relu1_output_fq.spec.qmin == 0 and pm.relu1_output_fq.spec.qmax == 15
+    # conv2 reads relu1's 4-bit output through max_pool2d: no second input quantizer
+    notes = {n.meta["bitlab"].fqn: n.meta["bitlab"].notes for n in pm.graph.nodes if "bitlab" in n.meta}
+    assert any("relu1" in note for note in notes["conv2"])
+
+
+def test_lenet_converts_to_packed_int4_ops_and_reproduces_prepared():
+    pm = _trained_lenet()
+    cm = bfx.convert(pm)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        a, b = pm(x), cm(x)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    ops = [str(n.target) for n in cm.graph.nodes if n.op == "call_function" and "bitlab" in str(n.target)]
+    assert ops.count("bitlab.int4_conv2d.default") == 2 and ops.count("bitlab.int4_linear.default") == 3
+    assert ops.count("bitlab.quantize_dequantize.default") == 5
+    assert "_fq" not in cm.code
+    assert tuple(cm.fc1.packed_weight.shape) == (120, 200) and cm.fc1.packed_weight.dtype == torch.uint8
+    assert tuple(cm.conv1.packed_weight.shape) == (6, 38)  # K = 3*5*5 = 75 -> 38 bytes
+    assert int(cm.fc1.int_weight().abs().max()) <= 3  # 3-bit symmetric: -3..3
+    floats = [k for k, v in cm.state_dict().items() if torch.is_tensor(v) and v.dtype.is_floating_point and v.dim() >= 2]
+    assert floats == []
+
+
+def test_int_bias_is_on_the_input_times_weight_step_grid():
+    pm = _trained_lenet()
+    bfq = pm.fc1_bias_fq
+    w = pm.get_parameter("fc1.weight")
+    step = bfq.step(w)
+    assert step.shape == (120,)
+    g = w.detach().abs().amax(1) / 3  # IntWeight(3) per channel; input step = 1 / multiplier of relu2's quantizer
+    torch.testing.assert_close(step, g / pm.relu2_output_fq.multiplier(torch.empty(0)))
+    codes = bfq(pm.get_parameter("fc1.bias"), w) / step
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    assert codes.abs().max() <= 128
+    cm = bfx.convert(pm)
+    torch.testing.assert_close(cm.fc1.bias, bfq(pm.get_parameter("fc1.bias"), w).detach())
+
+
+@pytest.mark.parametrize("spelling", ["module", "F.relu", "torch.relu", "method"])
+@pytest.mark.parametrize("rule_type", [nn.ReLU, F.relu])
+def test_relu_rules_match_every_spelling_of_relu(spelling, rule_type):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x):
+            h = self.fc(x)
+            h = {"module": self.act, "F.relu": F.relu, "torch.relu": torch.relu, "method": lambda t: t.relu()}[spelling](h)
+            return h * 2
+
+    qc = bfx.QConfigMapping().set_object_type(rule_type, bfx.QuantConfig(output=bfx.IntActivation(signed=False, **ACT4)))
+    pm = bfx.prepare_qat(Net(), qc)
+    assert len(_fq_names(pm, "ActivationFakeQuant")) == 1
+    pm(torch.randn(64, 8))
+    y = pm.eval()(torch.randn(5, 8)) / 2
+    levels = y * pm.get_submodule(_fq_names(pm, "ActivationFakeQuant")[0]).multiplier(torch.empty(0))
+    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
+    assert levels.min() >= 0 and levels.max() <= 15
+
+
+def test_global_config_with_output_quantizes_layers_not_every_op():
+    cfg = bfx.QuantConfig(weight="int4", output=bfx.IntActivation(signed=True, **ACT4))
+    pm = bfx.prepare_qat(mlp((8, 16, 4)), cfg)
+    assert _fq_names(pm, "ActivationFakeQuant") == ["0_output_fq", "2_output_fq"]  # the two Linears, not the ReLU
+
+
+def test_quant_identity_equivalent_and_module_name_output_rule():
+    model = nn.Sequential(nn.Identity(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    qc = (bfx.QConfigMapping().set_global(bfx.weight_only("int4"))
+          .set_object_type(nn.Identity, bfx.QuantConfig(output=bfx.IntActivation(bits=4, dynamic=False, granularity="per_tensor")))
+          .set_module_name("2", bfx.QuantConfig(output="uint4")))
+    pm = bfx.prepare_qat(model, qc)
+    assert _fq_names(pm, "ActivationFakeQuant") == ["0_output_fq", "2_output_fq"]
+    pm(torch.randn(32, 8))
+    cm = bfx.convert(pm.eval())
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(cm(x), pm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_non_layer_rule_without_output_is_a_clear_error():
+    with pytest.raises(bfx.ConfigError, match=r"not a linear/conv layer.*QuantConfig\(output="):
+        bfx.prepare_qat(mlp(), bfx.QConfigMapping().set_global(bfx.ternary()).set_object_type(nn.ReLU, bfx.ternary()))
+
+
+def test_int_bias_needs_a_static_input_scale():
+    cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")  # int8 input is dynamic per token
+    with pytest.raises(bfx.ConfigError, match=r"layer '0'.*IntBias needs one static input scale.*dynamic=False"):
+        bfx.prepare_qat(mlp(), cfg)
+    cfg = bfx.QuantConfig(weight=bfx.IntWeight(4, bfx.PerGroup(16)), input=bfx.IntActivation(**ACT4), bias="int8")
+    with pytest.raises(bfx.ConfigError, match="IntBias needs one weight scale per output channel"):
+        bfx.prepare_qat(mlp(), cfg)
+
+
+@pytest.mark.parametrize("bits,fmt,nbytes", [(2, "int4", 16), (3, "int4", 16), (4, "int4", 16), (5, "int8", 32), (8, "int8", 32)])
+def test_weight_bits_choose_the_storage(bits, fmt, nbytes):
+    pm = bfx.prepare_qat(nn.Sequential(nn.Linear(32, 10)), bfx.weight_only(bfx.IntWeight(bits)))
+    cm = bfx.convert(pm.eval())
+    layer = cm.get_submodule("0")
+    assert layer.weight_format == fmt
+    assert layer.stored_weight.numel() * layer.stored_weight.element_size() == 10 * nbytes
+    assert int(layer.int_weight().abs().max()) <= 2 ** (bits - 1) - 1
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(cm(x), pm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_w4a8_fuses_the_int8_input_into_the_int4_op():
+    cfg = bfx.QuantConfig(weight=bfx.IntWeight(4), input="int8")
+    pm = bfx.prepare_qat(mlp((32, 64, 8)), cfg).eval()
+    cm = bfx.convert(pm)
+    assert "int4_linear" in cm.code and "quantize_dequantize" not in cm.code
+    x = torch.randn(5, 32)
+    a, b = pm(x), cm(x)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
+
+
+def test_uncalibrated_static_quantizer_warns_at_convert():
+    pm = bfx.prepare_qat(LeNet(), w3a4_mapping()).eval()
+    with pytest.warns(UserWarning, match="never saw data"):
+        bfx.convert(pm)
