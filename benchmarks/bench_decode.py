@@ -1,0 +1,70 @@
+"""Greedy decode at batch 1: a Llama-style model from a transformers config (random weights), fp32 vs converted.
+
+    flock -x /tmp/bitlab_cpu.lock python benchmarks/bench_decode.py            # hidden 2048, 4 layers
+    python benchmarks/bench_decode.py --layers 2 --new-tokens 16                 # quicker
+
+Every nn.Linear of the decoder layers is ternary (W1.58, int8 per-token activations); the embedding and
+lm_head stay float (the usual BitNet recipe), so they bound the speed-up. Prints one table, tokens/s side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import transformers
+
+import bitlab_fx as bfx
+
+
+def build(args) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                                   num_key_value_heads=args.hidden // 128, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tokens_per_s(model, prompt, new_tokens: int, repeats: int) -> tuple:
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(prompt, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up (kernel build, caches)
+        best, out = float("inf"), None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = model.generate(prompt, **kw)
+            best = min(best, time.perf_counter() - t)
+    return new_tokens / best, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(torch.get_num_threads())
+    model = build(args)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt))
+    fp32_tps, _ = tokens_per_s(model, prompt, args.new_tokens, args.repeats)
+    qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", None)
+    converted = bfx.convert(bfx.prepare_qat(model, qc).eval(), inplace=True)
+    del model
+    q_tps, _ = tokens_per_s(converted, prompt, args.new_tokens, args.repeats)
+    s = bfx.summary(converted).totals
+    print(f"Llama-style hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab}, "
+          f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens greedy, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"quantized layers: {s['quantized']}/{s['layers']}, {s['bytes_fp32'] / 2**20:.0f} MiB fp32 -> "
+          f"{s['bytes_quant'] / 2**20:.0f} MiB (lm_head float)")
+    print(f"| model | tokens/s | speed-up |\n| --- | ---: | ---: |\n| fp32 | {fp32_tps:.1f} | 1.00x |\n"
+          f"| bitlab ternary (converted) | {q_tps:.1f} | {q_tps / fp32_tps:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
