@@ -123,6 +123,13 @@ def test_state_dict_of_a_different_layer_shape():
         small.load_state_dict(int8.state_dict())
 
 
+def test_convert_of_a_static_observer_that_never_saw_data_warns():
+    cfg = bfx.QuantConfig(weight="ternary", input=bfx.IntActivation(granularity="per_tensor", dynamic=False))
+    pm = bfx.prepare_qat(nn.Sequential(nn.Linear(16, 4)), cfg)
+    with pytest.warns(UserWarning, match=r"static activation quantizer of '0'.*never saw data.*calibration"):
+        bfx.convert(pm)
+
+
 def test_state_dict_round_trip_gives_the_same_outputs():
     _, a = one_layer(seed=0)
     _, b = one_layer(seed=1)

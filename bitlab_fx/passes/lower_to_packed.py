@@ -20,7 +20,7 @@ from torch import fx
 
 from ..nn.quantized import QuantizedConv2d, QuantizedLinear
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
-from .lower_activations import lower_activation_quantizers
+from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
 
 _OPS = {
@@ -43,7 +43,7 @@ def _fused_activation(afq: Optional[ActivationFakeQuant]) -> Tuple[str, Optional
         return "none", None
     if afq.spec.dynamic:
         return afq.spec.granularity, None
-    return "per_tensor", afq.multiplier(torch.empty(0)).detach().reshape(1).clone()
+    return "per_tensor", _static_multiplier(afq, "convert")
 
 
 def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
