@@ -180,3 +180,11 @@ def test_uncalibrated_static_quantizer_warns_at_convert():
     pm = bfx.prepare_qat(LeNet(), w3a4_mapping()).eval()
     with pytest.warns(UserWarning, match="never saw data"):
         bfx.convert(pm)
+
+
+def test_converted_lowbit_model_exports_and_compiles_without_graph_breaks():
+    cm = bfx.convert(_trained_lenet(1))
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(cm, (x,))
+    torch.testing.assert_close(ep.module()(x), cm(x))
+    torch.testing.assert_close(torch.compile(cm, fullgraph=True, backend="eager")(x), cm(x))

@@ -6,7 +6,10 @@ For a quantized linear the graph reads::
     fc1_weight_fq = call_module[fc1_weight_fq](get_attr[fc1.weight])
     fc1           = call_function[F.linear](fc1_input_fq, fc1_weight_fq, get_attr[fc1.bias])
 
-A weight used by several calls gets one weight fake-quant, shared.
+A weight used by several calls gets one weight fake-quant, shared. With ``bias=IntBias(...)`` the bias is
+read through ``call_module[fc1_bias_fq](get_attr[fc1.bias], get_attr[fc1.weight])``. A layer input that
+already comes from an output quantizer (``output_quant.upstream_quantizer``) is not quantized again.
+Output quantizers of non-layer nodes (ReLUs, identities, any function) are inserted first (``output_quant``).
 """
 from __future__ import annotations
 
