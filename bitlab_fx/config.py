@@ -6,9 +6,9 @@ as shorthands wherever a spec is expected, so ``QuantConfig(weight="ternary", in
 
 >>> import bitlab_fx as bfx
 >>> bfx.ternary()
-QuantConfig(weight=TernaryWeight(granularity='per_channel', scale='absmean'), input=IntActivation(bits=8, signed=True, granularity='per_token', dynamic=True), output=None, bias=None)
+QuantConfig(weight=TernaryWeight(granularity='per_channel', scale='absmean'), input=IntActivation(bits=8, signed=True, granularity='per_token', dynamic=True, learned=False), output=None, bias=None)
 >>> bfx.QuantConfig(weight="int4", input="int8").weight
-IntWeight(bits=4, granularity='per_channel')
+IntWeight(bits=4, granularity='per_channel', scale='absmax')
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
-WEIGHT_SCALES = ("absmean", "absmax")
+WEIGHT_SCALES = ("absmean", "absmax", "learned")  # TernaryWeight
+INT_WEIGHT_SCALES = ("absmax", "learned")  # IntWeight
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class TernaryWeight:
 
     ``scale="absmean"`` (default): ``g = mean(|W|)`` over the group, ``Wq = clamp(round(W/g), -1, 1)``.
     ``scale="absmax"``: ``g = max(|W|)``, a coarser alternative that zeroes more weights.
+    ``scale="learned"``: ``g`` is a trainable parameter (LSQ, Esser et al. 2020), initialised from absmean
+    and trained with the LSQ gradient; the prepared model then holds a ``<layer>_weight_fq.scale`` parameter.
     """
 
     granularity: Granularity = "per_channel"
@@ -73,6 +76,10 @@ class TernaryWeight:
         object.__setattr__(self, "granularity", g)
         if self.scale not in WEIGHT_SCALES:
             raise ConfigError(f"TernaryWeight(scale={self.scale!r}): use one of {', '.join(WEIGHT_SCALES)}")
+
+    @property
+    def learned(self) -> bool:
+        return self.scale == "learned"
 
     @property
     def bits(self) -> float:
@@ -86,16 +93,24 @@ class TernaryWeight:
 @dataclass(frozen=True)
 class IntWeight:
     """Symmetric signed integer weights of 2..8 bits: ``Wq = clamp(round(W/g), -q, q)``, ``q = 2**(bits-1)-1``,
-    ``g = max(|W|)/q`` over the group."""
+    ``g = max(|W|)/q`` over the group (``scale="absmax"``, default), or a trainable ``g`` initialised
+    from it (``scale="learned"``, LSQ)."""
 
     bits: int = 8
     granularity: Granularity = "per_channel"
+    scale: str = "absmax"
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ConfigError(f"IntWeight(bits={self.bits!r}): weight bits must be an int from 2 to 8 (use TernaryWeight() for 1.58 bits)")
         g = parse_granularity(self.granularity, WEIGHT_GRANULARITIES + ("per_group",), f"IntWeight(bits={self.bits})")
         object.__setattr__(self, "granularity", g)
+        if self.scale not in INT_WEIGHT_SCALES:
+            raise ConfigError(f"IntWeight(bits={self.bits}, scale={self.scale!r}): use one of {', '.join(INT_WEIGHT_SCALES)}")
+
+    @property
+    def learned(self) -> bool:
+        return self.scale == "learned"
 
     @property
     def format(self) -> str:
@@ -108,13 +123,17 @@ class IntActivation:
     Unsigned (post-ReLU): ``s = (2**bits-1) / max(x)``, ``xq = clamp(round(x*s), 0, 2**bits-1)``.
 
     ``dynamic=True`` computes ``max`` from each input (per token or per tensor); ``dynamic=False`` keeps a
-    static scale: observed as a running max during training, then fixed (it is learned with the weights).
+    static scale: observed as a running max during training, then fixed for inference.
+    ``learned=True`` (static only) makes that step a trainable parameter (LSQ): initialised from the range
+    observed on the first training batches, then trained with the LSQ gradient
+    (``IntActivation(8, dynamic=False, granularity="per_tensor", learned=True)``).
     """
 
     bits: int = 8
     signed: bool = True
     granularity: str = "per_token"
     dynamic: bool = True
+    learned: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -125,6 +144,12 @@ class IntActivation:
             raise ConfigError(
                 f"IntActivation(dynamic=False, granularity={g!r}): a static scale is one number per tensor; "
                 "use granularity='per_tensor' with dynamic=False")
+        if not isinstance(self.learned, bool):
+            raise ConfigError(f"IntActivation(learned={self.learned!r}): learned must be True or False")
+        if self.learned and self.dynamic:
+            raise ConfigError(
+                f"IntActivation(bits={self.bits}, learned=True, dynamic=True): a learned scale is a static scale "
+                "(one trained number per tensor); use IntActivation(bits, dynamic=False, granularity='per_tensor', learned=True)")
 
     @property
     def qmin(self) -> int:
@@ -251,9 +276,9 @@ class QuantConfig:
         parts = []
         if self.weight is not None:
             bits = "1.58" if isinstance(self.weight, TernaryWeight) else str(self.weight.bits)
-            parts.append(f"W{bits}({self.weight.granularity})")
+            parts.append(f"W{bits}({self.weight.granularity}{',learned' if self.weight.learned else ''})")
         if self.input is not None:
-            parts.append(f"A{self.input.bits}{'' if self.input.signed else 'u'}({self.input.granularity}{'' if self.input.dynamic else ',static'})")
+            parts.append(f"A{self.input.bits}{'' if self.input.signed else 'u'}({self.input.granularity}{'' if self.input.dynamic else ',static'}{',learned' if self.input.learned else ''})")
         if self.output is not None:
             parts.append(f"O{self.output.bits}{'' if self.output.signed else 'u'}")
         if self.bias is not None:

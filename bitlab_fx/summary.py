@@ -35,7 +35,7 @@ def _type_name(t: Any) -> str:
 def _act_label(spec) -> str:
     if spec is None:
         return "float"
-    return f"{spec.format} {spec.granularity}{'' if spec.dynamic else ' static'}"
+    return f"{spec.format} {spec.granularity}{'' if spec.dynamic else ' static'}{' learned' if spec.learned else ''}"
 
 
 def _projected_bytes(weight: torch.Tensor, spec) -> int:
@@ -66,7 +66,10 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
     row.update(params=n_params, bytes_fp32=4 * n_params, bytes_quant=_nbytes(weight) + _nbytes(bias))
     cfg = meta.config
     if cfg is not None and cfg.weight is not None:
-        wq, _ = P.quantize_weight(weight, cfg.weight)
+        w_arg = node.args[1]
+        wfq = gm.get_submodule(w_arg.target) if isinstance(w_arg, fx.Node) and w_arg.op == "call_module" else None
+        wq, _ = P.quantize_weight(weight, cfg.weight, wfq.step(weight) if getattr(wfq, "spec", None) is cfg.weight
+                                  and cfg.weight.learned else None)
         row.update(weight=cfg.weight.format, w_granularity=str(cfg.weight.granularity),
                    bytes_quant=_projected_bytes(weight, cfg.weight) + _nbytes(bias),
                    zeros=f"{(wq == 0).float().mean().item():.1%}")

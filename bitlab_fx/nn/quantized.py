@@ -39,9 +39,9 @@ class _QuantizedBase(nn.Module):
         self.weight_format = "ternary" if spec.format == "ternary" else ("int4" if spec.bits <= 4 else "int8")
         self.register_buffer("act_scale", act_scale)
 
-    def _store_weight(self, weight: torch.Tensor):
+    def _store_weight(self, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None):
         _check_finite(weight, self.name)
-        wq, g = P.quantize_weight(weight, self.spec)
+        wq, g = P.quantize_weight(weight, self.spec, weight_scale)
         self.register_buffer("weight_scale", g)
         flat = wq.reshape(wq.shape[0], -1)
         self.zero_fraction = float((flat == 0).float().mean()) if flat.numel() else 0.0
@@ -94,12 +94,13 @@ class QuantizedLinear(_QuantizedBase):
     """A converted linear layer: ``y = bitlab.ternary_linear(x, packed_weight, weight_scale, bias)``."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, act: str = "per_token",
-                 act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = ""):
+                 act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 weight_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self._init_common(spec, act, act_scale, name, rule)
         self.out_features, self.in_features = weight.shape
         self.weight_shape: Tuple[int, ...] = tuple(weight.shape)
-        self._store_weight(weight.detach())
+        self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,14 +121,15 @@ class QuantizedConv2d(_QuantizedBase):
     """A converted conv2d layer (``bitlab.ternary_conv2d`` / ``bitlab.int8_conv2d``)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
-                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = ""):
+                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 weight_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self._init_common(spec, act, act_scale, name, rule)
         self.weight_shape = tuple(weight.shape)
         self.out_channels = weight.shape[0]
         self.in_channels = weight.shape[1] * groups
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        self._store_weight(weight.detach())
+        self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def op_args(self) -> tuple:

@@ -61,7 +61,8 @@ def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_arg
     return fq
 
 
-def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant]) -> fx.Node:
+def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant],
+                    weight_fq: Optional[WeightFakeQuant]) -> fx.Node:
     """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step."""
     where = f"layer {meta.fqn!r} (matched by rule {meta.rule})"
     if in_fq is None or in_fq.spec.dynamic:
@@ -69,7 +70,8 @@ def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: O
         raise ConfigError(f"{where}: IntBias needs one static input scale (its step is input_step * weight_step) "
                           f"but the layer has {found}; use input=IntActivation(bits, dynamic=False, "
                           "granularity='per_tensor') or drop bias= from the config")
-    fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule))
+    fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule),
+                       weight_fq=weight_fq)
     name = unique_name(gm, f"{meta.fqn}_bias_fq")
     gm.add_submodule(name, fq)
     with gm.graph.inserting_before(node):
@@ -79,16 +81,18 @@ def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: O
 def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_fq: Dict[str, fx.Node]) -> None:
     config = meta.config
     w_node = node.args[1]
-    check_config_fits(meta, layer_weight(gm, meta).shape, config)
+    weight = layer_weight(gm, meta)
+    check_config_fits(meta, weight.shape, config)
     new_args = list(node.args)
     if config.weight is not None:
         if meta.weight not in weight_fq:
-            fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule))
+            fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule), weight=weight)
             weight_fq[meta.weight] = _insert_after(gm, w_node, fq, f"{meta.fqn}_weight_fq")
         new_args[1] = weight_fq[meta.weight]
     in_fq = _input_quantizer(gm, node, meta, new_args)
     if config.bias is not None and node.args[2] is not None:
-        new_args[2] = _bias_quantizer(gm, node, meta, in_fq)
+        wfq = gm.get_submodule(new_args[1].target) if config.weight is not None else None
+        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq)
     node.args = tuple(new_args)
     if not w_node.users:  # a second get_attr of a shared weight, now read through the shared fake quant
         gm.graph.erase_node(w_node)

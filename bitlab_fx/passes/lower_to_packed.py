@@ -65,14 +65,16 @@ def _layer_bias(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight: torc
         return bfq.eval()(bias, weight)
 
 
-def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, spec, act: str):
+def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: WeightFakeQuant, act: str):
     weight = layer_weight(gm, meta)
     bias = _layer_bias(gm, node, meta, weight)
+    spec = wfq.spec
+    g = wfq.step(weight) if spec.learned else None  # a learned step is packed as trained
     if meta.op == "linear":
-        return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule))
+        return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule), weight_scale=g)
     stride, padding, dilation, groups = node.args[3:7]
     return QuantizedConv2d(weight, bias, spec, stride, padding, dilation, groups, act, None,
-                           name=meta.fqn, rule=str(meta.rule))
+                           name=meta.fqn, rule=str(meta.rule), weight_scale=g)
 
 
 def _erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
@@ -100,7 +102,7 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         afq = _module_at(gm, x_node)
         act, act_scale = _fused_activation(afq if isinstance(afq, ActivationFakeQuant) else None)
         if meta.weight not in containers:
-            container = _build_container(gm, node, meta, wfq.spec, act)
+            container = _build_container(gm, node, meta, wfq, act)
             containers[meta.weight] = _container_path(gm, meta)
             set_submodule(gm, containers[meta.weight], container)
         path = containers[meta.weight]

@@ -38,14 +38,38 @@ class _FakeQuant(nn.Module):
 
 
 class WeightFakeQuant(_FakeQuant):
-    """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec."""
+    """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec.
 
-    def __init__(self, spec: Union[TernaryWeight, IntWeight], layer: str = "", rule: str = ""):
+    With ``scale="learned"`` it owns the step as a parameter ``scale`` (shape ``[1]``, ``[N]`` or
+    ``[N, K/group]``), initialised from ``weight`` (absmean for ternary, absmax/q for int) and trained
+    with the LSQ gradient; ``convert`` packs the weight with that step. Without it there is no state.
+    """
+
+    def __init__(self, spec: Union[TernaryWeight, IntWeight], layer: str = "", rule: str = "",
+                 weight: Optional[torch.Tensor] = None):
         super().__init__(spec, layer, rule)
+        if spec.learned:
+            if weight is None:
+                raise ValueError(f"WeightFakeQuant({spec}) for {layer!r}: a learned scale is initialised from the "
+                                 "weight; pass weight=")
+            self.scale = nn.Parameter(P.weight_scale(weight, spec).to(weight.device))
+
+    @torch.no_grad()
+    def reset_scale(self, weight: torch.Tensor) -> None:
+        """Re-initialise a learned step from ``weight`` (e.g. after loading float weights into a prepared model)."""
+        self.scale.copy_(P.weight_scale(weight, self.spec))
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        """The dequantization step used for ``w`` (fp32, no gradient): learned, or computed from ``w``."""
+        if self.spec.learned:
+            return P.learned_step(self.scale.detach().float())
+        return P.weight_scale(w, self.spec)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self._active():
             return w
+        if self.spec.learned:
+            return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
         return self._blend(w, P.fake_quantize_weight(w, self.spec))
 
     def extra_repr(self) -> str:
@@ -64,6 +88,10 @@ class ActivationFakeQuant(_FakeQuant):
     observation is the max over all ranks (one tiny all-reduce per observer and training step), so
     DDP/FSDP training observes the global batch exactly like one process would; set
     ``sync_observer = False`` to keep per-rank ranges.
+
+    Learned specs (``learned=True``) own the step as a parameter ``scale`` (``x ≈ xq * scale``): for the
+    first ``init_batches`` training batches it is set from the observed range (``running_amax / qmax``),
+    after that it is trained with the LSQ gradient and the observer stops.
     """
 
     def __init__(self, spec: IntActivation, token_dims: int = 1, layer: str = "", rule: str = "",
@@ -75,6 +103,10 @@ class ActivationFakeQuant(_FakeQuant):
         self.sync_observer = True
         if not spec.dynamic:
             self.register_buffer("running_amax", torch.zeros(()))
+        if spec.learned:
+            self.init_batches = 8
+            self.register_buffer("observed_batches", torch.zeros((), dtype=torch.long))
+            self.scale = nn.Parameter(torch.zeros(()))
 
     def multiplier(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplier ``s`` used for ``x`` (``xq = round(x * s)``)."""
@@ -82,10 +114,16 @@ class ActivationFakeQuant(_FakeQuant):
             return P.activation_multiplier(x, self.spec, self.token_dims)
         if self.training and self.observe and x.numel():  # an empty probe (convert, bias step) never observes
             self._observe(x)
+        if self.spec.learned:
+            return 1.0 / P.learned_step(self.scale.detach().float())
         return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
+        if self.spec.learned:
+            if int(self.observed_batches) >= self.init_batches:
+                return  # initialised: from now on the step is trained
+            self.observed_batches += 1
         xf = x.detach().float()
         amax = xf.abs().amax() if self.spec.signed else xf.clamp(min=0).amax()
         if self._distributed():  # the max over ranks: every rank observes the global batch
@@ -94,6 +132,8 @@ class ActivationFakeQuant(_FakeQuant):
             self.running_amax.copy_(amax)
         else:
             self.running_amax.lerp_(amax.to(self.running_amax.dtype), self.momentum)
+        if self.spec.learned:
+            self.scale.copy_(self.running_amax.float() / self.spec.qmax)
 
     def _distributed(self) -> bool:
         return (self.sync_observer and dist.is_available() and dist.is_initialized()
@@ -102,6 +142,9 @@ class ActivationFakeQuant(_FakeQuant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._active():
             return x
+        if self.spec.learned:
+            self.multiplier(x)  # observes the first batches (initialisation)
+            return self._blend(x, P.lsq_fake_quantize_activation(x, self.scale, self.spec))
         return self._blend(x, P.fake_quantize_activation(x, self.multiplier(x), self.spec))
 
     def extra_repr(self) -> str:
@@ -117,14 +160,16 @@ class BiasFakeQuant(_FakeQuant):
     """
 
     def __init__(self, spec: IntBias, weight_spec: Union[TernaryWeight, IntWeight], input_fq: "ActivationFakeQuant",
-                 layer: str = "", rule: str = ""):
+                 layer: str = "", rule: str = "", weight_fq: Optional["WeightFakeQuant"] = None):
         super().__init__(spec, layer, rule)
         self.weight_spec = weight_spec
         object.__setattr__(self, "input_fq", input_fq)
+        object.__setattr__(self, "weight_fq", weight_fq)  # its learned step, when the weight has one
 
     def step(self, weight: torch.Tensor) -> torch.Tensor:
         """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient)."""
-        g = P.weight_scale(weight, self.weight_spec).reshape(-1)
+        wfq = self.__dict__.get("weight_fq")
+        g = (wfq.step(weight) if wfq is not None else P.weight_scale(weight, self.weight_spec)).reshape(-1)
         return g / self.input_fq.multiplier(weight.new_empty(0)).float().reshape(-1)
 
     def forward(self, bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

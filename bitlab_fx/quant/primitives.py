@@ -9,7 +9,8 @@ Conventions (used by every kernel too, so converted models reproduce prepared on
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -61,11 +62,14 @@ def scale_shape(w_shape, granularity) -> Tuple[int, ...]:
 
 
 def weight_scale(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
-    """The dequantization step ``g`` of ``w`` (fp32, shape :func:`scale_shape`), computed without gradient."""
+    """The dequantization step ``g`` of ``w`` (fp32, shape :func:`scale_shape`), computed without gradient.
+
+    For ``scale="learned"`` specs this is the initial value of the learned step (absmean for ternary,
+    absmax/q for int)."""
     with torch.no_grad():
         groups = weight_groups(w.detach().float(), spec.granularity)
         if isinstance(spec, TernaryWeight):
-            g = groups.abs().mean(-1) if spec.scale == "absmean" else groups.abs().amax(-1)
+            g = groups.abs().amax(-1) if spec.scale == "absmax" else groups.abs().mean(-1)
         else:
             g = groups.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
         g = g.clamp(min=EPS)
@@ -85,9 +89,11 @@ def _expand_scale(g: torch.Tensor, granularity) -> torch.Tensor:
     return g.unsqueeze(-1)
 
 
-def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights (int8 tensor, same shape as ``w``) and their fp32 scale ``g``."""
-    g = weight_scale(w, spec)
+def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
+                    scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights (int8 tensor, same shape as ``w``) and their fp32 scale ``g``
+    (``scale`` if given: a learned step, see :func:`lsq_fake_quantize_weight`)."""
+    g = weight_scale(w, spec) if scale is None else learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity))
     q = weight_qrange(spec)
     groups = weight_groups(w.detach().float(), spec.granularity)
     wq = torch.clamp(torch.round(groups / _expand_scale(g, spec.granularity)), -q, q)
@@ -99,6 +105,51 @@ def fake_quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight])
     wq, g = quantize_weight(w, spec)
     deq = weight_groups(wq.float(), spec.granularity) * _expand_scale(g, spec.granularity)
     return straight_through(w, deq.reshape(w.shape).to(w.dtype))
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``g`` in the backward pass (LSQ).
+    Written as ``x + 0`` (not ``x - xg + xg``) so the forward value is exactly ``x``."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity gradient (LSQ's straight-through round)."""
+    return torch.round(x).detach() + (x - x.detach())
+
+
+def learned_step(scale: torch.Tensor) -> torch.Tensor:
+    """The step a learned scale parameter stands for: ``max(|scale|, EPS)`` (an optimizer step that crosses
+    zero flips the sign, it does not kill the quantizer)."""
+    return scale.abs().clamp(min=EPS)
+
+
+def lsq_fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
+    """``clamp(round(W/g), -q, q) * g`` with a learned step ``g`` (``scale``, shape :func:`scale_shape`).
+
+    ``g`` gets the LSQ gradient (Esser et al. 2020) scaled by ``1/sqrt(n * q)``, ``n`` the number of
+    weights per scale; ``w`` gets the identity gradient (the STE every other weight quantizer uses).
+    The forward value is exactly what :func:`quantize_weight` with ``scale`` gives, so convert matches.
+    """
+    q = weight_qrange(spec)
+    groups = weight_groups(w.detach().float(), spec.granularity)
+    g = learned_step(grad_scale(scale.float(), 1.0 / math.sqrt(groups.shape[-1] * q)))
+    g = _expand_scale(g, spec.granularity)
+    deq = round_pass(torch.clamp(groups / g, -q, q)) * g
+    return deq.reshape(w.shape).to(w.dtype) + (w - w.detach())
+
+
+def lsq_fake_quantize_activation(x: torch.Tensor, step: torch.Tensor, spec: IntActivation) -> torch.Tensor:
+    """Static activation fake quant with a learned step (LSQ): ``clamp(round(x*m), qmin, qmax) / m``, ``m = 1/step``.
+
+    The step gets the LSQ gradient scaled by ``1/sqrt(numel * qmax)``; ``x`` gets the gradient inside the
+    range and none where it is clipped. Written with the multiplier ``m`` like the converted op.
+    """
+    g = learned_step(grad_scale(step.float(), 1.0 / math.sqrt(max(x.numel(), 1) * spec.qmax)))
+    m = 1.0 / g
+    q = round_pass(torch.clamp(x.float() * m, spec.qmin, spec.qmax))
+    return (q / m).to(x.dtype)
 
 
 def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int) -> torch.Tensor:
