@@ -326,6 +326,37 @@ tern_vnni_body(const uint8_t *const *w, const int NR, const int8_t *const *x, co
             }
         }
     }
+    if (MR == 1) {
+        /* decode (one activation row): no shifts. Masking the byte with 3 << 2r leaves code * 4^r
+         * (<= 128, a valid u8), so run r accumulates 4^r * sum(code * x) in its own accumulator;
+         * every lane is then a multiple of 4^r and shifts back exactly at the end. Four independent
+         * dpbusd chains per row also hide the instruction's latency. */
+        __m256i ar[MAXT][4];
+        const __m256i mk[4] = {m3, _mm256_slli_epi16(m3, 2), _mm256_slli_epi16(m3, 4), _mm256_slli_epi16(m3, 6)};
+        for (int n = 0; n < NR; n++)
+            for (int r = 0; r < 4; r++) ar[n][r] = _mm256_setzero_si256();
+        /* the rows of the next tile follow these in memory: prefetch them as we go. Rows are short
+         * (K/4 bytes) and each tile spans new pages, where the hardware prefetcher starts cold. */
+        const int64_t next = NR > 1 ? (int64_t)(w[1] - w[0]) * NR : 0;
+        for (; run + 4 <= r1; run += 4) {
+            __m256i wv[MAXT];
+            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32));
+            if (next && (run & 4))
+                for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w[n] + next + (run >> 2) * 32), _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x[0] + (run + r) * 32));
+                for (int n = 0; n < NR; n++) {
+                    ar[n][r] = _mm256_dpbusd_epi32(ar[n][r], _mm256_and_si256(wv[n], mk[r]), xv);
+                    PIN(ar[n][r]);
+                }
+            }
+        }
+        for (int n = 0; n < NR; n++) {
+            __m256i t = _mm256_add_epi32(ar[n][0], _mm256_srai_epi32(ar[n][1], 2));
+            t = _mm256_add_epi32(t, _mm256_add_epi32(_mm256_srai_epi32(ar[n][2], 4), _mm256_srai_epi32(ar[n][3], 6)));
+            a[n][0] = _mm256_add_epi32(a[n][0], t);
+        }
+    }
     for (; run + 4 <= r1; run += 4) {
         __m256i wv[MAXT];
         for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32));
