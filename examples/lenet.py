@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import time
 
 import torch
@@ -66,7 +67,7 @@ def load_digits_32x32(seed: int = 0):
     return xtr, ytr, xte, yte
 
 
-def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed: int = 0):
+def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed: int = 0, history=None, test=None):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + batch - 1) // batch))
@@ -82,6 +83,8 @@ def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed
             sched.step()
             total += loss.item() * len(idx)
         print(f"  [{label}] epoch {epoch + 1:2d}/{epochs}  loss {total / len(x):.4f}  ({time.time() - t0:.1f}s)", flush=True)
+        if history is not None:  # test accuracy per epoch, for the curves of docs/make_plots.py
+            history.append((epoch + 1, accuracy(model.eval(), *test)))
     return model.eval()
 
 
@@ -101,19 +104,21 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="fp32 epochs")
     p.add_argument("--qat-epochs", type=int, default=20, help="QAT epochs (from the fp32 weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the model is tiny: one thread is fastest on a shared machine)")
+    p.add_argument("--json", default=None, help="write accuracies, per-epoch curves and sizes to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    curves = {"fp32": [], "W3A4 QAT": []}
     torch.manual_seed(0)
     xtr, ytr, xte, yte = load_digits_32x32()
     print(f"digits resized to 32x32x3: {len(xtr)} train / {len(xte)} test images")
 
     print("1) fp32 LeNet-5")
-    fp32 = train(LeNet(), xtr, ytr, args.epochs, 2e-3, "fp32")
+    fp32 = train(LeNet(), xtr, ytr, args.epochs, 2e-3, "fp32", history=curves["fp32"], test=(xte, yte))
     acc_fp32 = accuracy(fp32, xte, yte)
 
     print("2) W3A4 QAT (3-bit weights, 4-bit input and ReLU outputs, 8-bit biases), from the fp32 weights")
     prepared = bfx.prepare_qat(fp32, low_precision_mapping(), example_inputs=(xtr[:2],))
-    qat = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "W3A4 QAT", seed=1)
+    qat = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "W3A4 QAT", seed=1, history=curves["W3A4 QAT"], test=(xte, yte))
     acc_qat = accuracy(qat, xte, yte)
 
     print("3) convert: weights packed two per byte, bitlab ops, fused quantize-dequantize")
@@ -131,7 +136,14 @@ def main(argv=None):
         print(f"{name:<16}{acc:>9.2f}%{size:>20,}")
     print(f"converted vs QAT: max relative output difference {rel:.2e}, same predictions: {torch.equal(a.argmax(1), b.argmax(1))}")
     print(f"W3A4 accuracy gap to fp32: {acc_fp32 - acc_qat:+.2f} points; converted file {sizes['fp32'] / sizes['converted']:.1f}x smaller")
-    return {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel}
+    result = {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel}
+    if args.json:
+        record = {"example": "lenet", "args": vars(args), "accuracy": {"fp32": acc_fp32, "W3A4 QAT": acc_qat,
+                  "converted": acc_conv}, "curves": curves, "sizes": sizes, "date": time.strftime("%Y-%m-%d")}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import time
 
 import torch
@@ -46,7 +47,7 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed: int = 0):
+def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed: int = 0, history=None, test=None):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + batch - 1) // batch))
@@ -62,6 +63,9 @@ def train(model, x, y, epochs: int, lr: float, label: str, batch: int = 64, seed
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
+        if history is not None:  # test accuracy per epoch, for the curves of docs/make_plots.py
+            history.append((epoch + 1, accuracy(model.eval(), *test)))
+            model.train()
         if epoch % 5 == 4 or epoch == epochs - 1:
             print(f"  [{label}] epoch {epoch + 1:2d}/{epochs}  loss {total / len(x):.4f}", flush=True)
     return model.eval()
@@ -83,20 +87,23 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--qat-epochs", type=int, default=20)
     ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--json", default=None, help="write accuracies, per-epoch curves and sizes to this JSON file")
     args = ap.parse_args(argv)
+    curves = {"fp32": [], "ternary QAT": []}
     torch.manual_seed(0)
     xtr, ytr, xte, yte = load_digits_split()
 
     print(f"digits: {len(xtr)} train / {len(xte)} test samples, 64 features, 10 classes")
     print("1) fp32 training")
-    fp32 = train(MLP(args.width), xtr, ytr, args.epochs, 2e-3, "fp32")
+    fp32 = train(MLP(args.width), xtr, ytr, args.epochs, 2e-3, "fp32", history=curves["fp32"], test=(xte, yte))
 
     print("2) ternary QAT, starting from the fp32 weights")
     qconfig = (bfx.QConfigMapping()
                .set_global(bfx.ternary())                  # W1.58 absmean per-channel + A8 per-token
                .set_module_name("head", bfx.int8()))       # the 10-way classifier keeps int8 weights
     prepared = bfx.prepare_qat(fp32, qconfig, example_inputs=(xtr[:2],))
-    prepared = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "ternary QAT")
+    prepared = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "ternary QAT", history=curves["ternary QAT"],
+                     test=(xte, yte))
 
     print("3) convert to packed weights + torch.ops.bitlab ops")
     converted = bfx.convert(prepared.eval())
@@ -126,6 +133,13 @@ def main(argv=None):
          f"{timings['converted']:.0f}"],
     ], headers=["model", "accuracy %", "state_dict bytes", "size", "batch-1 latency (us)"]))
     print("(latency of a tiny model is dominated by Python/dispatch overhead; see benchmarks/ for kernel speed)")
+    print(f"converted vs fp32: {acc['converted'] - acc['fp32']:+.2f} points")
+    if args.json:
+        record = {"example": "quickstart", "args": vars(args), "accuracy": acc, "curves": curves,
+                  "sizes": {"fp32": size_fp32, "converted": size_conv}, "date": time.strftime("%Y-%m-%d")}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
     return acc
 
 
