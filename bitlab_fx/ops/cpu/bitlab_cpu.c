@@ -256,6 +256,7 @@ tern_avx2_body(const uint8_t *const *w, const int NR, const int8_t *const *x, co
     __m256i a32[MAXT][MAXT];
     for (int n = 0; n < NR; n++)
         for (int m = 0; m < MR; m++) a32[n][m] = _mm256_setzero_si256();
+    const int64_t next = NR > 1 ? (int64_t)(w[1] - w[0]) * NR : 0;
     int64_t run = r0;
     while (run < r1) {
         __m256i a16[MAXT][MAXT];
@@ -276,6 +277,8 @@ tern_avx2_body(const uint8_t *const *w, const int NR, const int8_t *const *x, co
         for (; run + 4 <= lim; run += 4) { /* whole 128-blocks */
             __m256i wv[MAXT];
             for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w[n] + (run >> 2) * 32));
+            if (MR == 1 && next && (run & 4)) /* decode: prefetch the next tile's rows (see the VNNI body) */
+                for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w[n] + next + (run >> 2) * 32), _MM_HINT_T0);
             for (int r = 0; r < 4; r++) {
                 __m256i c[MAXT];
                 for (int n = 0; n < NR; n++) c[n] = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
