@@ -46,25 +46,29 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--heads", default="float,int8", help="lm_head variants to convert: float, int8 (comma-separated)")
     args = p.parse_args()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(torch.get_num_threads())
     model = build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt))
     fp32_tps, _ = tokens_per_s(model, prompt, args.new_tokens, args.repeats)
-    qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", None)
-    converted = bfx.convert(bfx.prepare_qat(model, qc).eval(), inplace=True)
-    del model
-    q_tps, _ = tokens_per_s(converted, prompt, args.new_tokens, args.repeats)
-    s = bfx.summary(converted).totals
     print(f"Llama-style hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab}, "
           f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens greedy, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"quantized layers: {s['quantized']}/{s['layers']}, {s['bytes_fp32'] / 2**20:.0f} MiB fp32 -> "
-          f"{s['bytes_quant'] / 2**20:.0f} MiB (lm_head float)")
-    print(f"| model | tokens/s | speed-up |\n| --- | ---: | ---: |\n| fp32 | {fp32_tps:.1f} | 1.00x |\n"
-          f"| bitlab ternary (converted) | {q_tps:.1f} | {q_tps / fp32_tps:.2f}x |")
-
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    rows = [f"| fp32 | {linear_bytes / 2**20:.0f} MiB | {fp32_tps:.1f} | 1.00x |"]
+    heads = {"float": None, "int8": bfx.int8()}
+    for head in args.heads.split(","):
+        qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", heads[head])
+        converted = bfx.convert(bfx.prepare_qat(model, qc).eval(), inplace=True)
+        q_tps, _ = tokens_per_s(converted, prompt, args.new_tokens, args.repeats)
+        s = bfx.summary(converted).totals
+        rows.append(f"| ternary decoder, lm_head {head} | {s['bytes_quant'] / 2**20:.0f} MiB | "
+                    f"{q_tps:.1f} | {q_tps / fp32_tps:.2f}x |")
+        del converted
+    print("| model | linear-layer bytes | tokens/s | speed-up |\n| --- | --- | ---: | ---: |")
+    print("\n".join(rows))
 
 if __name__ == "__main__":
     main()
