@@ -13,6 +13,8 @@ an IntBias is stored as its quantized value.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -125,7 +127,8 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 args = args + (container.in_features,)
             new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
         new.meta.update(node.meta)
-        meta.container = path
+        # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from
+        new.meta[META] = dataclasses.replace(meta, container=path)
         node.replace_all_uses_with(new)
         old_bias, w_src = node.args[2], w_node.args[0]
         bias_fq_args = old_bias.args if _module_at(gm, old_bias) is not None else ()  # IntBias fq(bias, weight)

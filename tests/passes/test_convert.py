@@ -129,3 +129,14 @@ def test_casting_converted_model_keeps_fp32_scales():
     y = cm16(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_prepared_model_is_unchanged_by_convert():
+    pm = bfx.prepare_qat(mlp(), bfx.ternary()).eval()
+    before = str(bfx.summary(pm))
+    x = torch.randn(3, 32)
+    y = pm(x)
+    bfx.convert(pm)
+    assert str(bfx.summary(pm)) == before
+    assert torch.equal(pm(x), y)
+    bfx.convert(pm)  # and it converts again
