@@ -19,6 +19,8 @@ its layers; it is compared with the read bandwidth of a large-array sum measured
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import datetime
 import platform
 import statistics
@@ -116,6 +118,8 @@ def _timed(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes/batches, shorter timings")
+    ap.add_argument("--json", default="benchmarks/results/bench_linear.json",
+                    help="also write the rows here (read by docs/make_plots.py); '' to skip")
     args = ap.parse_args()
     shapes = SHAPES[:2] if args.quick else SHAPES
     batches = [1, 32] if args.quick else BATCHES
@@ -173,6 +177,14 @@ def main():
         else:
             r[-1] = ""
     print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".1f", missingval=""))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        meta = {"machine": cpu_name, "threads": torch.get_num_threads(), "isa": cpu.set_isa(None),
+                "torch": torch.__version__, "date": str(datetime.date.today()), "bandwidth_gbs": bw}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [dict(zip(headers, r)) for r in rows]}, f, indent=1,
+                      default=lambda v: None)
+        print(f"rows written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...quant.packing import unpack_int4
 from .. import _schema, reference
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
@@ -188,15 +189,33 @@ def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups
                         act_scale)
 
 
+def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    """2..4-bit weights: unpacked to int8 per call (a cheap vectorised pass over N*K/2 bytes), then the
+    int8 kernel. Storage stays at 4 bits per weight; a dedicated nibble kernel would save the unpack."""
+    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    w8 = unpack_int4(packed_weight, x.shape[-1])
+    return int8_linear(x, w8, weight_scale, bias, act, act_scale)
+
+
+def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                act="per_token", act_scale=None):
+    _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
+                              act, act_scale)
+    k = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    w8 = unpack_int4(packed_weight, k).reshape(list(weight_shape))
+    return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+
+
 _registered = False
 
 
 def register() -> None:
-    """Register the CPU kernels for the four ops (idempotent; compiles nothing)."""
+    """Register the CPU kernels for the linear and conv ops (idempotent; compiles nothing)."""
     global _registered
     if _registered:
         return
     for name, fn in (("ternary_linear", ternary_linear), ("int8_linear", int8_linear),
-                     ("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d)):
+                     ("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d),
+                     ("int4_linear", int4_linear), ("int4_conv2d", int4_conv2d)):
         torch.library.register_kernel(f"bitlab::{name}", "cpu", fn)
     _registered = True
