@@ -11,6 +11,8 @@ where ``s`` is the activation multiplier (``xq = clamp(round(x * s), -128, 127)`
 """
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional
 
 import torch
@@ -101,13 +103,14 @@ def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
     return y.to(x.dtype)
 
 
+def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[int]) -> torch.Tensor:
+    """A packed ``[Cout, K_packed]`` conv weight back to int8 ``weight_shape`` (``unpack``: ternary or int4)."""
+    return unpack(packed_weight, math.prod(weight_shape[1:])).reshape(list(weight_shape))
+
+
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                    act="per_token", act_scale=None):
-    cout = weight_shape[0]
-    k = 1
-    for d in weight_shape[1:]:
-        k *= d
-    wq = unpack_ternary(packed_weight, k).reshape(cout, *weight_shape[1:])
+    wq = unpack_conv_weight(unpack_ternary, packed_weight, weight_shape)
     return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
 
 
@@ -122,11 +125,7 @@ def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                 act="per_token", act_scale=None):
-    cout = weight_shape[0]
-    k = 1
-    for d in weight_shape[1:]:
-        k *= d
-    wq = unpack_int4(packed_weight, k).reshape(cout, *weight_shape[1:])
+    wq = unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
     return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
 
 

@@ -201,8 +201,7 @@ def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padd
                 act="per_token", act_scale=None):
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                               act, act_scale)
-    k = weight_shape[1] * weight_shape[2] * weight_shape[3]
-    w8 = unpack_int4(packed_weight, k).reshape(list(weight_shape))
+    w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
     return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
 
 
