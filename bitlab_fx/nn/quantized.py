@@ -72,7 +72,8 @@ class _QuantizedBase(nn.Module):
                                f"this bitlab_fx (version {FORMAT_VERSION}); re-convert the model with this version")
         if list(state.get("weight_shape", [])) != list(self.weight_shape) or state.get("weight_format") != self.weight_format:
             raise ConvertError(f"layer {self.name!r}: saved weight {state.get('weight_format')} {state.get('weight_shape')} "
-                               f"does not match this layer ({self.weight_format} {list(self.weight_shape)})")
+                               f"does not match this layer ({self.weight_format} {list(self.weight_shape)}); load a "
+                               "state_dict converted from the same model with the same qconfig")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales:
