@@ -58,7 +58,7 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
         row.update(weight=c.spec.format, w_granularity=str(c.spec.granularity), params=n_params,
                    bytes_fp32=4 * n_params, bytes_quant=c.packed_bytes(), zeros=f"{c.zero_fraction:.1%}")
         a = meta.config.input if meta.config is not None else None
-        row["activation"] = _act_label(a) + (" (fused)" if c.act != "none" and a is not None else "")
+        row["activation"] = meta.input_from or (_act_label(a) + (" (fused)" if c.act != "none" and a is not None else ""))
         return row
     weight = layer_weight(gm, meta)
     bias = gm.get_parameter(meta.bias) if meta.bias else None
@@ -74,7 +74,7 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
                    bytes_quant=_projected_bytes(weight, cfg.weight) + _nbytes(bias),
                    zeros=f"{(wq == 0).float().mean().item():.1%}")
     if cfg is not None:
-        row["activation"] = _act_label(cfg.input)
+        row["activation"] = meta.input_from or _act_label(cfg.input)
     return row
 
 

@@ -62,6 +62,11 @@ def test_lenet_mapping_inserts_brevitas_style_quantizers():
     # conv2 reads relu1's 4-bit output through max_pool2d: no second input quantizer
     notes = {n.meta["bitlab"].fqn: n.meta["bitlab"].notes for n in pm.graph.nodes if "bitlab" in n.meta}
     assert any("relu1" in note for note in notes["conv2"])
+    # and the summary says where conv2's input is quantized, before and after convert
+    for model in (pm, bfx.convert(pm.eval())):
+        rows = {r["layer"]: r for r in bfx.summary(model).rows}
+        assert rows["conv2"]["activation"] == "uint4 from 'relu1'"
+        assert rows["conv1"]["activation"].startswith("int4 per_tensor static")
 
 
 def test_lenet_converts_to_packed_int4_ops_and_reproduces_prepared():

@@ -29,6 +29,7 @@ class LayerMeta:
     config: Optional[QuantConfig] = None
     rule: Optional[Rule] = None
     notes: List[str] = field(default_factory=list)
+    input_from: Optional[str] = None  # "uint4 from 'relu1'": the input arrives quantized by an upstream output quantizer
     container: Optional[str] = None  # set by convert: path of the QuantizedLinear/QuantizedConv2d
     transposed: bool = False  # the stored weight is [in, out] (HF GPT-2 Conv1D); the graph reads it via torch.t
 

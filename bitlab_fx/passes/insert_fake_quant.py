@@ -52,6 +52,7 @@ def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_arg
     if spec is None or (upstream is not None and upstream.spec.bits <= spec.bits):
         if spec is not None:
             meta.notes.append(f"input already quantized by {upstream.layer!r} ({upstream.spec.format}): not re-quantized")
+            meta.input_from = f"{upstream.spec.format} from {upstream.layer!r}"
         return upstream
     fq = ActivationFakeQuant(spec, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
     with gm.graph.inserting_before(node):
