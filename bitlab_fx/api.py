@@ -25,7 +25,7 @@ from .passes.insert_fake_quant import insert_fake_quant
 from .passes.lower_to_packed import lower_to_packed
 from .passes.normalize import normalize
 from .passes.normalize_export import normalize_export
-from .quant.fake_quant import FAKE_QUANT_TYPES, set_fake_quant_enabled
+from .quant.fake_quant import FAKE_QUANT_TYPES, set_fake_quant_enabled, set_observer
 
 FRONTENDS = ("fx", "fx_whole", "export")
 
@@ -158,14 +158,9 @@ def enable_fake_quant(model: nn.Module) -> nn.Module:
 
 def disable_observer(model: nn.Module) -> nn.Module:
     """Freeze the running ranges of static activation quantizers (e.g. for the last epochs of QAT)."""
-    for m in model.modules():
-        if isinstance(m, FAKE_QUANT_TYPES) and hasattr(m, "observe"):
-            m.observe = False
-    return model
+    return set_observer(model, False)
 
 
 def enable_observer(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, FAKE_QUANT_TYPES) and hasattr(m, "observe"):
-            m.observe = True
-    return model
+    """Undo :func:`disable_observer`."""
+    return set_observer(model, True)

@@ -36,6 +36,9 @@ class _FakeQuant(nn.Module):
     def _active(self) -> bool:
         return self.enabled and self.mix > 0.0
 
+    def extra_repr(self) -> str:
+        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
+
 
 class WeightFakeQuant(_FakeQuant):
     """Fake-quantizes a weight tensor with a :class:`TernaryWeight` or :class:`IntWeight` spec.
@@ -71,9 +74,6 @@ class WeightFakeQuant(_FakeQuant):
         if self.spec.learned:
             return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
         return self._blend(w, P.fake_quantize_weight(w, self.spec))
-
-    def extra_repr(self) -> str:
-        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
 
 
 class ActivationFakeQuant(_FakeQuant):
@@ -124,8 +124,7 @@ class ActivationFakeQuant(_FakeQuant):
             if int(self.observed_batches) >= self.init_batches:
                 return  # initialised: from now on the step is trained
             self.observed_batches += 1
-        xf = x.detach().float()
-        amax = xf.abs().amax() if self.spec.signed else xf.clamp(min=0).amax()
+        amax = P.activation_amax(x.detach().float(), self.spec)
         if self._distributed():  # the max over ranks: every rank observes the global batch
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
         if self.running_amax.item() == 0:
@@ -146,9 +145,6 @@ class ActivationFakeQuant(_FakeQuant):
             self.multiplier(x)  # observes the first batches (initialisation)
             return self._blend(x, P.lsq_fake_quantize_activation(x, self.scale, self.spec))
         return self._blend(x, P.fake_quantize_activation(x, self.multiplier(x), self.spec))
-
-    def extra_repr(self) -> str:
-        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
 
 
 class BiasFakeQuant(_FakeQuant):
@@ -177,18 +173,21 @@ class BiasFakeQuant(_FakeQuant):
             return bias
         return self._blend(bias, P.fake_quantize_bias(bias, self.step(weight), self.spec.bits))
 
-    def extra_repr(self) -> str:
-        return f"{self.spec}, layer={self.layer!r}, enabled={self.enabled}"
-
 
 FAKE_QUANT_TYPES = (WeightFakeQuant, ActivationFakeQuant, BiasFakeQuant)
 
 
-def set_fake_quant_enabled(model: nn.Module, enabled: bool, observe: Optional[bool] = None) -> nn.Module:
-    """Turn every fake-quant module of ``model`` on or off (and optionally its observers)."""
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn every fake-quant module of ``model`` on or off."""
     for m in model.modules():
         if isinstance(m, FAKE_QUANT_TYPES):
             m.enabled = enabled
-            if observe is not None and isinstance(m, ActivationFakeQuant):
-                m.observe = observe
+    return model
+
+
+def set_observer(model: nn.Module, observe: bool) -> nn.Module:
+    """Let the static activation quantizers of ``model`` update their observed ranges, or freeze them."""
+    for m in model.modules():
+        if isinstance(m, ActivationFakeQuant):
+            m.observe = observe
     return model

@@ -152,16 +152,22 @@ def lsq_fake_quantize_activation(x: torch.Tensor, step: torch.Tensor, spec: IntA
     return (q / m).to(x.dtype)
 
 
+def activation_amax(xf: torch.Tensor, spec: IntActivation, dims=None) -> torch.Tensor:
+    """The range the spec quantizes: ``max|x|`` (signed) or ``max(x, 0)`` (unsigned), over ``dims``
+    (kept) or the whole tensor."""
+    r = xf.abs() if spec.signed else xf.clamp(min=0)
+    return r.amax() if dims is None else r.amax(dim=dims, keepdim=True)
+
+
 def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int) -> torch.Tensor:
     """The dynamic multiplier ``s`` (fp32), one per token (reduced over the last ``token_dims`` dims)
     or one for the whole tensor; shaped to broadcast against ``x``."""
     with torch.no_grad():
         xf = x.detach().float()
         if spec.granularity == "per_token" and x.dim() > token_dims:
-            dims = tuple(range(x.dim() - token_dims, x.dim()))
-            amax = xf.abs().amax(dim=dims, keepdim=True) if spec.signed else xf.clamp(min=0).amax(dim=dims, keepdim=True)
+            amax = activation_amax(xf, spec, tuple(range(x.dim() - token_dims, x.dim())))
         else:
-            amax = (xf.abs().amax() if spec.signed else xf.clamp(min=0).amax()) if xf.numel() else xf.new_ones(())
+            amax = activation_amax(xf, spec) if xf.numel() else xf.new_ones(())
         return spec.qmax / amax.clamp(min=EPS)
 
 
