@@ -27,13 +27,20 @@ if LIB is not None:
     cpu.set_isa(None)
 
 
-@pytest.fixture(params=ISAS or ["none"])
+# "+batched": the batched GEMM path (tokens in vector lanes) for every M, not only from its threshold up
+PATHS = ISAS + [f"{name}+batched" for name in ISAS if name != "scalar"]
+
+
+@pytest.fixture(params=PATHS or ["none"])
 def isa(request):
     if LIB is None:
         pytest.skip("no CPU kernel")
-    cpu.set_isa(request.param)
-    yield request.param
+    name, _, batched = request.param.partition("+")
+    cpu.set_isa(name)
+    cpu.set_batched_min_m(1 if batched else 0)
+    yield name
     cpu.set_isa(None)
+    cpu.set_batched_min_m(0)
 
 
 def _weights(n, k, kind, g=None, gen=None):

@@ -31,7 +31,7 @@ from .. import _schema, reference
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _lib = None  # ctypes library once loaded
 _failed = False  # build or load failed (warned once)
@@ -51,6 +51,7 @@ def _load():
             lib.bitlab_linear.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, i32, f32, p, i32]
             lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_set_isa.argtypes = [i32]
+            lib.bitlab_set_panel_min_m.argtypes = [i32]
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
             lib.bitlab_set_isa(_ISA.get(isa, -1))
             _lib = lib
@@ -76,6 +77,15 @@ def set_isa(name: Optional[str] = None) -> str:
         return "reference"
     got = lib.bitlab_set_isa(-1 if name is None else _ISA[name])
     return {v: k for k, v in _ISA.items()}[got]
+
+
+def set_batched_min_m(m: int = 0) -> None:
+    """Smallest batch (rows of the input) that takes the batched GEMM path; 0 restores the built-in choice.
+
+    For tests and tuning: both paths give identical results."""
+    lib = kernel_library()
+    if lib is not None:
+        lib.bitlab_set_panel_min_m(int(m))
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:

@@ -33,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-#define BITLAB_ABI 3
+#define BITLAB_ABI 4
 #ifndef BITLAB_PART
 #define BITLAB_PART 0 /* 0: whole library in one unit; 1: core + scalar + AVX2; 2: VNNI tiles */
 #endif
@@ -102,6 +102,10 @@ typedef struct {
     int has_m128;          /* some xq == -128 (only possible with a static scale) */
     int isa;
     int nr, mr;            /* register tile */
+    /* batched GEMM (see "tokens in vector lanes") */
+    uint8_t *xt;           /* [ceil(M/pmt)][Kp/4][pmt][4] xq + 128, or NULL: the small-M tiles */
+    int pnc, pmt;          /* weight rows per block, tokens per tile */
+    int failed;            /* a thread could not allocate its scratch */
 } job_t;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -140,6 +144,7 @@ static int32_t sum_i8_scalar(const int8_t *q, int64_t n) {
 /* Keep an accumulator in a register at this point: stops gcc from re-associating the add chains
  * into trees that need more registers than AVX2 has (which made it spill every accumulator). */
 #define PIN(v) __asm__("" : "+x"(v))
+#define PINV(v) __asm__("" : "+v"(v)) /* any of the 32 AVX-512 registers */
 #define TGT_AVX2 __attribute__((target("avx2,fma")))
 #define TGT_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
@@ -522,6 +527,140 @@ extern const tern_fn bitlab_tern_vnni[4][4];
 #define I8_AVX2 bitlab_i8_avx2
 #define TERN_VNNI bitlab_tern_vnni
 #define I8_VNNI bitlab_i8_vnni
+
+/* ------------------------------------------------------------------------------------------ */
+/* Batched GEMM (M >= a threshold): tokens in vector lanes.                                    */
+/* Activations are transposed once per call into tiles of PMT tokens, as unsigned bytes        */
+/* xq + 128: xt[tile][q][PMT][4] with q = k / 4. A block of PNC weight rows is unpacked once   */
+/* per call into signed bytes w8[PNC][Kp] (code - 1 for ternary). Each weight dword (4         */
+/* consecutive k of one row) is broadcast to all lanes and multiplied with the 4 activations   */
+/* of PMT tokens at once, so a micro-kernel holds a PNC x PMT block of int32 sums in registers: */
+/*   tile[c][m] = sum_k (xq[m,k] + 128) * w[c,k]   and   sum_k xq*w = tile - 128 * sum_k w.     */
+/* ------------------------------------------------------------------------------------------ */
+typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile);
+/* w8 is blocked: [Kp/128][NC][128], so row c of step q sits at a constant offset c * 128 from
+ * w8 + (q / 32) * NC * 128 + (q % 32) * 4 (no per-row pointer registers). */
+#define PANEL_W(w8, NC, q) ((w8) + ((q) >> 5) * (NC) * 128 + ((q) & 31) * 4)
+#define PANEL_AVX2_NC 4
+#define PANEL_AVX2_MT 16
+#define PANEL_V512_NC 12
+#define PANEL_V512_MT 32
+
+static inline __attribute__((always_inline)) int32_t load_i32(const int8_t *p) {
+    int32_t d;
+    memcpy(&d, p, 4);
+    return d;
+}
+
+/* AVX2: maddubs(u8 act, s8 w) -> int16 pairs (|pair| <= 2*255 = 510), summed in int16 for up to
+ * 64 steps (<= 32640), then madd with ones into int32. */
+#if BITLAB_PART != 2
+static TGT_AVX2 void panel_avx2(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    enum { MT = PANEL_AVX2_MT };
+    const __m256i one16 = _mm256_set1_epi16(1);
+    memset(tile, 0, sizeof(int32_t) * PANEL_AVX2_NC * MT);
+    int64_t q = q0;
+    while (q < q1) { /* 8 named int16 accumulators stay in registers; int32 sums live in the tile */
+        int64_t lim = q + 64 < q1 ? q + 64 : q1;
+#define AVX2_ROWS(X) X(0) X(1) X(2) X(3)
+#define DECL(c) __m256i a##c##_0 = _mm256_setzero_si256(), a##c##_1 = _mm256_setzero_si256();
+        AVX2_ROWS(DECL)
+#undef DECL
+        for (; q < lim; q++) {
+            const uint8_t *xp = xt + q * MT * 4;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xp), x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
+            const int8_t *wq = PANEL_W(w8, PANEL_AVX2_NC, q);
+#define STEP(c)                                                                                                \
+    {                                                                                                          \
+        __m256i b = _mm256_set1_epi32(load_i32(wq + c * 128));                                                \
+        a##c##_0 = _mm256_add_epi16(a##c##_0, _mm256_maddubs_epi16(x0, b));                                    \
+        a##c##_1 = _mm256_add_epi16(a##c##_1, _mm256_maddubs_epi16(x1, b));                                    \
+        PIN(a##c##_0);                                                                                         \
+        PIN(a##c##_1);                                                                                         \
+    }
+            AVX2_ROWS(STEP)
+#undef STEP
+        }
+#define FLUSH(c)                                                                                               \
+    {                                                                                                          \
+        __m256i *t0 = (__m256i *)(tile + c * MT), *t1 = (__m256i *)(tile + c * MT + 8);                        \
+        _mm256_storeu_si256(t0, _mm256_add_epi32(_mm256_loadu_si256(t0), _mm256_madd_epi16(a##c##_0, one16))); \
+        _mm256_storeu_si256(t1, _mm256_add_epi32(_mm256_loadu_si256(t1), _mm256_madd_epi16(a##c##_1, one16))); \
+    }
+        AVX2_ROWS(FLUSH)
+#undef FLUSH
+#undef AVX2_ROWS
+    }
+}
+
+/* signed int8 w = code - 1 for one packed ternary row of Kp (a multiple of 128) weights */
+static TGT_AVX2 void unpack_tern_row_avx2(const uint8_t *src, int8_t *dst, int64_t Kp) {
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    for (int64_t b = 0; b < Kp / 128; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(src + b * 32));
+        for (int r = 0; r < 4; r++)
+            _mm256_storeu_si256((__m256i *)(dst + b * 128 + r * 32),
+                                _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2 * r), m3), one));
+    }
+}
+#endif
+
+/* AVX-512 VNNI: vpdpbusd(acc, u8 act, s8 w) accumulates straight into int32; 12 rows x 2 zmm of
+ * 16 tokens = 24 accumulators of the 32 zmm registers. */
+#if BITLAB_PART != 1
+/* named accumulators: gcc keeps a 12x2 array of __m512i in memory, 24 named ones in registers */
+#define ROWS12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define ROWS24(X) ROWS12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+
+/* 12 rows x 32 tokens (2 zmm) */
+static TGT_VNNI void panel_v512(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    enum { MT = PANEL_V512_MT };
+#define DECL(c) __m512i a##c##_0 = _mm512_setzero_si512(), a##c##_1 = _mm512_setzero_si512();
+    ROWS12(DECL)
+#undef DECL
+    for (int64_t q = q0; q < q1; q++) {
+        const uint8_t *xp = xt + q * MT * 4;
+        __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64);
+        const int8_t *wq = PANEL_W(w8, PANEL_V512_NC, q);
+#define STEP(c)                                                                                                \
+    {                                                                                                          \
+        __m512i b = _mm512_set1_epi32(load_i32(wq + c * 128));                                                 \
+        a##c##_0 = _mm512_dpbusd_epi32(a##c##_0, x0, b);                                                       \
+        a##c##_1 = _mm512_dpbusd_epi32(a##c##_1, x1, b);                                                       \
+    }
+        ROWS12(STEP)
+#undef STEP
+    }
+#define STORE(c)                                                                                               \
+    _mm512_storeu_si512(tile + c * MT, a##c##_0);                                                              \
+    _mm512_storeu_si512(tile + c * MT + 16, a##c##_1);
+    ROWS12(STORE)
+#undef STORE
+}
+
+/* 24 rows x 16 tokens (1 zmm): for 9..16 tokens, where a 32-token tile would waste half its lanes */
+static TGT_VNNI void panel_v512_16(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    enum { MT = 16 };
+#define DECL(c) __m512i a##c = _mm512_setzero_si512();
+    ROWS24(DECL)
+#undef DECL
+    for (int64_t q = q0; q < q1; q++) {
+        __m512i x0 = _mm512_loadu_si512(xt + q * MT * 4);
+        const int8_t *wq = PANEL_W(w8, 24, q);
+#define STEP(c) a##c = _mm512_dpbusd_epi32(a##c, x0, _mm512_set1_epi32(load_i32(wq + c * 128)));
+        ROWS24(STEP)
+#undef STEP
+    }
+#define STORE(c) _mm512_storeu_si512(tile + c * MT, a##c);
+    ROWS24(STORE)
+#undef STORE
+}
+const panel_fn bitlab_panel_v512_16 = panel_v512_16;
+const panel_fn bitlab_panel_v512 = panel_v512;
+#else
+extern const panel_fn bitlab_panel_v512;
+extern const panel_fn bitlab_panel_v512_16;
+#endif
 #endif /* BITLAB_X86 */
 
 #if BITLAB_PART != 2 /* everything below: the core (part 1) */
@@ -579,29 +718,49 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
             *m128 |= row_quant(j, j->x + m * j->K, j->K, j->s[m], q);
         }
         memset(q + j->K, 0, (size_t)(j->Kp - j->K));
-        for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = row_sum(j, q + g * j->gs, j->gs);
+        if (j->xt) { /* this row's 4-byte groups, offset to unsigned, into its lane of its tile */
+            const int64_t Q = j->Kp / 4, mt = j->pmt;
+            uint8_t *dst = j->xt + (m / mt) * Q * mt * 4 + (m % mt) * 4;
+            for (int64_t qi = 0; qi < Q; qi++) {
+                uint32_t d;
+                memcpy(&d, q + qi * 4, 4);
+                d ^= 0x80808080u;
+                memcpy(dst + qi * mt * 4, &d, 4);
+            }
+        } else {
+            for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = row_sum(j, q + g * j->gs, j->gs);
+        }
     }
 }
 
-static inline float rescale(const job_t *j, const int32_t *accg, int64_t n, int64_t m) {
-    /* accg: G partial sums of xq * code (ternary) or xq * w (int8) */
-    const int32_t *gsum = j->gsum + m * j->G;
-    float y;
-    if (j->ws_kind == 2) {
-        const float *ws = j->ws + n * j->G;
-        y = 0.f;
-        for (int64_t g = 0; g < j->G; g++) {
-            int32_t a = accg[g] - (j->wfmt == W_TERNARY ? gsum[g] : 0);
-            float p = (float)a * ws[g];
-            y = g ? y + p : p;
-        }
-        y = y / j->s[m];
-    } else {
-        int32_t a = accg[0] - (j->wfmt == W_TERNARY ? gsum[0] : 0);
-        y = (float)a * j->ws[j->ws_kind ? n : 0] / j->s[m];
-    }
-    if (j->bias) y = y + j->bias[n];
+/* y[m, n] from the exact integer dot products of each group: a(g) = sum_k xq * w over group g */
+#define RESCALE_BODY(A)                                                                                 \
+    float y;                                                                                          \
+    if (j->ws_kind == 2) {                                                                            \
+        const float *ws = j->ws + n * j->G;                                                           \
+        y = 0.f;                                                                                      \
+        for (int64_t g = 0; g < j->G; g++) {                                                          \
+            float p = (float)(A) * ws[g];                                                             \
+            y = g ? y + p : p;                                                                        \
+        }                                                                                             \
+        y = y / j->s[m];                                                                              \
+    } else {                                                                                          \
+        const int64_t g = 0;                                                                          \
+        y = (float)(A) * j->ws[j->ws_kind ? n : 0] / j->s[m];                                        \
+    }                                                                                                 \
+    if (j->bias) y = y + j->bias[n];                                                                  \
     return y;
+
+static inline float rescale(const job_t *j, const int32_t *accg, int64_t n, int64_t m) {
+    /* accg: G partial sums of xq * code (ternary: minus sum xq) or xq * w (int8) */
+    const int32_t *gsum = j->gsum + m * j->G;
+    RESCALE_BODY(accg[g] - (j->wfmt == W_TERNARY ? gsum[g] : 0))
+}
+
+/* the same from a panel tile: tile[g][c][mm] - 128 * sum of the group's weights */
+static inline float rescale_panel(const job_t *j, const int32_t *tile, int64_t gstride, const int32_t *wsum,
+                                  int64_t n, int64_t m) {
+    RESCALE_BODY(tile[g * gstride] - 128 * wsum[g])
 }
 
 static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
@@ -629,6 +788,64 @@ static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
         }
     }
     free(accg);
+}
+
+/* batched path: blocks of pnc output channels in [n0, n1) against every tile of pmt tokens */
+static int panel_cols(job_t *j, int64_t n0, int64_t n1) {
+    const int NC = j->pnc, MT = j->pmt;
+    const int64_t Kp = j->Kp, Q = Kp / 4, G = j->G, tiles = (j->M + MT - 1) / MT;
+    const int64_t Kb = (Kp + 127) / 128, gstride = (int64_t)NC * MT;
+    int8_t *w8 = (int8_t *)aligned_alloc(64, (size_t)(NC * Kb * 128));
+    int8_t *row = (int8_t *)aligned_alloc(64, (size_t)(Kb * 128));
+    int32_t *wsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(NC * G));
+    int32_t *tile = (int32_t *)aligned_alloc(64, sizeof(int32_t) * (size_t)(G * gstride));
+    if (!w8 || !row || !wsum || !tile) {
+        free(w8); free(row); free(wsum); free(tile);
+        return -1;
+    }
+    panel_fn fn = NULL;
+#ifdef BITLAB_X86
+    if (j->isa == ISA_VNNI) fn = MT == 16 ? bitlab_panel_v512_16 : bitlab_panel_v512;
+    else fn = panel_avx2;
+#endif
+    memset(row, 0, (size_t)(Kb * 128));
+    for (int64_t n = n0; n < n1; n += NC) {
+        int nc = n1 - n < NC ? (int)(n1 - n) : NC;
+        for (int c = 0; c < NC; c++) {
+            if (c >= nc) {
+                memset(row, 0, (size_t)Kp);
+            } else {
+#ifdef BITLAB_X86
+                if (j->wfmt == W_TERNARY) unpack_tern_row_avx2((const uint8_t *)j->w + (n + c) * (Kp / 4), row, Kp);
+                else
+#endif
+                {
+                    memcpy(row, (const int8_t *)j->w + (n + c) * j->K, (size_t)j->K);
+                    memset(row + j->K, 0, (size_t)(Kp - j->K));
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    int64_t k0 = g * j->gs, k1 = g == G - 1 ? Kp : k0 + j->gs;
+                    wsum[c * G + g] = row_sum(j, row + k0, k1 - k0);
+                }
+            }
+            for (int64_t b = 0; b < Kb; b++) memcpy(w8 + (b * NC + c) * 128, row + b * 128, 128);
+        }
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *xt = j->xt + t * Q * MT * 4;
+            for (int64_t g = 0; g < G; g++) {
+                int64_t q0 = g * j->gs / 4, q1 = g == G - 1 ? Q : (g + 1) * j->gs / 4;
+                fn(w8, xt, q0, q1, tile + g * gstride);
+            }
+            int64_t mm_end = j->M - t * MT < MT ? j->M - t * MT : MT;
+            for (int64_t mm = 0; mm < mm_end; mm++) {
+                float *o = j->out + (t * MT + mm) * j->N + n;
+                for (int c = 0; c < nc; c++)
+                    o[c] = rescale_panel(j, tile + c * MT + mm, gstride, wsum + c * G, n + c, t * MT + mm);
+            }
+        }
+    }
+    free(w8); free(row); free(wsum); free(tile);
+    return 0;
 }
 
 static void run_thread(job_t *j, int tid, int nt) {
@@ -675,8 +892,41 @@ static void run_thread(job_t *j, int tid, int nt) {
 #endif
     /* phase 3: my output columns */
     int64_t n0, n1;
-    split(j->N, j->nr, tid, nt, &n0, &n1);
-    gemm_cols(j, n0, n1);
+    if (j->xt) {
+        split(j->N, j->pnc, tid, nt, &n0, &n1);
+        if (panel_cols(j, n0, n1) != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            j->failed = 1;
+        }
+    } else {
+        split(j->N, j->nr, tid, nt, &n0, &n1);
+        gemm_cols(j, n0, n1);
+    }
+}
+
+/* Smallest M that takes the batched path (<= 0: the built-in choice); tests move it. */
+static int g_panel_min_m = 0;
+
+int bitlab_set_panel_min_m(int m) {
+    g_panel_min_m = m;
+    return m;
+}
+
+static int use_panel(job_t *j) {
+#ifdef BITLAB_X86
+    int min_m = g_panel_min_m > 0 ? g_panel_min_m : (j->isa == ISA_VNNI ? 12 : 32);
+    if (j->isa < ISA_AVX2 || j->M < min_m) return 0;
+    if (j->wfmt == W_INT8 && (j->isa != ISA_VNNI || j->gs % 4)) return 0; /* maddubs would saturate */
+    if (j->isa == ISA_VNNI && j->M <= 16) { j->pnc = 24; j->pmt = 16; }
+    else if (j->isa == ISA_VNNI) { j->pnc = PANEL_V512_NC; j->pmt = PANEL_V512_MT; }
+    else { j->pnc = PANEL_AVX2_NC; j->pmt = PANEL_AVX2_MT; }
+    return 1;
+#else
+    (void)j;
+    return 0;
+#endif
 }
 
 static int run_job(job_t *j, int nthreads) {
@@ -689,11 +939,19 @@ static int run_job(job_t *j, int nthreads) {
     else { j->nr = 2; j->mr = 4; }
     size_t xq_bytes = (size_t)(j->M * j->Kp + 64);
     j->xq = (int8_t *)aligned_alloc(64, (xq_bytes + 63) / 64 * 64);
+    if (use_panel(j)) {
+        int64_t tiles = (j->M + j->pmt - 1) / j->pmt;
+        size_t xt_bytes = (size_t)(tiles * j->pmt * j->Kp);
+        j->xt = (uint8_t *)aligned_alloc(64, (xt_bytes + 63) / 64 * 64);
+        if (!j->xt) { free(j->xq); return -1; }
+        if (j->M % j->pmt) /* unused lanes of the last tile: activation 0 */
+            memset(j->xt + (tiles - 1) * j->pmt * j->Kp, 0x80, (size_t)(j->pmt * j->Kp));
+    }
     j->s = (float *)malloc(sizeof(float) * (size_t)j->M);
     j->amax = (float *)malloc(sizeof(float) * (size_t)j->M);
     j->gsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(j->M * j->G));
     if (!j->xq || !j->s || !j->amax || !j->gsum) {
-        free(j->xq); free(j->s); free(j->amax); free(j->gsum);
+        free(j->xq); free(j->xt); free(j->s); free(j->amax); free(j->gsum);
         return -1;
     }
     j->has_m128 = 0;
@@ -701,7 +959,8 @@ static int run_job(job_t *j, int nthreads) {
     double work = (double)j->M * (double)j->N * (double)j->K;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (work < 1e6) nt = 1;
-    if (nt > j->N / j->nr && j->N / j->nr >= 1) nt = (int)(j->N / j->nr);
+    int64_t unit = j->xt ? j->pnc : j->nr;
+    if (nt > j->N / unit && j->N / unit >= 1) nt = (int)(j->N / unit);
 #ifdef _OPENMP
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)
@@ -709,8 +968,8 @@ static int run_job(job_t *j, int nthreads) {
     } else
 #endif
         run_thread(j, 0, 1);
-    free(j->xq); free(j->s); free(j->amax); free(j->gsum);
-    return 0;
+    free(j->xq); free(j->xt); free(j->s); free(j->amax); free(j->gsum);
+    return j->failed ? -1 : 0;
 }
 
 /* y[M,N] = linear(x[M,K]) with activation quantization; returns 0 on success. */
