@@ -65,9 +65,12 @@ def _load():
 
 def kernel_library():
     """The loaded ctypes library, or None (disabled by env, or it could not be built)."""
-    if os.environ.get("BITLAB_FX_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+    if _environ.get("BITLAB_FX_DISABLE_CPU_KERNEL", "0") not in ("", "0"):
         return None
     return _lib if _lib is not None else _load()
+
+
+_environ = os.environ
 
 
 def set_isa(name: Optional[str] = None) -> str:
@@ -92,8 +95,13 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _f32(t: Tensor) -> Tensor:
+    """``t`` as contiguous fp32 (no copy, and no dispatcher round trip, when it already is)."""
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def _scales(weight_scale: Tensor, n: int):
-    ws = weight_scale.float().contiguous()
+    ws = _f32(weight_scale)
     if ws.dim() == 2:
         return ws, 2, ws.shape[1]
     return ws, (1 if ws.shape[0] == n and n > 1 else 0), 1
@@ -110,28 +118,30 @@ def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool
 
 def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
             act_scale: Optional[Tensor]) -> Tensor:
+    # Hot path of every converted layer at inference: each avoidable tensor op here costs ~0.5-1 us,
+    # as much as the kernel itself on a small layer, so conversions happen only when needed.
     k = x.shape[-1]
     n = weight.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    xf = x2.float().contiguous()
+    xf = _f32(x2)
     ws, kind, groups = _scales(weight_scale, n)
-    w = weight.contiguous()
-    b = None if bias is None else bias.float().contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    b = None if bias is None else _f32(bias)
     if act_scale is not None:
-        code, static = 2, float(act_scale.float().reshape(-1)[0])
+        code, static = 2, float(act_scale.reshape(-1)[0])
     else:
         code, static = _ACT[act], 0.0
     out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, _ptr(b), code,
-                           static, out.data_ptr(), torch.get_num_threads())
+    rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups,
+                           None if b is None else b.data_ptr(), code, static, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"bitlab CPU kernel: out of memory for a [{m}, {k}] x [{n}, {k}] linear")
-    if x.dtype != torch.float32:
+    if x.dtype is not torch.float32:
         out = out.to(x.dtype)
-    return out.reshape(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
 def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
@@ -223,8 +233,16 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    # Straight onto the dispatcher's CPU key (not ``torch.library.register_kernel``, which routes every
+    # call through custom_op's Python wrapper and its per-call output checks: ~3 us, as much as a small
+    # layer's whole kernel). The kernels return fresh tensors, so those checks have nothing to find.
+    global _impl_lib
+    _impl_lib = torch.library.Library("bitlab", "IMPL")
     for name, fn in (("ternary_linear", ternary_linear), ("int8_linear", int8_linear),
                      ("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d),
                      ("int4_linear", int4_linear), ("int4_conv2d", int4_conv2d)):
-        torch.library.register_kernel(f"bitlab::{name}", "cpu", fn)
+        _impl_lib.impl(name, fn, "CPU")
     _registered = True
+
+
+_impl_lib = None

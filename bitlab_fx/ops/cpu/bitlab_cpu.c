@@ -656,10 +656,80 @@ static TGT_VNNI void panel_v512_16(const int8_t *w8, const uint8_t *xt, int64_t 
 #undef STORE
 }
 const panel_fn bitlab_panel_v512_16 = panel_v512_16;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode (M == 1, ternary, per-tensor or per-channel scale): output rows [n0, n1) in one      */
+/* function, 4 rows per tile, no per-tile calls. The byte masks 3 << 2r leave code * 4^r, so   */
+/* run r of a 128-block accumulates 4^r * sum(code * x) in its own chain (exact shifts back at  */
+/* the end; the four chains also hide vpdpbusd's latency). The next tile's rows are prefetched  */
+/* (each tile starts new pages, where the hardware prefetcher is cold). The four row sums are   */
+/* reduced together and rescaled with 4-lane vector ops, which round exactly like the scalar    */
+/* (float)a * ws / s + bias.                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+static inline __attribute__((always_inline)) TGT_VNNI __m256i
+decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i mk1 = _mm256_slli_epi16(m3, 2), mk2 = _mm256_slli_epi16(m3, 4), mk3 = _mm256_slli_epi16(m3, 6);
+    __m256i a[4][4];
+    for (int n = 0; n < NR; n++)
+        for (int r = 0; r < 4; r++) a[n][r] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *xb = x + b * 128;
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)xb), x1 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+        __m256i x2 = _mm256_loadu_si256((const __m256i *)(xb + 64)), x3 = _mm256_loadu_si256((const __m256i *)(xb + 96));
+        if (pf && (b & 1))
+            for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * stride + pf + b * 32), _MM_HINT_T0);
+        for (int n = 0; n < NR; n++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + n * stride + b * 32));
+            a[n][0] = _mm256_dpbusd_epi32(a[n][0], _mm256_and_si256(wv, m3), x0);
+            a[n][1] = _mm256_dpbusd_epi32(a[n][1], _mm256_and_si256(wv, mk1), x1);
+            a[n][2] = _mm256_dpbusd_epi32(a[n][2], _mm256_and_si256(wv, mk2), x2);
+            a[n][3] = _mm256_dpbusd_epi32(a[n][3], _mm256_and_si256(wv, mk3), x3);
+            PINV(a[n][0]); PINV(a[n][1]); PINV(a[n][2]); PINV(a[n][3]);
+        }
+    }
+    __m256i t[4];
+    for (int n = 0; n < 4; n++) {
+        if (n < NR) {
+            t[n] = _mm256_add_epi32(a[n][0], _mm256_srai_epi32(a[n][1], 2));
+            t[n] = _mm256_add_epi32(t[n], _mm256_add_epi32(_mm256_srai_epi32(a[n][2], 4), _mm256_srai_epi32(a[n][3], 6)));
+        } else {
+            t[n] = _mm256_setzero_si256();
+        }
+    }
+    /* lanes 0..3 of the low half: the four rows' sums */
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+    return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
+    const uint8_t *w = (const uint8_t *)j->w;
+    const int8_t *x = j->xq;
+    const __m128i xsum = _mm_set1_epi32(j->gsum[0]);
+    const __m128 s = _mm_set1_ps(j->s[0]);
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        int64_t pf = n + 8 <= n1 ? 4 * stride : 0;
+        __m128i acc = _mm256_castsi256_si128(decode_rows(w + n * stride, stride, 4, x, blocks, pf));
+        __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
+        __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(acc, xsum)), ws), s);
+        if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
+        _mm_storeu_ps(j->out + n, y);
+    }
+    for (; n < n1; n++) {
+        __m128i acc = _mm256_castsi256_si128(decode_rows(w + n * stride, stride, 1, x, blocks, 0));
+        float y = (float)(_mm_cvtsi128_si32(acc) - j->gsum[0]) * j->ws[j->ws_kind ? n : 0] / j->s[0];
+        if (j->bias) y = y + j->bias[n];
+        j->out[n] = y;
+    }
+}
+void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_vnni(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
 #else
 extern const panel_fn bitlab_panel_v512;
 extern const panel_fn bitlab_panel_v512_16;
+void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1);
 #endif
 #endif /* BITLAB_X86 */
 
@@ -902,6 +972,12 @@ static void run_thread(job_t *j, int tid, int nt) {
         }
     } else {
         split(j->N, j->nr, tid, nt, &n0, &n1);
+#ifdef BITLAB_X86
+        if (j->isa == ISA_VNNI && j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2) {
+            bitlab_decode_vnni(j, n0, n1);
+            return;
+        }
+#endif
         gemm_cols(j, n0, n1);
     }
 }
