@@ -710,7 +710,7 @@ static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
     const __m128 s = _mm_set1_ps(j->s[0]);
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
-        int64_t pf = n + 8 <= n1 ? 4 * stride : 0;
+        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
         __m128i acc = _mm256_castsi256_si128(decode_rows(w + n * stride, stride, 4, x, blocks, pf));
         __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
         __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(acc, xsum)), ws), s);
