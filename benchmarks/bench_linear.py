@@ -41,24 +41,35 @@ BATCHES = [1, 4, 16, 32, 128]
 
 def bench(fn, budget_s=0.25, repeats=5, max_iters=2000):
     """Microseconds per call: the best over ``repeats`` of the mean of a timed loop (one call if slow)."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    if one > budget_s:
-        return one * 1e6
-    iters = max(1, min(max_iters, int(budget_s / repeats / max(one, 1e-7))))
-    times = []
-    for _ in range(repeats):
+    return bench_all({"f": fn}, budget_s, repeats, max_iters)["f"]
+
+
+def bench_all(fns, budget_s=0.25, repeats=5, max_iters=2000):
+    """Microseconds per call of each function, timed in interleaved rounds (fp32, bf16, ..., bitlab, then
+    again), so a burst of load on the shared VM host slows every column of a row alike instead of one."""
+    iters, times = {}, {}
+    for key, fn in fns.items():
+        fn()
         t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        times.append((time.perf_counter() - t0) / iters)
-    return min(times) * 1e6
+        fn()
+        one = time.perf_counter() - t0
+        if one > budget_s:  # slow baselines (int8 weight-only at large M): one timed call, not repeated
+            times[key] = [one]
+        else:
+            iters[key] = max(1, min(max_iters, int(budget_s / repeats / max(one, 1e-7))))
+            times[key] = []
+    for _ in range(repeats):
+        for key, n in iters.items():
+            fn = fns[key]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[key].append((time.perf_counter() - t0) / n)
+    return {key: min(v) * 1e6 for key, v in times.items()}
 
 
-def memory_bandwidth_gbs() -> float:
-    big = torch.ones(2 ** 28)  # 1 GiB, far beyond the LLC
+def memory_bandwidth_gbs(big=None) -> float:
+    big = torch.ones(2 ** 28) if big is None else big  # 1 GiB, far beyond the LLC
     big.sum()
     res = []
     for _ in range(5):
@@ -91,8 +102,9 @@ def dynamic_int8(lin: nn.Linear):
         return None
 
 
-def dram_gbs(n: int, k: int, llc: int, quick: bool) -> float:
-    """M=1 through the op, rotating over enough layers that the packed weights exceed the LLC."""
+def dram_gbs(n: int, k: int, llc: int, quick: bool, big) -> tuple:
+    """M=1 through the op, rotating over enough layers that the packed weights exceed the LLC; timed in
+    rounds alternating with the 1 GiB read-bandwidth probe. Returns (best GB/s, best probe GB/s)."""
     one = torch.randint(0, 255, (n, (k + 127) // 128 * 32), dtype=torch.uint8)
     target = (1 << 30) if quick else int(2.5 * llc)
     layers = max(2, min(2048, target // one.numel()))
@@ -105,8 +117,11 @@ def dram_gbs(n: int, k: int, llc: int, quick: bool) -> float:
             op(x, w, ws, None, "per_token", None, k)
 
     sweep()
-    best = min(_timed(sweep) for _ in range(2 if quick else 3))
-    return one.numel() * layers / best / 1e9
+    kernel, probe = [], []
+    for _ in range(2 if quick else 3):
+        probe.append(memory_bandwidth_gbs(big))
+        kernel.append(one.numel() * layers / _timed(sweep) / 1e9)
+    return max(kernel), max(probe)
 
 
 def _timed(fn):
@@ -126,7 +141,8 @@ def main():
     budget = 0.08 if args.quick else 0.2
     torch.manual_seed(0)
     assert cpu.kernel_library() is not None, "the CPU kernel did not build"
-    bw = memory_bandwidth_gbs()
+    big = torch.ones(2 ** 28)
+    bw = memory_bandwidth_gbs(big)
     llc = llc_bytes()
     rows = []
     for n, k in shapes:
@@ -140,21 +156,22 @@ def main():
         qlin = model.get_submodule("0")
         packed, wsc, qb = qlin.packed_weight, qlin.weight_scale, qlin.bias
         packed_bytes = packed.numel()
-        dram = dram_gbs(n, k, llc, args.quick)
+        dram, probe = dram_gbs(n, k, llc, args.quick, big)
         for m in batches:
             x = torch.randn(m, k)
             xb = x.bfloat16()
             with torch.inference_mode():
-                t32 = bench(lambda: F.linear(x, w32, b32), budget)
-                t16 = bench(lambda: F.linear(xb, w16, b16), budget)
-                t8 = bench(lambda: torch._weight_int8pack_mm(x, w8, s8), budget)
-                tdyn = bench(lambda: dyn(x), budget) if dyn is not None else float("nan")
+                fns = {"fp32": lambda: F.linear(x, w32, b32), "bf16": lambda: F.linear(xb, w16, b16),
+                       "int8wo": lambda: torch._weight_int8pack_mm(x, w8, s8), "bitlab": lambda: model(x)}
+                if dyn is not None:
+                    fns["dyn"] = lambda: dyn(x)
+                t = bench_all(fns, budget)
+                t32, t16, t8, tk, tdyn = t["fp32"], t["bf16"], t["int8wo"], t["bitlab"], t.get("dyn", float("nan"))
                 small = n * k <= 4096 * 4096 and m <= 32 and not args.quick
                 tref = bench(lambda: reference.ternary_linear(x, packed, wsc, qb), 0.05, repeats=1) \
                     if small else float("nan")
-                tk = bench(lambda: model(x), budget)
             rows.append([f"{n}x{k}", m, t32, t16, t8, tdyn, tref, tk, t32 / tk, t16 / tk, t8 / tk,
-                         packed_bytes / tk / 1e3, dram if m == 1 else float("nan")])
+                         packed_bytes / tk / 1e3, (dram, probe) if m == 1 else float("nan")])
             print(" ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
         del model, qlin, lin, dyn
     headers = ["N x K", "M", "fp32 us", "bf16 us", "int8-wo us", "dyn-int8 us", "ref us", "bitlab us",
@@ -169,11 +186,12 @@ def main():
     print()
     print(f"machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
           f"torch {torch.__version__}; {datetime.date.today()}")
-    print(f"memory bandwidth (1 GiB sum, same run): {bw:.1f} GB/s; LLC {llc >> 20} MiB; "
-          f"DRAM column = % of it in the table below")
+    print(f"memory bandwidth (1 GiB sum, same run): {bw:.1f} GB/s at the start; LLC {llc >> 20} MiB; the DRAM "
+          f"column is % of the same probe re-measured in rounds alternating with that row's sweep")
     for r in rows:
-        if r[-1] == r[-1]:
-            r[-1] = f"{r[-1]:.1f} ({100 * r[-1] / bw:.0f}%)"
+        if isinstance(r[-1], tuple):
+            d, p = r[-1]
+            r[-1] = f"{d:.1f} ({100 * d / p:.0f}% of {p:.1f})"
         else:
             r[-1] = ""
     print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".1f", missingval=""))

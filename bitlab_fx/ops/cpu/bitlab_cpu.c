@@ -546,6 +546,29 @@ typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_
 #define PANEL_V512_NC 12
 #define PANEL_V512_MT 32
 
+/* Decode epilogue shared by the AVX2 and VNNI decode loops: four rows' int32 vectors -> their
+ * four sums (one hadd tree), then y = (float)(acc - sum xq) * ws / s (+ bias) on 4 lanes, which
+ * rounds exactly like the scalar expression (separate IEEE mul, div, add; no FMA). */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i sum4_rows(__m256i t0, __m256i t1, __m256i t2,
+                                                                        __m256i t3) {
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t0, t1), _mm256_hadd_epi32(t2, t3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job_t *j, int64_t n, __m128i acc) {
+    __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
+    __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(acc, _mm_set1_epi32(j->gsum[0]))), ws),
+                          _mm_set1_ps(j->s[0]));
+    if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
+    _mm_storeu_ps(j->out + n, y);
+}
+
+static inline __attribute__((always_inline)) void store1_row(const job_t *j, int64_t n, int32_t acc) {
+    float y = (float)(acc - j->gsum[0]) * j->ws[j->ws_kind ? n : 0] / j->s[0];
+    if (j->bias) y = y + j->bias[n];
+    j->out[n] = y;
+}
+
 static inline __attribute__((always_inline)) int32_t load_i32(const int8_t *p) {
     int32_t d;
     memcpy(&d, p, 4);
@@ -593,14 +616,77 @@ static TGT_AVX2 void panel_avx2(const int8_t *w8, const uint8_t *xt, int64_t q0,
     }
 }
 
-/* signed int8 w = code - 1 for one packed ternary row of Kp (a multiple of 128) weights */
-static TGT_AVX2 void unpack_tern_row_avx2(const uint8_t *src, int8_t *dst, int64_t Kp) {
-    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+/* Decode (M == 1) on AVX2: like the VNNI loop below, 4 rows per tile in one function, but maddubs
+ * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
+ * <= 4 * 512 per block, so it is widened to int32 every 8 blocks. */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+    const __m256i m3 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
+    __m256i a32[4];
+    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
+    int64_t b = 0;
+    while (b < blocks) {
+        int64_t lim = b + 8 < blocks ? b + 8 : blocks;
+        __m256i a16[4];
+        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
+        for (; b < lim; b++) {
+            const int8_t *xb = x + b * 128;
+            if (pf && (b & 1))
+                for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * stride + pf + b * 32), _MM_HINT_T0);
+            __m256i wv[4];
+            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w + n * stride + b * 32));
+            for (int r = 0; r < 4; r++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + 32 * r));
+                for (int n = 0; n < NR; n++) {
+                    __m256i c = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
+                    a16[n] = _mm256_add_epi16(a16[n], _mm256_maddubs_epi16(c, xv));
+                    PIN(a16[n]);
+                }
+            }
+        }
+        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
+    }
+    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
+}
+
+static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
+    const uint8_t *w = (const uint8_t *)j->w;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
+        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf));
+    }
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)));
+}
+
+/* One packed ternary row of Kp (a multiple of 128) weights -> signed w = code - 1, written straight
+ * into the blocked panel layout (128 bytes per block, blocks dst_stride apart), and the sum of w over
+ * each group of `gruns` 32-runs (the last group runs to Kp) into wsum[]: sad_epu8 adds up the codes
+ * in the same pass, and sum(w) = sum(code) - count. */
+static TGT_AVX2 void unpack_tern_row_avx2(const uint8_t *src, int8_t *dst, int64_t dst_stride, int64_t Kp,
+                                          int64_t gruns, int64_t G, int32_t *wsum) {
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
+    const int64_t runs = Kp / 32;
+    __m256i cs = zero;
+    int64_t g = 0, gend = G > 1 ? gruns : runs, gstart = 0;
     for (int64_t b = 0; b < Kp / 128; b++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(src + b * 32));
-        for (int r = 0; r < 4; r++)
-            _mm256_storeu_si256((__m256i *)(dst + b * 128 + r * 32),
-                                _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2 * r), m3), one));
+        for (int r = 0; r < 4; r++) {
+            __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * r), m3);
+            _mm256_storeu_si256((__m256i *)(dst + b * dst_stride + r * 32), _mm256_sub_epi8(c, one));
+            cs = _mm256_add_epi64(cs, _mm256_sad_epu8(c, zero));
+            int64_t run = b * 4 + r + 1; /* runs done */
+            if (run == gend) {
+                int64_t t[4];
+                _mm256_storeu_si256((__m256i *)t, cs);
+                wsum[g] = (int32_t)(t[0] + t[1] + t[2] + t[3] - (run - gstart) * 32);
+                cs = zero;
+                gstart = run;
+                g++;
+                gend = g == G - 1 ? runs : gend + gruns;
+            }
+        }
     }
 }
 #endif
@@ -666,7 +752,7 @@ const panel_fn bitlab_panel_v512_16 = panel_v512_16;
 /* reduced together and rescaled with 4-lane vector ops, which round exactly like the scalar    */
 /* (float)a * ws / s + bias.                                                                    */
 /* ------------------------------------------------------------------------------------------ */
-static inline __attribute__((always_inline)) TGT_VNNI __m256i
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
 decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m256i mk1 = _mm256_slli_epi16(m3, 2), mk2 = _mm256_slli_epi16(m3, 4), mk3 = _mm256_slli_epi16(m3, 6);
@@ -697,32 +783,18 @@ decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int
             t[n] = _mm256_setzero_si256();
         }
     }
-    /* lanes 0..3 of the low half: the four rows' sums */
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
-    return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    return sum4_rows(t[0], t[1], t[2], t[3]);
 }
 
 static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
     const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
     const uint8_t *w = (const uint8_t *)j->w;
-    const int8_t *x = j->xq;
-    const __m128i xsum = _mm_set1_epi32(j->gsum[0]);
-    const __m128 s = _mm_set1_ps(j->s[0]);
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
         int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        __m128i acc = _mm256_castsi256_si128(decode_rows(w + n * stride, stride, 4, x, blocks, pf));
-        __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
-        __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(acc, xsum)), ws), s);
-        if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
-        _mm_storeu_ps(j->out + n, y);
+        store4_rows(j, n, decode_rows(w + n * stride, stride, 4, j->xq, blocks, pf));
     }
-    for (; n < n1; n++) {
-        __m128i acc = _mm256_castsi256_si128(decode_rows(w + n * stride, stride, 1, x, blocks, 0));
-        float y = (float)(_mm_cvtsi128_si32(acc) - j->gsum[0]) * j->ws[j->ws_kind ? n : 0] / j->s[0];
-        if (j->bias) y = y + j->bias[n];
-        j->out[n] = y;
-    }
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows(w + n * stride, stride, 1, j->xq, blocks, 0)));
 }
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_vnni(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
@@ -886,13 +958,14 @@ static int panel_cols(job_t *j, int64_t n0, int64_t n1) {
                 memset(row, 0, (size_t)Kp);
             } else {
 #ifdef BITLAB_X86
-                if (j->wfmt == W_TERNARY) unpack_tern_row_avx2((const uint8_t *)j->w + (n + c) * (Kp / 4), row, Kp);
-                else
-#endif
-                {
-                    memcpy(row, (const int8_t *)j->w + (n + c) * j->K, (size_t)j->K);
-                    memset(row + j->K, 0, (size_t)(Kp - j->K));
+                if (j->wfmt == W_TERNARY) {
+                    unpack_tern_row_avx2((const uint8_t *)j->w + (n + c) * (Kp / 4), w8 + c * 128, (int64_t)NC * 128,
+                                         Kp, j->gs / 32, G, wsum + c * G);
+                    continue;
                 }
+#endif
+                memcpy(row, (const int8_t *)j->w + (n + c) * j->K, (size_t)j->K);
+                memset(row + j->K, 0, (size_t)(Kp - j->K));
                 for (int64_t g = 0; g < G; g++) {
                     int64_t k0 = g * j->gs, k1 = g == G - 1 ? Kp : k0 + j->gs;
                     wsum[c * G + g] = row_sum(j, row + k0, k1 - k0);
@@ -973,8 +1046,9 @@ static void run_thread(job_t *j, int tid, int nt) {
     } else {
         split(j->N, j->nr, tid, nt, &n0, &n1);
 #ifdef BITLAB_X86
-        if (j->isa == ISA_VNNI && j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2) {
-            bitlab_decode_vnni(j, n0, n1);
+        if (j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2 && j->isa >= ISA_AVX2) {
+            if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
+            else decode_avx2(j, n0, n1);
             return;
         }
 #endif
