@@ -96,3 +96,32 @@ def test_pt2_round_trip_in_a_fresh_process(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_export_frontend_quantizes_hf_conv1d_and_switches_attention_dropout():
+    """GPT-2's Conv1D exports as addmm(bias, x, weight[in, out]); its attention bakes dropout_p into sdpa."""
+    pytest.importorskip("transformers")
+    from _hf_tiny import build
+
+    model, ex, _, head = build("gpt2")
+    model.config.use_cache = False
+    pm = bfx.prepare_qat(model, bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name(head, None), ex,
+                         frontend="export")
+    rows = [r for r in bfx.summary(pm).rows if r["type"] == "Conv1D"]
+    assert len(rows) == 8 and all(r["weight"] == "ternary" for r in rows)
+    assert rows[0]["layer"] == "transformer.h.0.attn.c_attn"
+
+    def logits(m):
+        with torch.no_grad():
+            out = m(*ex)
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+
+    pm.train()
+    assert not torch.equal(logits(pm), logits(pm))  # attention (and residual) dropout on
+    pm.eval()
+    a = logits(pm)
+    assert torch.equal(a, logits(pm))  # ... and off: the exported dropout_p=0.1 no longer applies
+    cm = bfx.convert(pm)
+    assert _ops(cm) == ["bitlab.ternary_linear.default"] * 8
+    b = logits(cm)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4

@@ -1,9 +1,11 @@
 """Pass 1 for ``frontend="export"``: bring a ``torch.export`` graph to the form the other passes use.
 
 ``aten.linear(x, get_attr[fc1.weight], get_attr[fc1.bias])`` becomes ``F.linear(...)`` (``aten.conv2d`` ->
-``F.conv2d`` with explicit stride/padding/dilation/groups) with a :class:`LayerMeta` whose ``fqn`` is the
+``F.conv2d`` with explicit stride/padding/dilation/groups; an HF ``Conv1D``'s ``aten.addmm`` ->
+``F.linear(x, torch.t(weight), bias)``) with a :class:`LayerMeta` whose ``fqn`` is the
 original module's name from ``node.meta["nn_module_stack"]``, so mapping rules match as with fx.
-``aten.dropout(x, p, train)`` becomes an ``nn.Dropout`` call so that ``.train()``/``.eval()`` switch it, and
+``aten.dropout(x, p, train)`` becomes an ``nn.Dropout`` call (and an attention's baked ``dropout_p`` an
+:class:`AttentionDropout` call) so that ``.train()``/``.eval()`` switch it, and
 the graph is re-wrapped as a plain GraphModule (``ExportedProgram.module()`` refuses ``.train()``).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import META, LayerMeta, unique_name
+from ._common import META, LayerMeta, is_hf_conv1d, unique_name
 from .normalize import _module_kind, _pair
 
 aten = torch.ops.aten
@@ -59,12 +61,69 @@ def _layer_meta(node: fx.Node, model: nn.Module, op: str, func) -> Optional[Laye
     return LayerMeta(fqn=fqn, object_type=func, op=op, weight=w.target, bias=None if b is None else b.target)
 
 
+def _hf_conv1d_meta(gm: fx.GraphModule, node: fx.Node, model: nn.Module) -> Optional[LayerMeta]:
+    """HF GPT-2 ``Conv1D`` exports as ``addmm(bias, x2d, weight)`` with the weight stored ``[in, out]``: rewrite it
+    to ``F.linear(x2d, torch.t(weight), bias)``, the form the fx frontend gives it (parameters unchanged)."""
+    if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+        return None
+    b, x, w = node.args
+    if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (b, w)):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if not is_hf_conv1d(module) or w.target != f"{path}.weight" or b.target != f"{path}.bias":
+        return None
+    with gm.graph.inserting_before(node):
+        wt = gm.graph.call_function(torch.t, (w,))
+    node.target, node.args, node.kwargs = F.linear, (x, wt, b), {}
+    return LayerMeta(fqn=path, object_type=type(module), op="linear", weight=w.target, bias=b.target, transposed=True)
+
+
 def _dropout_to_module(gm: fx.GraphModule, node: fx.Node) -> None:
     x, p = node.args[0], node.args[1]
     name = unique_name(gm, "dropout")
     gm.add_submodule(name, nn.Dropout(p))
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(name, (x,))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+class AttentionDropout(nn.Module):
+    """``aten.scaled_dot_product_attention`` whose ``dropout_p`` follows ``.train()``/``.eval()``: torch.export
+    bakes the ``dropout_p`` of the mode the model was exported in (HF attention passes ``p if training else 0``)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        return aten.scaled_dot_product_attention.default(q, k, v, attn_mask, self.p if self.training else 0.0,
+                                                         is_causal, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _attention_dropout_to_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    p = bound.pop("dropout_p", 0.0)
+    if not isinstance(p, (int, float)) or p == 0:
+        return
+    name = unique_name(gm, "attention_dropout")
+    gm.add_submodule(name, AttentionDropout(float(p)))
+    q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (q, k, v), bound)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -93,8 +152,14 @@ def normalize_export(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
                 skipped[node.name] = f"aten.{op} whose weight/bias are not parameters, or string padding"
             else:
                 node.meta[META] = meta
+        elif node.target is aten.addmm.default:
+            meta = _hf_conv1d_meta(gm, node, model)
+            if meta is not None:
+                node.meta[META] = meta
         elif node.target in (aten.dropout.default, aten.dropout_.default):
             _dropout_to_module(gm, node)
+        elif node.target is aten.scaled_dot_product_attention.default:
+            _attention_dropout_to_module(gm, node)
     gm = _plain_graph_module(gm)
     gm.graph.lint()
     gm.recompile()

@@ -1066,7 +1066,7 @@ int bitlab_set_panel_min_m(int m) {
 
 static int use_panel(job_t *j) {
 #ifdef BITLAB_X86
-    int min_m = g_panel_min_m > 0 ? g_panel_min_m : (j->isa == ISA_VNNI ? 12 : 32);
+    int min_m = g_panel_min_m > 0 ? g_panel_min_m : (j->isa == ISA_VNNI ? 12 : 64);
     if (j->isa < ISA_AVX2 || j->M < min_m) return 0;
     if (j->wfmt == W_INT8 && (j->isa != ISA_VNNI || j->gs % 4)) return 0; /* maddubs would saturate */
     if (j->isa == ISA_VNNI && j->M <= 16) { j->pnc = 24; j->pmt = 16; }
