@@ -13,12 +13,18 @@
  *
  * Ternary weights are packed as codes c = w + 1 in {0,1,2} (see quant/packing.py): in each
  * 128-wide block, byte j holds k = j, j+32, j+64, j+96 in bits 0-1, 2-3, 4-5, 6-7. A "run" below
- * is 32 consecutive k (run r of block b covers k = 128b + 32r .. +31). The kernels compute
- * sum(xq * c) with unsigned codes and subtract sum(xq) once per row (and group).
+ * is 32 consecutive k (run r of block b covers k = 128b + 32r .. +31). The small-M kernels compute
+ * sum(xq * c) with unsigned codes and subtract sum(xq) once per row (and group); the batched GEMM
+ * computes sum((xq + 128) * w) with signed w and subtracts 128 * sum(w) (same integers).
  *
- * ISA: scalar (portable), AVX2 (maddubs, int16 partial sums flushed to int32 every 32 runs:
- * |pair| <= 2*2*128 = 512, 32 runs -> <= 16384), AVX-512 VNNI on 256-bit vectors (vpdpbusd,
- * int32 accumulation). Chosen at run time with __builtin_cpu_supports.
+ * Paths, per call: M == 1 (ternary, per-tensor/per-channel scales): decode_avx2/decode_vnni, one
+ * loop over a thread's rows in 4-row tiles with a vector epilogue. Small M: dot-product tiles of
+ * up to 4 rows x 4 tokens through function tables. M >= the batched threshold: panel_cols, tokens
+ * in vector lanes (see "Batched GEMM" below).
+ *
+ * ISA: scalar (portable), AVX2 (maddubs, int16 partial sums flushed to int32 before they can
+ * overflow), AVX-512 VNNI (vpdpbusd, int32 accumulation; 256-bit vectors except in the batched
+ * GEMM, which uses all 32 zmm registers). Chosen at run time with __builtin_cpu_supports.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -797,11 +803,85 @@ static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
     for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows(w + n * stride, stride, 1, j->xq, blocks, 0)));
 }
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_vnni(j, n0, n1); }
+
+/* Decode with int8 weights (M == 1, VNNI): vpdpbusd wants one unsigned operand, so the activations go
+ * in as xq + 128 (u8) and each row's sum of weights, from a second vpdpbusd against ones, takes
+ * 128 * sum(w) back out: exact for every xq including -128. Rows are K bytes (not padded): whole
+ * 32-byte chunks here, the tail in scalar code. */
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
+decode_rows_i8(const int8_t *w, int64_t stride, const int NR, const uint8_t *xu, int64_t chunks, int64_t pf,
+               __m128i *wsum4) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256i a[4], s[4];
+    for (int n = 0; n < 4; n++) a[n] = s[n] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xu + c * 32));
+        if (pf && !(c & 1))
+            for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * stride + pf + c * 32), _MM_HINT_T0);
+        for (int n = 0; n < NR; n++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + n * stride + c * 32));
+            a[n] = _mm256_dpbusd_epi32(a[n], xv, wv);
+            s[n] = _mm256_dpbusd_epi32(s[n], ones, wv);
+            PINV(a[n]); PINV(s[n]);
+        }
+    }
+    *wsum4 = sum4_rows(s[0], s[1], s[2], s[3]);
+    return sum4_rows(a[0], a[1], a[2], a[3]);
+}
+
+static TGT_VNNI int decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t K = j->K, chunks = K / 32;
+    const int8_t *w = (const int8_t *)j->w;
+    uint8_t *xu = (uint8_t *)malloc((size_t)(chunks * 32 + 1));
+    if (!xu) return -1;
+    for (int64_t k = 0; k < chunks * 32; k++) xu[k] = (uint8_t)(j->xq[k] ^ 0x80);
+    int64_t n = n0;
+    for (; n < n1; n += 4) {
+        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        int64_t pf = n + 8 <= n1 ? 4 * K : 0; /* the next tile's rows */
+        int32_t t[4], ws[4];
+        if (nr == 4) {
+            __m128i wsum, acc = decode_rows_i8(w + n * K, K, 4, xu, chunks, pf, &wsum);
+            _mm_storeu_si128((__m128i *)t, acc);
+            _mm_storeu_si128((__m128i *)ws, wsum);
+        } else { /* one row at a time in the ragged end */
+            for (int r = 0; r < nr; r++) {
+                __m128i wr, ar = decode_rows_i8(w + (n + r) * K, K, 1, xu, chunks, 0, &wr);
+                t[r] = _mm_cvtsi128_si32(ar);
+                ws[r] = _mm_cvtsi128_si32(wr);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            const int8_t *row = w + (n + r) * K;
+            int32_t tail = 0;
+            for (int64_t k = chunks * 32; k < K; k++) tail += (int32_t)row[k] * j->xq[k];
+            /* = sum_k xq * w; the partial sums may wrap, the result is exact mod 2^32 (and in range) */
+            t[r] = (int32_t)((uint32_t)t[r] - 128u * (uint32_t)ws[r] + (uint32_t)tail);
+        }
+        if (nr == 4) {
+            __m128i exact = _mm_loadu_si128((const __m128i *)t);
+            __m128 wsc = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
+            __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(exact), wsc), _mm_set1_ps(j->s[0]));
+            if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
+            _mm_storeu_ps(j->out + n, y);
+        } else {
+            for (int r = 0; r < nr; r++) {
+                float y = (float)t[r] * j->ws[j->ws_kind ? n + r : 0] / j->s[0];
+                if (j->bias) y = y + j->bias[n + r];
+                j->out[n + r] = y;
+            }
+        }
+    }
+    free(xu);
+    return 0;
+}
+int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) { return decode_i8_vnni(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
 #else
 extern const panel_fn bitlab_panel_v512;
 extern const panel_fn bitlab_panel_v512_16;
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1);
+int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1);
 #endif
 #endif /* BITLAB_X86 */
 
@@ -902,7 +982,7 @@ static inline float rescale(const job_t *j, const int32_t *accg, int64_t n, int6
 /* the same from a panel tile: tile[g][c][mm] - 128 * sum of the group's weights */
 static inline float rescale_panel(const job_t *j, const int32_t *tile, int64_t gstride, const int32_t *wsum,
                                   int64_t n, int64_t m) {
-    RESCALE_BODY(tile[g * gstride] - 128 * wsum[g])
+    RESCALE_BODY((int32_t)((uint32_t)tile[g * gstride] - 128u * (uint32_t)wsum[g])) /* exact mod 2^32 */
 }
 
 static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
@@ -1049,6 +1129,15 @@ static void run_thread(job_t *j, int tid, int nt) {
         if (j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2 && j->isa >= ISA_AVX2) {
             if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
             else decode_avx2(j, n0, n1);
+            return;
+        }
+        if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_VNNI) {
+            if (bitlab_decode_i8_vnni(j, n0, n1) != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                j->failed = 1;
+            }
             return;
         }
 #endif
