@@ -102,19 +102,30 @@ def dynamic_int8(lin: nn.Linear):
         return None
 
 
-def dram_gbs(n: int, k: int, llc: int, quick: bool, big) -> tuple:
+WEIGHTS = {  # --weights: the converted layer's weight format and the op a decoder sweep calls
+    "ternary": (lambda: bfx.ternary(), lambda n, k: torch.randint(0, 255, (n, (k + 127) // 128 * 32), dtype=torch.uint8),
+                lambda x, w, ws, k: torch.ops.bitlab.ternary_linear(x, w, ws, None, "per_token", None, k)),
+    "int4": (lambda: bfx.QuantConfig(weight=bfx.IntWeight(4), input="int8"),
+             lambda n, k: torch.randint(0, 255, (n, (k + 1) // 2), dtype=torch.uint8),
+             lambda x, w, ws, k: torch.ops.bitlab.int4_linear(x, w, ws, None, "per_token", None, k)),
+    "int8": (lambda: bfx.int8(), lambda n, k: torch.randint(-127, 128, (n, k), dtype=torch.int8),
+             lambda x, w, ws, k: torch.ops.bitlab.int8_linear(x, w, ws, None, "per_token", None)),
+}
+
+
+def dram_gbs(n: int, k: int, llc: int, quick: bool, big, fmt: str = "ternary") -> tuple:
     """M=1 through the op, rotating over enough layers that the packed weights exceed the LLC; timed in
     rounds alternating with the 1 GiB read-bandwidth probe. Returns (best GB/s, best probe GB/s)."""
-    one = torch.randint(0, 255, (n, (k + 127) // 128 * 32), dtype=torch.uint8)
+    _, make, call = WEIGHTS[fmt]
+    one = make(n, k)
     target = (1 << 30) if quick else int(2.5 * llc)
     layers = max(2, min(2048, target // one.numel()))
     weights = [one.clone() for _ in range(layers)]
     ws, x = torch.rand(n), torch.randn(1, k)
-    op = torch.ops.bitlab.ternary_linear
 
     def sweep():
         for w in weights:
-            op(x, w, ws, None, "per_token", None, k)
+            call(x, w, ws, k)
 
     sweep()
     kernel, probe = [], []
@@ -133,9 +144,15 @@ def _timed(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes/batches, shorter timings")
-    ap.add_argument("--json", default="benchmarks/results/bench_linear.json",
-                    help="also write the rows here (read by docs/make_plots.py); '' to skip")
+    ap.add_argument("--weights", choices=sorted(WEIGHTS), default="ternary",
+                    help="weight format of the converted layer (ternary: the issue's kernel; int4/int8: the low-bit ops)")
+    ap.add_argument("--json", default=None,
+                    help="also write the rows here (default benchmarks/results/bench_linear.json, read by "
+                         "docs/make_plots.py; bench_linear_<weights>.json for int4/int8); '' to skip")
     args = ap.parse_args()
+    if args.json is None:
+        suffix = "" if args.weights == "ternary" else f"_{args.weights}"
+        args.json = f"benchmarks/results/bench_linear{suffix}.json"
     shapes = SHAPES[:2] if args.quick else SHAPES
     batches = [1, 32] if args.quick else BATCHES
     budget = 0.08 if args.quick else 0.2
@@ -152,11 +169,11 @@ def main():
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         s8 = torch.rand(n)
         dyn = dynamic_int8(nn.Linear(k, n))
-        model = bfx.convert(bfx.prepare_qat(nn.Sequential(lin), bfx.ternary()).eval())
+        model = bfx.convert(bfx.prepare_qat(nn.Sequential(lin), WEIGHTS[args.weights][0]()).eval())
         qlin = model.get_submodule("0")
-        packed, wsc, qb = qlin.packed_weight, qlin.weight_scale, qlin.bias
+        packed, wsc, qb = qlin.stored_weight, qlin.weight_scale, qlin.bias
         packed_bytes = packed.numel()
-        dram, probe = dram_gbs(n, k, llc, args.quick, big)
+        dram, probe = dram_gbs(n, k, llc, args.quick, big, args.weights)
         for m in batches:
             x = torch.randn(m, k)
             xb = x.bfloat16()
@@ -167,7 +184,7 @@ def main():
                     fns["dyn"] = lambda: dyn(x)
                 t = bench_all(fns, budget)
                 t32, t16, t8, tk, tdyn = t["fp32"], t["bf16"], t["int8wo"], t["bitlab"], t.get("dyn", float("nan"))
-                small = n * k <= 4096 * 4096 and m <= 32 and not args.quick
+                small = n * k <= 4096 * 4096 and m <= 32 and not args.quick and args.weights == "ternary"
                 tref = bench(lambda: reference.ternary_linear(x, packed, wsc, qb), 0.05, repeats=1) \
                     if small else float("nan")
             rows.append([f"{n}x{k}", m, t32, t16, t8, tdyn, tref, tk, t32 / tk, t16 / tk, t8 / tk,
@@ -184,7 +201,7 @@ def main():
     except OSError:
         pass
     print()
-    print(f"machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
+    print(f"weights: {args.weights}; machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
           f"torch {torch.__version__}; {datetime.date.today()}")
     print(f"memory bandwidth (1 GiB sum, same run): {bw:.1f} GB/s at the start; LLC {llc >> 20} MiB; the DRAM "
           f"column is % of the same probe re-measured in rounds alternating with that row's sweep")
@@ -197,7 +214,7 @@ def main():
     print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".1f", missingval=""))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        meta = {"machine": cpu_name, "threads": torch.get_num_threads(), "isa": cpu.set_isa(None),
+        meta = {"weights": args.weights, "machine": cpu_name, "threads": torch.get_num_threads(), "isa": cpu.set_isa(None),
                 "torch": torch.__version__, "date": str(datetime.date.today()), "bandwidth_gbs": bw}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [dict(zip(headers, r)) for r in rows]}, f, indent=1,

@@ -210,19 +210,25 @@ def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups
 
 
 def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    """2..4-bit weights: unpacked to int8 per call (a cheap vectorised pass over N*K/2 bytes), then the
-    int8 kernel. Storage stays at 4 bits per weight; a dedicated nibble kernel would save the unpack."""
+    """2..4-bit weights straight from their nibbles (two per byte): the decode loop at M=1, the batched GEMM
+    otherwise; CPUs without AVX2 (and scale groups that do not cover whole 64-k chunks) unpack to int8 in C."""
     _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
-    w8 = unpack_int4(packed_weight, x.shape[-1])
-    return int8_linear(x, w8, weight_scale, bias, act, act_scale)
+    lib = kernel_library()
+    if lib is None or not _supported(x, weight_scale, act, ternary=False):
+        return reference.int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, act_scale)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                 act="per_token", act_scale=None):
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                               act, act_scale)
-    w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-    return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+    lib = kernel_library()
+    if lib is None or groups != 1 or act == "none":
+        w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
+        return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+    return _conv_im2col(lib, 2, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
+                        act_scale)
 
 
 _registered = False

@@ -47,7 +47,7 @@
 #define MAXT 4 /* max register tile in n and in m */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
-enum { W_TERNARY = 0, W_INT8 = 1 };
+enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
 enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
 
 #if BITLAB_PART != 2
@@ -561,18 +561,39 @@ static inline __attribute__((always_inline)) TGT_AVX2 __m128i sum4_rows(__m256i 
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job_t *j, int64_t n, __m128i acc) {
+/* acc = sum(code * xq) with unsigned codes = w + off (off 1 for ternary, 8 for int4): subtract off * sum(xq) */
+static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job_t *j, int64_t n, __m128i acc,
+                                                                       int32_t off) {
     __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
-    __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(acc, _mm_set1_epi32(j->gsum[0]))), ws),
-                          _mm_set1_ps(j->s[0]));
+    __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[0])));
+    __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(exact), ws), _mm_set1_ps(j->s[0]));
     if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
     _mm_storeu_ps(j->out + n, y);
 }
 
-static inline __attribute__((always_inline)) void store1_row(const job_t *j, int64_t n, int32_t acc) {
-    float y = (float)(acc - j->gsum[0]) * j->ws[j->ws_kind ? n : 0] / j->s[0];
+static inline __attribute__((always_inline)) void store1_row(const job_t *j, int64_t n, int32_t acc, int32_t off) {
+    int32_t exact = (int32_t)((uint32_t)acc - (uint32_t)off * (uint32_t)j->gsum[0]);
+    float y = (float)exact * j->ws[j->ws_kind ? n : 0] / j->s[0];
     if (j->bias) y = y + j->bias[n];
     j->out[n] = y;
+}
+
+/* int4 weights (two per byte, low nibble = even k, two's complement): a 64-k chunk is 32 bytes.
+ * Unsigned codes u = w + 8 in [0, 15] are (nibble ^ 8). The kernels work on a per-chunk permutation
+ * of k, even k first, then odd k (so a chunk's low nibbles pair with xq[64c + 2i] and its high
+ * nibbles with xq[64c + 2i + 1]); quant_rows stores xq in that order for W_INT4. */
+static inline __attribute__((always_inline)) TGT_AVX2 void i4_codes(__m256i v, __m256i *lo, __m256i *hi) {
+    const __m256i m15 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    *lo = _mm256_xor_si256(_mm256_and_si256(v, m15), eight);
+    *hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), eight);
+}
+
+/* 32 packed bytes of chunk c of a row of rb bytes; the ragged last chunk through a zeroed copy */
+static inline __attribute__((always_inline)) TGT_AVX2 __m256i i4_load(const uint8_t *row, int64_t rb, int64_t c) {
+    if ((c + 1) * 32 <= rb) return _mm256_loadu_si256((const __m256i *)(row + c * 32));
+    uint8_t t[32] = {0};
+    if (c * 32 < rb) memcpy(t, row + c * 32, (size_t)(rb - c * 32));
+    return _mm256_loadu_si256((const __m256i *)t);
 }
 
 static inline __attribute__((always_inline)) int32_t load_i32(const int8_t *p) {
@@ -584,13 +605,14 @@ static inline __attribute__((always_inline)) int32_t load_i32(const int8_t *p) {
 /* AVX2: maddubs(u8 act, s8 w) -> int16 pairs (|pair| <= 2*255 = 510), summed in int16 for up to
  * 64 steps (<= 32640), then madd with ones into int32. */
 #if BITLAB_PART != 2
-static TGT_AVX2 void panel_avx2(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+static inline __attribute__((always_inline)) TGT_AVX2 void
+panel_avx2_body(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile, const int FLUSH_STEPS) {
     enum { MT = PANEL_AVX2_MT };
     const __m256i one16 = _mm256_set1_epi16(1);
     memset(tile, 0, sizeof(int32_t) * PANEL_AVX2_NC * MT);
     int64_t q = q0;
     while (q < q1) { /* 8 named int16 accumulators stay in registers; int32 sums live in the tile */
-        int64_t lim = q + 64 < q1 ? q + 64 : q1;
+        int64_t lim = q + FLUSH_STEPS < q1 ? q + FLUSH_STEPS : q1;
 #define AVX2_ROWS(X) X(0) X(1) X(2) X(3)
 #define DECL(c) __m256i a##c##_0 = _mm256_setzero_si256(), a##c##_1 = _mm256_setzero_si256();
         AVX2_ROWS(DECL)
@@ -620,6 +642,77 @@ static TGT_AVX2 void panel_avx2(const int8_t *w8, const uint8_t *xt, int64_t q0,
 #undef FLUSH
 #undef AVX2_ROWS
     }
+}
+
+/* |w| <= 1 (ternary): 64 steps of |pair| <= 510; int4 (|w| <= 8, |pair| <= 4080): 8 steps */
+static TGT_AVX2 void panel_avx2(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    panel_avx2_body(w8, xt, q0, q1, tile, 64);
+}
+static TGT_AVX2 void panel_avx2_i4(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    panel_avx2_body(w8, xt, q0, q1, tile, 8);
+}
+
+/* One int4 row (rb packed bytes) -> signed w in the permuted chunk order, into the blocked panel layout
+ * (128 bytes = 2 chunks per block, blocks dst_stride apart), and each group's sum of w (groups of
+ * gchunks chunks, the last one to Kp) into wsum[]. */
+static TGT_AVX2 void unpack_i4_row_avx2(const uint8_t *src, int64_t rb, int8_t *dst, int64_t dst_stride, int64_t Kp,
+                                        int64_t gchunks, int64_t G, int32_t *wsum) {
+    const __m256i eight = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
+    const int64_t chunks = Kp / 64;
+    __m256i cs = zero;
+    int64_t g = 0, gend = G > 1 ? gchunks : chunks, gstart = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256i lo, hi;
+        i4_codes(i4_load(src, rb, c), &lo, &hi);
+        int8_t *d = dst + (c >> 1) * dst_stride + (c & 1) * 64;
+        _mm256_storeu_si256((__m256i *)d, _mm256_sub_epi8(lo, eight));
+        _mm256_storeu_si256((__m256i *)(d + 32), _mm256_sub_epi8(hi, eight));
+        cs = _mm256_add_epi64(cs, _mm256_add_epi64(_mm256_sad_epu8(lo, zero), _mm256_sad_epu8(hi, zero)));
+        if (c + 1 == gend) {
+            int64_t t[4];
+            _mm256_storeu_si256((__m256i *)t, cs);
+            wsum[g] = (int32_t)(t[0] + t[1] + t[2] + t[3] - (c + 1 - gstart) * 64 * 8);
+            cs = zero;
+            gstart = c + 1;
+            g++;
+            gend = g == G - 1 ? chunks : gend + gchunks;
+        }
+    }
+}
+
+/* Decode (M == 1) with int4 weights on AVX2: maddubs(u, xq) pairs <= 2 * 15 * 128 = 3840, two per chunk
+ * into one int16 accumulator per row, widened every 4 chunks (<= 30720). */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i a32[4];
+    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
+    int64_t c = 0;
+    while (c < chunks) {
+        int64_t lim = c + 4 < chunks ? c + 4 : chunks;
+        __m256i a16[4];
+        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
+        for (; c < lim; c++) {
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
+            for (int n = 0; n < NR; n++) {
+                __m256i lo, hi;
+                i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
+                a16[n] = _mm256_add_epi16(a16[n], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe),
+                                                                   _mm256_maddubs_epi16(hi, xo)));
+            }
+        }
+        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
+    }
+    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
+}
+
+static TGT_AVX2 void decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
+    const uint8_t *w = (const uint8_t *)j->w;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) store4_rows(j, n, decode_rows_i4_avx2(w + n * rb, rb, 4, j->xq, chunks), 8);
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4_avx2(w + n * rb, rb, 1, j->xq, chunks)), 8);
 }
 
 /* Decode (M == 1) on AVX2: like the VNNI loop below, 4 rows per tile in one function, but maddubs
@@ -661,9 +754,9 @@ static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
         int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf));
+        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
     }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)));
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
 }
 
 /* One packed ternary row of Kp (a multiple of 128) weights -> signed w = code - 1, written straight
@@ -798,9 +891,9 @@ static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
         int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows(w + n * stride, stride, 4, j->xq, blocks, pf));
+        store4_rows(j, n, decode_rows(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
     }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows(w + n * stride, stride, 1, j->xq, blocks, 0)));
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
 }
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_vnni(j, n0, n1); }
 
@@ -876,12 +969,47 @@ static TGT_VNNI int decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) {
     return 0;
 }
 int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) { return decode_i8_vnni(j, n0, n1); }
+
+/* Decode with int4 weights (VNNI): vpdpbusd(u = w + 8, xq) per half-chunk, one chain per row and parity. */
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
+decode_rows_i4(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+    __m256i a[4][2];
+    for (int n = 0; n < 4; n++) a[n][0] = a[n][1] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
+        __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
+        if (pf && !(c & 1))
+            for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * rb + pf + c * 32), _MM_HINT_T0);
+        for (int n = 0; n < NR; n++) {
+            __m256i lo, hi;
+            i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
+            a[n][0] = _mm256_dpbusd_epi32(a[n][0], lo, xe);
+            a[n][1] = _mm256_dpbusd_epi32(a[n][1], hi, xo);
+            PINV(a[n][0]); PINV(a[n][1]);
+        }
+    }
+    return sum4_rows(_mm256_add_epi32(a[0][0], a[0][1]), _mm256_add_epi32(a[1][0], a[1][1]),
+                     _mm256_add_epi32(a[2][0], a[2][1]), _mm256_add_epi32(a[3][0], a[3][1]));
+}
+
+static TGT_VNNI void decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
+    const uint8_t *w = (const uint8_t *)j->w;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        int64_t pf = n + 8 <= n1 ? 4 * rb : 0; /* the next tile's rows */
+        store4_rows(j, n, decode_rows_i4(w + n * rb, rb, 4, j->xq, chunks, pf), 8);
+    }
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4(w + n * rb, rb, 1, j->xq, chunks, 0)), 8);
+}
+void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_i4_vnni(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
 #else
 extern const panel_fn bitlab_panel_v512;
 extern const panel_fn bitlab_panel_v512_16;
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1);
 int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
 #endif
 #endif /* BITLAB_X86 */
 
@@ -940,6 +1068,17 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
             *m128 |= row_quant(j, j->x + m * j->K, j->K, j->s[m], q);
         }
         memset(q + j->K, 0, (size_t)(j->Kp - j->K));
+        if (j->wfmt == W_INT4) { /* each 64-k chunk: even k first, then odd k (see i4_codes) */
+            int8_t t[64];
+            for (int64_t c = 0; c < j->Kp / 64; c++) {
+                int8_t *p = q + c * 64;
+                for (int i = 0; i < 32; i++) {
+                    t[i] = p[2 * i];
+                    t[32 + i] = p[2 * i + 1];
+                }
+                memcpy(p, t, 64);
+            }
+        }
         if (j->xt) { /* this row's 4-byte groups, offset to unsigned, into its lane of its tile */
             const int64_t Q = j->Kp / 4, mt = j->pmt;
             uint8_t *dst = j->xt + (m / mt) * Q * mt * 4 + (m % mt) * 4;
@@ -1028,7 +1167,7 @@ static int panel_cols(job_t *j, int64_t n0, int64_t n1) {
     panel_fn fn = NULL;
 #ifdef BITLAB_X86
     if (j->isa == ISA_VNNI) fn = MT == 16 ? bitlab_panel_v512_16 : bitlab_panel_v512;
-    else fn = panel_avx2;
+    else fn = j->wfmt == W_INT4 ? panel_avx2_i4 : panel_avx2;
 #endif
     memset(row, 0, (size_t)(Kb * 128));
     for (int64_t n = n0; n < n1; n += NC) {
@@ -1041,6 +1180,12 @@ static int panel_cols(job_t *j, int64_t n0, int64_t n1) {
                 if (j->wfmt == W_TERNARY) {
                     unpack_tern_row_avx2((const uint8_t *)j->w + (n + c) * (Kp / 4), w8 + c * 128, (int64_t)NC * 128,
                                          Kp, j->gs / 32, G, wsum + c * G);
+                    continue;
+                }
+                if (j->wfmt == W_INT4) {
+                    const int64_t rb = (j->K + 1) / 2;
+                    unpack_i4_row_avx2((const uint8_t *)j->w + (n + c) * rb, rb, w8 + c * 128, (int64_t)NC * 128, Kp,
+                                       j->gs / 64, G, wsum + c * G);
                     continue;
                 }
 #endif
@@ -1131,6 +1276,11 @@ static void run_thread(job_t *j, int tid, int nt) {
             else decode_avx2(j, n0, n1);
             return;
         }
+        if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else use_panel took it) */
+            if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
+            else decode_i4_avx2(j, n0, n1);
+            return;
+        }
         if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_VNNI) {
             if (bitlab_decode_i8_vnni(j, n0, n1) != 0) {
 #ifdef _OPENMP
@@ -1156,6 +1306,8 @@ int bitlab_set_panel_min_m(int m) {
 static int use_panel(job_t *j) {
 #ifdef BITLAB_X86
     int min_m = g_panel_min_m > 0 ? g_panel_min_m : (j->isa == ISA_VNNI ? 12 : 64);
+    if (j->wfmt == W_INT4) /* int4 runs the decode loop (M == 1, one scale group) or the batched GEMM */
+        min_m = j->M == 1 && j->ws_kind != 2 ? 2 : 1;
     if (j->isa < ISA_AVX2 || j->M < min_m) return 0;
     if (j->wfmt == W_INT8 && (j->isa != ISA_VNNI || j->gs % 4)) return 0; /* maddubs would saturate */
     if (j->isa == ISA_VNNI && j->M <= 16) { j->pnc = 24; j->pmt = 16; }
@@ -1168,9 +1320,30 @@ static int use_panel(job_t *j) {
 #endif
 }
 
+/* int4 rows ((K + 1) / 2 bytes) -> int8 [N, K] (the fallback where the int4 loops do not apply) */
+static void unpack_i4_scalar(const uint8_t *src, int64_t N, int64_t K, int8_t *dst) {
+    const int64_t rb = (K + 1) / 2;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) {
+            uint8_t b = src[n * rb + k / 2];
+            int v = (k & 1) ? b >> 4 : b & 15;
+            dst[n * K + k] = (int8_t)((v ^ 8) - 8);
+        }
+}
+
 static int run_job(job_t *j, int nthreads) {
     j->isa = isa();
-    j->Kp = j->wfmt == W_TERNARY ? (j->K + 127) / 128 * 128 : (j->K + 31) / 32 * 32;
+    if (j->wfmt == W_INT4 && (j->isa < ISA_AVX2 || (j->ws_kind == 2 && j->gs % 64))) {
+        int8_t *w8 = (int8_t *)malloc((size_t)(j->N * j->K) + 1);
+        if (!w8) return -1;
+        unpack_i4_scalar((const uint8_t *)j->w, j->N, j->K, w8);
+        j->w = w8;
+        j->wfmt = W_INT8;
+        int rc = run_job(j, nthreads);
+        free(w8);
+        return rc;
+    }
+    j->Kp = j->wfmt == W_INT8 ? (j->K + 31) / 32 * 32 : (j->K + 127) / 128 * 128;
     if (j->ws_kind != 2) { j->G = 1; j->gs = j->Kp; }
     if (j->M <= 0 || j->N <= 0) return 0;
     if (j->M == 1) { j->nr = 4; j->mr = 1; }
