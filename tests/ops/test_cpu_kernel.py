@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import bitlab_fx  # noqa: F401  (defines torch.ops.bitlab)
 from bitlab_fx.ops import cpu, reference
-from bitlab_fx.quant.packing import pack_ternary
+from bitlab_fx.quant.packing import pack_int4, pack_ternary
 
 LIB = cpu.kernel_library()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="CPU kernel could not be built here")
@@ -159,8 +159,48 @@ def test_empty_batch_and_act_none():
     y = torch.ops.bitlab.ternary_linear(torch.randn(0, 70), p, ws, None)
     assert y.shape == (0, 5)
     x = torch.randn(3, 70)
-    _assert_same(torch.ops.bitlab.ternary_linear(x, p, ws, None, "none"),
-                 reference.ternary_linear(x, p, ws, None, "none"))
+    torch.testing.assert_close(torch.ops.bitlab.ternary_linear(x, p, ws, None, "none"),
+                               reference.ternary_linear(x, p, ws, None, "none"), rtol=1e-5, atol=1e-5)
+
+
+def _weight_only(fmt, x, wq, ws, bias):
+    """(kernel, reference) of the weight-only op (act="none") for one weight format."""
+    k = x.shape[-1]
+    if fmt == "ternary":
+        p = pack_ternary(wq)
+        return (torch.ops.bitlab.ternary_linear(x, p, ws, bias, "none", None, k),
+                reference.ternary_linear(x, p, ws, bias, "none", None))
+    if fmt == "int4":
+        p = pack_int4(wq)
+        return (torch.ops.bitlab.int4_linear(x, p, ws, bias, "none", None, k),
+                reference.int4_linear(x, p, ws, bias, "none", None, k))
+    return (torch.ops.bitlab.int8_linear(x, wq, ws, bias, "none", None),
+            reference.int8_linear(x, wq, ws, bias, "none", None))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["ternary", "int4", "int8"]), m=st.integers(0, 12), k=st.integers(1, 300),
+       n=st.integers(1, 20), scale=st.sampled_from(["tensor", "channel", "group"]), has_bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_weight_only_matches_reference(isa, fmt, m, k, n, scale, has_bias, dtype, seed):
+    """act="none" (bfx.weight_only): float activations against integer weights straight from their packed form
+    (M <= 2) or expanded 4 rows at a time; float sums in another order than the reference's x @ (w * ws).T."""
+    gen = torch.Generator().manual_seed(seed)
+    if scale == "group":
+        k = max(2, k // 2 * 2)
+    lo, hi = {"ternary": (-1, 2), "int4": (-8, 8), "int8": (-127, 128)}[fmt]
+    wq = torch.randint(lo, hi, (n, k), dtype=torch.int8, generator=gen)
+    ws = {"tensor": torch.rand(1, generator=gen), "channel": torch.rand(n, generator=gen),
+          "group": torch.rand(n, 2, generator=gen)}[scale] + 0.01
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    y, r = _weight_only(fmt, x, wq, ws, bias)
+    assert y.shape == r.shape and y.dtype == r.dtype
+    if m:  # a few fp32 ulps of sum |x * w * ws|, plus the output dtype's rounding
+        bound = x.float().abs() @ wq.float().abs().t() * ws.max()
+        tol = 1e-5 * bound + (2 ** -7 if dtype == torch.bfloat16 else 1e-6) * r.float().abs() + 1e-6
+        assert ((y.float() - r.float()).abs() <= tol).all()
 
 
 @needs_kernel
@@ -223,7 +263,7 @@ _RUN_ONCE = """
     warnings.simplefilter("always")
     import bitlab_fx
     from bitlab_fx.ops import cpu, reference
-    from bitlab_fx.quant.packing import pack_ternary
+    from bitlab_fx.quant.packing import pack_int4, pack_ternary
     cache = os.environ["BITLAB_FX_CACHE_DIR"]
     compiled_at_import = os.path.isdir(cache) and bool(os.listdir(cache))
     torch.manual_seed(0)
@@ -266,3 +306,25 @@ def test_two_processes_compile_into_empty_cache_at_once(tmp_path):
         assert json.loads(out.strip().splitlines()[-1]) == {"abi": LIB.bitlab_abi_version()}
     files = os.listdir(tmp_path / "cache")
     assert len(files) == 1 and files[0].endswith(".so"), files  # no temp files left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["ternary", "int8", "int4"])
+def test_weight_only_conv2d_matches_reference(isa, fmt):
+    """act="none" conv2d (groups=1): the float input unfolded, then the weight-only linear."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 9, 9)
+    lo, hi = {"ternary": (-1, 2), "int4": (-8, 8), "int8": (-127, 128)}[fmt]
+    wq = torch.randint(lo, hi, (6, 3, 3, 3), dtype=torch.int8)
+    ws = torch.rand(6) + 0.01
+    conv = ([2, 1], [1, 2], [1, 1], 1, "none", None)
+    if fmt == "int8":
+        y = torch.ops.bitlab.int8_conv2d(x, wq, ws, None, *conv)
+        r = reference.int8_conv2d(x, wq, ws, None, *conv)
+    else:
+        pack = pack_ternary if fmt == "ternary" else pack_int4
+        op = torch.ops.bitlab.ternary_conv2d if fmt == "ternary" else torch.ops.bitlab.int4_conv2d
+        ref = reference.ternary_conv2d if fmt == "ternary" else reference.int4_conv2d
+        args = (pack(wq.reshape(6, -1)), ws, None, [6, 3, 3, 3], *conv)
+        y, r = op(x, *args), ref(x, *args)
+    torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-4)
