@@ -328,3 +328,37 @@ def test_weight_only_conv2d_matches_reference(isa, fmt):
         args = (pack(wq.reshape(6, -1)), ws, None, [6, 3, 3, 3], *conv)
         y, r = op(x, *args), ref(x, *args)
     torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_portable_build_without_x86_intrinsics(tmp_path):
+    """The source must build and be exact on CPUs that are not x86 (ARM...): compile it with the x86 paths
+    switched off, load it, and compare one op with the reference."""
+    import ctypes
+    from bitlab_fx.ops.cpu import _build
+
+    src = _build.SOURCE.read_text().replace("#if defined(__x86_64__) || defined(__i386__)", "#if 0", 1)
+    assert src != _build.SOURCE.read_text()
+    (tmp_path / "portable.c").write_text(src)
+    cc = _build.compiler()
+    objs = []
+    for part in (1, 2):
+        obj = tmp_path / f"p{part}.o"
+        subprocess.run(cc + _build.CFLAGS + ["-fopenmp", f"-DBITLAB_PART={part}", "-c", str(tmp_path / "portable.c"),
+                                             "-o", str(obj)], check=True, capture_output=True)
+        objs.append(str(obj))
+    so = tmp_path / "portable.so"
+    subprocess.run(cc + ["-shared", "-fopenmp"] + objs + ["-o", str(so), "-lm"], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(so))
+    assert lib.bitlab_best_isa() == 0  # scalar
+    torch.manual_seed(0)
+    m, k, n = 3, 200, 7
+    x, wq, ws = torch.randn(m, k), torch.randint(-1, 2, (n, k)), torch.rand(n) + 0.01
+    p = pack_ternary(wq)
+    out = torch.empty(m, n)
+    f = ctypes.c_void_p
+    lib.bitlab_linear.argtypes = [f, ctypes.c_int64, ctypes.c_int64, f, ctypes.c_int, ctypes.c_int64, f, ctypes.c_int,
+                                  ctypes.c_int64, f, ctypes.c_int, ctypes.c_float, f, ctypes.c_int]
+    assert lib.bitlab_linear(x.data_ptr(), m, k, p.data_ptr(), 0, n, ws.data_ptr(), 1, 1, None, 0, 0.0,
+                             out.data_ptr(), 2) == 0
+    assert torch.equal(out, reference.ternary_linear(x, p, ws, None))

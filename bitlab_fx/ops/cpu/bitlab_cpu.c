@@ -45,6 +45,10 @@
 #endif
 #define EPS 1e-5f
 #define MAXT 4 /* max register tile in n and in m */
+/* The VNNI decode loops accumulate run r of each 128-block as 4^r * sum(code * xq): a lane gains
+ * <= 4 * 128 * 128 per block in the last chain, so they fold into exact int32 sums every
+ * DECODE_MAX_RUNS / 4 blocks (2^31 / 65536 = 32768 blocks would wrap). */
+#define DECODE_MAX_RUNS (4 * 16384)
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
@@ -80,6 +84,11 @@ static int isa(void) {
     return g_isa;
 }
 #endif
+
+typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile);
+/* w8 is blocked: [Kp/128][NC][128], so row c of step q sits at a constant offset c * 128 from
+ * w8 + (q / 32) * NC * 128 + (q % 32) * 4 (no per-row pointer registers). */
+#define PANEL_W(w8, NC, q) ((w8) + ((q) >> 5) * (NC) * 128 + ((q) & 31) * 4)
 
 /* ------------------------------------------------------------------------------------------ */
 /* Work description shared by all threads.                                                     */
@@ -543,10 +552,6 @@ extern const tern_fn bitlab_tern_vnni[4][4];
 /* of PMT tokens at once, so a micro-kernel holds a PNC x PMT block of int32 sums in registers: */
 /*   tile[c][m] = sum_k (xq[m,k] + 128) * w[c,k]   and   sum_k xq*w = tile - 128 * sum_k w.     */
 /* ------------------------------------------------------------------------------------------ */
-typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile);
-/* w8 is blocked: [Kp/128][NC][128], so row c of step q sits at a constant offset c * 128 from
- * w8 + (q / 32) * NC * 128 + (q % 32) * 4 (no per-row pointer registers). */
-#define PANEL_W(w8, NC, q) ((w8) + ((q) >> 5) * (NC) * 128 + ((q) & 31) * 4)
 #define PANEL_AVX2_NC 4
 #define PANEL_AVX2_MT 16
 #define PANEL_V512_NC 12
@@ -852,7 +857,21 @@ const panel_fn bitlab_panel_v512_16 = panel_v512_16;
 /* (float)a * ws / s + bias.                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 static inline __attribute__((always_inline)) TGT_VNNI __m128i
+decode_rows_part(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf);
+
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
 decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+    if (blocks <= DECODE_MAX_RUNS / 4) return decode_rows_part(w, stride, NR, x, blocks, pf);
+    __m128i total = _mm_setzero_si128(); /* very long rows: exact int32 partial sums, added with wrap */
+    for (int64_t b = 0; b < blocks; b += DECODE_MAX_RUNS / 4) {
+        int64_t nb = blocks - b < DECODE_MAX_RUNS / 4 ? blocks - b : DECODE_MAX_RUNS / 4;
+        total = _mm_add_epi32(total, decode_rows_part(w + b * 32, stride, NR, x + b * 128, nb, pf));
+    }
+    return total;
+}
+
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
+decode_rows_part(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m256i mk1 = _mm256_slli_epi16(m3, 2), mk2 = _mm256_slli_epi16(m3, 4), mk3 = _mm256_slli_epi16(m3, 6);
     __m256i a[4][4];
@@ -1032,6 +1051,16 @@ static void dot_tile(const job_t *j, const void *const *w, int nr, const int8_t 
         const uint8_t *const *wt = (const uint8_t *const *)w;
         int64_t r0 = k0 / 32, r1 = (k1 + 31) / 32;
 #ifdef BITLAB_X86
+        if (j->isa == ISA_VNNI && r1 - r0 > DECODE_MAX_RUNS) { /* keep the 4^r-scaled chains in int32 */
+            int32_t part[MAXT * MAXT];
+            memset(acc, 0, sizeof(int32_t) * (size_t)(nr * mr));
+            for (int64_t a = r0; a < r1; a += DECODE_MAX_RUNS) {
+                int64_t b = a + DECODE_MAX_RUNS < r1 ? a + DECODE_MAX_RUNS : r1;
+                TERN_VNNI[nr - 1][mr - 1](wt, x, a, b, part);
+                for (int t = 0; t < nr * mr; t++) acc[t] = (int32_t)((uint32_t)acc[t] + (uint32_t)part[t]);
+            }
+            return;
+        }
         if (j->isa == ISA_VNNI) { TERN_VNNI[nr - 1][mr - 1](wt, x, r0, r1, acc); return; }
         if (j->isa == ISA_AVX2) { TERN_AVX2[nr - 1][mr - 1](wt, x, r0, r1, acc); return; }
 #endif
@@ -1124,11 +1153,12 @@ static inline float rescale_panel(const job_t *j, const int32_t *tile, int64_t g
     RESCALE_BODY((int32_t)((uint32_t)tile[g * gstride] - 128u * (uint32_t)wsum[g])) /* exact mod 2^32 */
 }
 
-static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
+static int gemm_cols(job_t *j, int64_t n0, int64_t n1) {
     const int NR = j->nr, MR = j->mr;
     int64_t wstride = j->wfmt == W_TERNARY ? j->Kp / 4 : j->K;
     int32_t acc[MAXT * MAXT];
     int32_t *accg = (int32_t *)malloc(sizeof(int32_t) * MAXT * MAXT * (size_t)(j->G > 0 ? j->G : 1));
+    if (!accg) return -1;
     for (int64_t n = n0; n < n1; n += NR) {
         int nr = n1 - n < NR ? (int)(n1 - n) : NR;
         const void *wp[MAXT];
@@ -1149,6 +1179,7 @@ static void gemm_cols(job_t *j, int64_t n0, int64_t n1) {
         }
     }
     free(accg);
+    return 0;
 }
 
 /* batched path: blocks of pnc output channels in [n0, n1) against every tile of pmt tokens */
@@ -1291,7 +1322,12 @@ static void run_thread(job_t *j, int tid, int nt) {
             return;
         }
 #endif
-        gemm_cols(j, n0, n1);
+        if (gemm_cols(j, n0, n1) != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            j->failed = 1;
+        }
     }
 }
 
