@@ -31,7 +31,7 @@ from .. import _schema, reference
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
-_ABI = 5
+_ABI = 6
 _lock = threading.Lock()
 _lib = None  # ctypes library once loaded
 _failed = False  # build or load failed (warned once)
@@ -51,6 +51,7 @@ def _load():
             lib.bitlab_linear.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, i32, f32, p, i32]
             lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_linear_wo.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
+            lib.bitlab_expand_wo.argtypes = [p, i32, i64, i64, p, i32, i64, p, i32]
             lib.bitlab_set_isa.argtypes = [i32]
             lib.bitlab_set_panel_min_m.argtypes = [i32]
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
@@ -133,7 +134,18 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
     ws, kind, groups = _scales(weight_scale, n)
     w = weight if weight.is_contiguous() else weight.contiguous()
     b = None if bias is None else _f32(bias)
-    if act == "none":  # weight-only: float activations, float accumulation
+    if act == "none" and m > 2:
+        # weight-only, batched: expand w * ws to fp32 in C (transient), then the reference's own matmul, so the
+        # result is reference.py's bitwise (and the converted model's equals the prepared one's)
+        wf = torch.empty(n, k, dtype=torch.float32)
+        if lib.bitlab_expand_wo(w.data_ptr(), wfmt, n, k, ws.data_ptr(), kind, groups, wf.data_ptr(),
+                                torch.get_num_threads()) != 0:
+            raise MemoryError(f"bitlab CPU kernel: out of memory expanding a [{n}, {k}] weight")
+        y = xf @ wf.t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    if act == "none":  # weight-only decode (M <= 2): fused, float sums in the kernel's own order
         out = torch.empty(m, n, dtype=torch.float32)
         rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups,
                                   None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -174,16 +186,9 @@ def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=N
 
 def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                  weight_shape, stride, padding, dilation, act: str, act_scale: Optional[Tensor]) -> Tensor:
-    """groups=1 conv2d: quantize x exactly like the reference, unfold the int8 codes, run the linear kernel
-    (weight-only, act="none": unfold the float input and run the weight-only linear)."""
+    """groups=1 conv2d: quantize x exactly like the reference, unfold the int8 codes, run the linear kernel."""
     cout, cin, kh, kw = weight_shape
     xf = x.float()
-    if act == "none":
-        cols = F.unfold(xf, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
-        batch, length = x.shape[0], cols.shape[2]
-        y = _linear(lib, wfmt, cols.transpose(1, 2), weight.reshape(cout, -1), weight_scale, bias, "none", None)
-        ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
-        return y.transpose(1, 2).reshape(batch, cout, ho, wo).to(x.dtype).contiguous()
     s = reference.act_multiplier(xf, act, act_scale, token_dims=3)
     xq = reference.quantize_int8(xf, s)
     batch = x.shape[0]
@@ -211,7 +216,7 @@ def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, p
     _schema.check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
                          dilation, groups, act, act_scale, packed=True)
     lib = kernel_library()
-    if lib is None or groups != 1:
+    if lib is None or groups != 1 or act == "none":
         return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
                                         groups, act, act_scale)
     return _conv_im2col(lib, 0, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
@@ -222,7 +227,7 @@ def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups
     _schema.check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
                          groups, act, act_scale, packed=False)
     lib = kernel_library()
-    if lib is None or groups != 1:
+    if lib is None or groups != 1 or act == "none":
         return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
     return _conv_im2col(lib, 1, x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, act,
                         act_scale)
@@ -243,7 +248,7 @@ def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padd
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                               act, act_scale)
     lib = kernel_library()
-    if lib is None or groups != 1:
+    if lib is None or groups != 1 or act == "none":
         w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
         return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
     return _conv_im2col(lib, 2, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,

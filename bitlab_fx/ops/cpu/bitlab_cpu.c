@@ -39,7 +39,7 @@
 #include <immintrin.h>
 #endif
 
-#define BITLAB_ABI 5
+#define BITLAB_ABI 6
 #ifndef BITLAB_PART
 #define BITLAB_PART 0 /* 0: whole library in one unit; 1: core + scalar + AVX2; 2: VNNI tiles */
 #endif
@@ -1651,6 +1651,34 @@ static void wo_thread(wo_job_t *j, int tid, int nt) {
         }
     }
     free(wf);
+}
+
+/* dst[N, K] = (float)w * ws, the same products reference.py forms for act="none" (for M > 2 the wrapper
+ * multiplies with torch's matmul, so the result is the reference's, bitwise). Returns 0 on success. */
+int bitlab_expand_wo(const void *w, int wfmt, int64_t N, int64_t K, const float *ws, int ws_kind, int64_t G,
+                     float *dst, int nthreads) {
+    const int64_t groups = ws_kind == 2 ? G : 1, gs = K / groups;
+    int cpu_isa = isa();
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((double)N * (double)K < 1e6) nt = 1;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t n = 0; n < N; n++) {
+        float *row = dst + n * K;
+#ifdef BITLAB_X86
+        if (cpu_isa >= ISA_AVX2) wo_expand_avx2(w, wfmt, n, K, row);
+        else
+#endif
+            wo_expand_scalar(w, wfmt, n, K, 0, row);
+        for (int64_t g = 0; g < groups; g++) {
+            float sc = ws_kind == 2 ? ws[n * groups + g] : ws[ws_kind ? n : 0];
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) row[k] = row[k] * sc;
+        }
+    }
+    (void)cpu_isa;
+    return 0;
 }
 
 /* y[M,N] = x[M,K] @ (w * ws).T (+ bias) with float activations; returns 0 on success. */
