@@ -113,7 +113,7 @@ WEIGHTS = {  # --weights: the converted layer's weight format and the op a decod
 }
 
 
-def dram_gbs(n: int, k: int, llc: int, quick: bool, big, fmt: str = "ternary") -> tuple:
+def dram_gbs(n: int, k: int, llc: int, quick: bool, big, fmt: str = "ternary", weight_only: bool = False) -> tuple:
     """M=1 through the op, rotating over enough layers that the packed weights exceed the LLC; timed in
     rounds alternating with the 1 GiB read-bandwidth probe. Returns (best GB/s, best probe GB/s)."""
     _, make, call = WEIGHTS[fmt]
@@ -123,9 +123,19 @@ def dram_gbs(n: int, k: int, llc: int, quick: bool, big, fmt: str = "ternary") -
     weights = [one.clone() for _ in range(layers)]
     ws, x = torch.rand(n), torch.randn(1, k)
 
-    def sweep():
-        for w in weights:
-            call(x, w, ws, k)
+    if weight_only:  # the same op with act="none"
+        op = {"ternary": torch.ops.bitlab.ternary_linear, "int4": torch.ops.bitlab.int4_linear}.get(fmt)
+
+        def sweep():
+            for w in weights:
+                if op is None:
+                    torch.ops.bitlab.int8_linear(x, w, ws, None, "none", None)
+                else:
+                    op(x, w, ws, None, "none", None, k)
+    else:
+        def sweep():
+            for w in weights:
+                call(x, w, ws, k)
 
     sweep()
     kernel, probe = [], []
@@ -146,12 +156,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes/batches, shorter timings")
     ap.add_argument("--weights", choices=sorted(WEIGHTS), default="ternary",
                     help="weight format of the converted layer (ternary: the issue's kernel; int4/int8: the low-bit ops)")
+    ap.add_argument("--weight-only", action="store_true",
+                    help="bfx.weight_only(<weights>): float activations (act='none') instead of int8 ones")
     ap.add_argument("--json", default=None,
                     help="also write the rows here (default benchmarks/results/bench_linear.json, read by "
                          "docs/make_plots.py; bench_linear_<weights>.json for int4/int8); '' to skip")
     args = ap.parse_args()
     if args.json is None:
-        suffix = "" if args.weights == "ternary" else f"_{args.weights}"
+        suffix = ("" if args.weights == "ternary" else f"_{args.weights}") + ("_wo" if args.weight_only else "")
         args.json = f"benchmarks/results/bench_linear{suffix}.json"
     shapes = SHAPES[:2] if args.quick else SHAPES
     batches = [1, 32] if args.quick else BATCHES
@@ -169,11 +181,12 @@ def main():
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         s8 = torch.rand(n)
         dyn = dynamic_int8(nn.Linear(k, n))
-        model = bfx.convert(bfx.prepare_qat(nn.Sequential(lin), WEIGHTS[args.weights][0]()).eval())
+        qconfig = bfx.weight_only(args.weights) if args.weight_only else WEIGHTS[args.weights][0]()
+        model = bfx.convert(bfx.prepare_qat(nn.Sequential(lin), qconfig).eval())
         qlin = model.get_submodule("0")
         packed, wsc, qb = qlin.stored_weight, qlin.weight_scale, qlin.bias
         packed_bytes = packed.numel()
-        dram, probe = dram_gbs(n, k, llc, args.quick, big, args.weights)
+        dram, probe = dram_gbs(n, k, llc, args.quick, big, args.weights, args.weight_only)
         for m in batches:
             x = torch.randn(m, k)
             xb = x.bfloat16()
@@ -201,7 +214,7 @@ def main():
     except OSError:
         pass
     print()
-    print(f"weights: {args.weights}; machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
+    print(f"weights: {args.weights}{' weight-only' if args.weight_only else ''}; machine: {cpu_name}, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}; "
           f"torch {torch.__version__}; {datetime.date.today()}")
     print(f"memory bandwidth (1 GiB sum, same run): {bw:.1f} GB/s at the start; LLC {llc >> 20} MiB; the DRAM "
           f"column is % of the same probe re-measured in rounds alternating with that row's sweep")
@@ -214,7 +227,7 @@ def main():
     print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".1f", missingval=""))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        meta = {"weights": args.weights, "machine": cpu_name, "threads": torch.get_num_threads(), "isa": cpu.set_isa(None),
+        meta = {"weights": args.weights, "weight_only": args.weight_only, "machine": cpu_name, "threads": torch.get_num_threads(), "isa": cpu.set_isa(None),
                 "torch": torch.__version__, "date": str(datetime.date.today()), "bandwidth_gbs": bw}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [dict(zip(headers, r)) for r in rows]}, f, indent=1,
