@@ -685,85 +685,6 @@ static TGT_AVX2 void unpack_i4_row_avx2(const uint8_t *src, int64_t rb, int8_t *
     }
 }
 
-/* Decode (M == 1) with int4 weights on AVX2: maddubs(u, xq) pairs <= 2 * 15 * 128 = 3840, two per chunk
- * into one int16 accumulator per row, widened every 4 chunks (<= 30720). */
-static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks) {
-    const __m256i one16 = _mm256_set1_epi16(1);
-    __m256i a32[4];
-    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
-    int64_t c = 0;
-    while (c < chunks) {
-        int64_t lim = c + 4 < chunks ? c + 4 : chunks;
-        __m256i a16[4];
-        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
-        for (; c < lim; c++) {
-            __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
-            __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
-            for (int n = 0; n < NR; n++) {
-                __m256i lo, hi;
-                i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
-                a16[n] = _mm256_add_epi16(a16[n], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe),
-                                                                   _mm256_maddubs_epi16(hi, xo)));
-            }
-        }
-        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
-    }
-    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
-}
-
-static TGT_AVX2 void decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) store4_rows(j, n, decode_rows_i4_avx2(w + n * rb, rb, 4, j->xq, chunks), 8);
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4_avx2(w + n * rb, rb, 1, j->xq, chunks)), 8);
-}
-
-/* Decode (M == 1) on AVX2: like the VNNI loop below, 4 rows per tile in one function, but maddubs
- * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
- * <= 4 * 512 per block, so it is widened to int32 every 8 blocks. */
-static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
-    const __m256i m3 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
-    __m256i a32[4];
-    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
-    int64_t b = 0;
-    while (b < blocks) {
-        int64_t lim = b + 8 < blocks ? b + 8 : blocks;
-        __m256i a16[4];
-        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
-        for (; b < lim; b++) {
-            const int8_t *xb = x + b * 128;
-            if (pf && (b & 1))
-                for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * stride + pf + b * 32), _MM_HINT_T0);
-            __m256i wv[4];
-            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w + n * stride + b * 32));
-            for (int r = 0; r < 4; r++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + 32 * r));
-                for (int n = 0; n < NR; n++) {
-                    __m256i c = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
-                    a16[n] = _mm256_add_epi16(a16[n], _mm256_maddubs_epi16(c, xv));
-                    PIN(a16[n]);
-                }
-            }
-        }
-        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
-    }
-    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
-}
-
-static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
-    }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
-}
-
 /* One packed ternary row of Kp (a multiple of 128) weights -> signed w = code - 1, written straight
  * into the blocked panel layout (128 bytes per block, blocks dst_stride apart), and the sum of w over
  * each group of `gruns` 32-runs (the last group runs to Kp) into wsum[]: sad_epu8 adds up the codes
@@ -1022,6 +943,89 @@ static TGT_VNNI void decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) {
     for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4(w + n * rb, rb, 1, j->xq, chunks, 0)), 8);
 }
 void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_i4_vnni(j, n0, n1); }
+
+/* (the AVX2 decode loops live in this unit too, to balance the two compile jobs) */
+/* Decode (M == 1) with int4 weights on AVX2: maddubs(u, xq) pairs <= 2 * 15 * 128 = 3840, two per chunk
+ * into one int16 accumulator per row, widened every 4 chunks (<= 30720). */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i a32[4];
+    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
+    int64_t c = 0;
+    while (c < chunks) {
+        int64_t lim = c + 4 < chunks ? c + 4 : chunks;
+        __m256i a16[4];
+        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
+        for (; c < lim; c++) {
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
+            for (int n = 0; n < NR; n++) {
+                __m256i lo, hi;
+                i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
+                a16[n] = _mm256_add_epi16(a16[n], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe),
+                                                                   _mm256_maddubs_epi16(hi, xo)));
+            }
+        }
+        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
+    }
+    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
+}
+
+static TGT_AVX2 void decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
+    const uint8_t *w = (const uint8_t *)j->w;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) store4_rows(j, n, decode_rows_i4_avx2(w + n * rb, rb, 4, j->xq, chunks), 8);
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4_avx2(w + n * rb, rb, 1, j->xq, chunks)), 8);
+}
+
+/* Decode (M == 1) on AVX2: like the VNNI loop below, 4 rows per tile in one function, but maddubs
+ * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
+ * <= 4 * 512 per block, so it is widened to int32 every 8 blocks. */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+    const __m256i m3 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
+    __m256i a32[4];
+    for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
+    int64_t b = 0;
+    while (b < blocks) {
+        int64_t lim = b + 8 < blocks ? b + 8 : blocks;
+        __m256i a16[4];
+        for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
+        for (; b < lim; b++) {
+            const int8_t *xb = x + b * 128;
+            if (pf && (b & 1))
+                for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * stride + pf + b * 32), _MM_HINT_T0);
+            __m256i wv[4];
+            for (int n = 0; n < NR; n++) wv[n] = _mm256_loadu_si256((const __m256i *)(w + n * stride + b * 32));
+            for (int r = 0; r < 4; r++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + 32 * r));
+                for (int n = 0; n < NR; n++) {
+                    __m256i c = _mm256_and_si256(_mm256_srli_epi16(wv[n], 2 * r), m3);
+                    a16[n] = _mm256_add_epi16(a16[n], _mm256_maddubs_epi16(c, xv));
+                    PIN(a16[n]);
+                }
+            }
+        }
+        for (int n = 0; n < NR; n++) a32[n] = _mm256_add_epi32(a32[n], _mm256_madd_epi16(a16[n], one16));
+    }
+    return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
+}
+
+static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
+    const uint8_t *w = (const uint8_t *)j->w;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
+        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
+    }
+    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
+}
+
+void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_avx2(j, n0, n1); }
+void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_i4_avx2(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
 #else
 extern const panel_fn bitlab_panel_v512;
@@ -1029,6 +1033,8 @@ extern const panel_fn bitlab_panel_v512_16;
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1);
 int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
 #endif
 #endif /* BITLAB_X86 */
 
@@ -1304,12 +1310,12 @@ static void run_thread(job_t *j, int tid, int nt) {
 #ifdef BITLAB_X86
         if (j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2 && j->isa >= ISA_AVX2) {
             if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
-            else decode_avx2(j, n0, n1);
+            else bitlab_decode_avx2(j, n0, n1);
             return;
         }
         if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else use_panel took it) */
             if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
-            else decode_i4_avx2(j, n0, n1);
+            else bitlab_decode_i4_avx2(j, n0, n1);
             return;
         }
         if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_VNNI) {
