@@ -25,16 +25,24 @@ _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = ((1, 1), (0, 0), (1, 1), 1)
 
 
-def _owner(node: fx.Node, model: nn.Module, weight: str) -> Optional[str]:
-    """The module path whose nn.Linear/nn.Conv2d produced ``node``, when ``weight`` is that module's weight."""
+def _calling_module(node: fx.Node, model: nn.Module):
+    """(path, module) of the innermost module whose forward produced ``node`` (``nn_module_stack``), or None."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
     path = list(stack.values())[-1][0]
     try:
-        module = model.get_submodule(path)
+        return path, model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _owner(node: fx.Node, model: nn.Module, weight: str) -> Optional[str]:
+    """The module path whose nn.Linear/nn.Conv2d produced ``node``, when ``weight`` is that module's weight."""
+    found = _calling_module(node, model)
+    if found is None:
+        return None
+    path, module = found
     return path if weight == f"{path}.weight" and _module_kind(module) in ("linear", "conv2d") else None
 
 
@@ -69,14 +77,10 @@ def _hf_conv1d_meta(gm: fx.GraphModule, node: fx.Node, model: nn.Module) -> Opti
     b, x, w = node.args
     if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (b, w)):
         return None
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    found = _calling_module(node, model)
+    if found is None:
         return None
-    path = list(stack.values())[-1][0]
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return None
+    path, module = found
     if not is_hf_conv1d(module) or w.target != f"{path}.weight" or b.target != f"{path}.bias":
         return None
     with gm.graph.inserting_before(node):
