@@ -622,10 +622,12 @@ panel_avx2_body(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int
 #define DECL(c) __m256i a##c##_0 = _mm256_setzero_si256(), a##c##_1 = _mm256_setzero_si256();
         AVX2_ROWS(DECL)
 #undef DECL
-        for (; q < lim; q++) {
-            const uint8_t *xp = xt + q * MT * 4;
+        while (q < lim) { /* within one 128-k block the weight dwords of consecutive steps are 4 bytes apart */
+          int64_t seg = ((q >> 5) + 1) << 5 < lim ? ((q >> 5) + 1) << 5 : lim;
+          const int8_t *wq = PANEL_W(w8, PANEL_AVX2_NC, q);
+          const uint8_t *xp = xt + q * MT * 4;
+          for (; q < seg; q++, wq += 4, xp += MT * 4) {
             __m256i x0 = _mm256_loadu_si256((const __m256i *)xp), x1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
-            const int8_t *wq = PANEL_W(w8, PANEL_AVX2_NC, q);
 #define STEP(c)                                                                                                \
     {                                                                                                          \
         __m256i b = _mm256_set1_epi32(load_i32(wq + c * 128));                                                \
@@ -636,6 +638,7 @@ panel_avx2_body(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int
     }
             AVX2_ROWS(STEP)
 #undef STEP
+          }
         }
 #define FLUSH(c)                                                                                               \
     {                                                                                                          \
@@ -729,10 +732,12 @@ static TGT_VNNI void panel_v512(const int8_t *w8, const uint8_t *xt, int64_t q0,
 #define DECL(c) __m512i a##c##_0 = _mm512_setzero_si512(), a##c##_1 = _mm512_setzero_si512();
     ROWS12(DECL)
 #undef DECL
-    for (int64_t q = q0; q < q1; q++) {
-        const uint8_t *xp = xt + q * MT * 4;
+    for (int64_t q = q0; q < q1;) { /* segments within one 128-k block: pointer bumps, no index math */
+      int64_t seg = ((q >> 5) + 1) << 5 < q1 ? ((q >> 5) + 1) << 5 : q1;
+      const int8_t *wq = PANEL_W(w8, PANEL_V512_NC, q);
+      const uint8_t *xp = xt + q * MT * 4;
+      for (; q < seg; q++, wq += 4, xp += MT * 4) {
         __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64);
-        const int8_t *wq = PANEL_W(w8, PANEL_V512_NC, q);
 #define STEP(c)                                                                                                \
     {                                                                                                          \
         __m512i b = _mm512_set1_epi32(load_i32(wq + c * 128));                                                 \
@@ -741,6 +746,7 @@ static TGT_VNNI void panel_v512(const int8_t *w8, const uint8_t *xt, int64_t q0,
     }
         ROWS12(STEP)
 #undef STEP
+      }
     }
 #define STORE(c)                                                                                               \
     _mm512_storeu_si512(tile + c * MT, a##c##_0);                                                              \
@@ -755,12 +761,16 @@ static TGT_VNNI void panel_v512_16(const int8_t *w8, const uint8_t *xt, int64_t 
 #define DECL(c) __m512i a##c = _mm512_setzero_si512();
     ROWS24(DECL)
 #undef DECL
-    for (int64_t q = q0; q < q1; q++) {
-        __m512i x0 = _mm512_loadu_si512(xt + q * MT * 4);
-        const int8_t *wq = PANEL_W(w8, 24, q);
+    for (int64_t q = q0; q < q1;) {
+      int64_t seg = ((q >> 5) + 1) << 5 < q1 ? ((q >> 5) + 1) << 5 : q1;
+      const int8_t *wq = PANEL_W(w8, 24, q);
+      const uint8_t *xp = xt + q * MT * 4;
+      for (; q < seg; q++, wq += 4, xp += MT * 4) {
+        __m512i x0 = _mm512_loadu_si512(xp);
 #define STEP(c) a##c = _mm512_dpbusd_epi32(a##c, x0, _mm512_set1_epi32(load_i32(wq + c * 128)));
         ROWS24(STEP)
 #undef STEP
+      }
     }
 #define STORE(c) _mm512_storeu_si512(tile + c * MT, a##c);
     ROWS24(STORE)
