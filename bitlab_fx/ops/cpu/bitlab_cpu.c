@@ -547,7 +547,7 @@ extern const tern_fn bitlab_tern_vnni[4][4];
 /* Batched GEMM (M >= a threshold): tokens in vector lanes.                                    */
 /* Activations are transposed once per call into tiles of PMT tokens, as unsigned bytes        */
 /* xq + 128: xt[tile][q][PMT][4] with q = k / 4. A block of PNC weight rows is unpacked once   */
-/* per call into signed bytes w8[PNC][Kp] (code - 1 for ternary). Each weight dword (4         */
+/* per call into signed bytes (code - 1 for ternary) in the blocked layout of PANEL_W. Each dword (4 */
 /* consecutive k of one row) is broadcast to all lanes and multiplied with the 4 activations   */
 /* of PMT tokens at once, so a micro-kernel holds a PNC x PMT block of int32 sums in registers: */
 /*   tile[c][m] = sum_k (xq[m,k] + 128) * w[c,k]   and   sum_k xq*w = tile - 128 * sum_k w.     */
@@ -990,7 +990,7 @@ static TGT_AVX2 void decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) {
     for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4_avx2(w + n * rb, rb, 1, j->xq, chunks)), 8);
 }
 
-/* Decode (M == 1) on AVX2: like the VNNI loop below, 4 rows per tile in one function, but maddubs
+/* Decode (M == 1) on AVX2: like the VNNI loop (decode_rows), 4 rows per tile in one function, but maddubs
  * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
  * <= 4 * 512 per block, so it is widened to int32 every 8 blocks. */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i
@@ -1459,9 +1459,11 @@ int bitlab_linear_q(const int8_t *xq, const float *s, int64_t M, int64_t K, cons
 /* ------------------------------------------------------------------------------------------ */
 /* Weight-only (act = "none"): float activations x integer weights, float accumulation.        */
 /*   y[m, n] = sum_g ws[n, g] * sum_{k in g} x[m, k] * w[n, k]  (+ bias[n])                    */
-/* Blocks of 4 weight rows are expanded to fp32 in a per-thread buffer (4 x K floats; never the */
-/* whole matrix), then every token's row is dotted with them (8-lane FMA, 2 chains per row).   */
-/* The summation order differs from reference.py's x @ (w * ws).T: equal up to fp32 rounding.  */
+/* bitlab_linear_wo: with AVX2 and M <= 2, each row is dotted straight from its packed form     */
+/* (wo_direct_avx2); otherwise blocks of 4 rows are expanded to fp32 in a per-thread buffer     */
+/* (4 x K floats, never the whole matrix) and every token is dotted with them. Float sums in   */
+/* another order than reference.py's x @ (w * ws).T (equal up to fp32 rounding). For M > 2 the */
+/* Python wrapper uses bitlab_expand_wo + torch's matmul instead, which is the reference bitwise. */
 /* ------------------------------------------------------------------------------------------ */
 /* weights k0 .. K-1 of row n as floats into dst[k0 ..] */
 static void wo_expand_scalar(const void *w, int wfmt, int64_t n, int64_t K, int64_t k0, float *dst) {
