@@ -3,8 +3,9 @@
     flock -x /tmp/bitlab_cpu.lock python benchmarks/bench_decode.py            # hidden 2048, 4 layers
     python benchmarks/bench_decode.py --layers 2 --new-tokens 16                 # quicker
 
-Every nn.Linear of the decoder layers is ternary (W1.58, int8 per-token activations); the embedding and
-lm_head stay float (the usual BitNet recipe), so they bound the speed-up. Prints one table, tokens/s side by side.
+Every nn.Linear of the decoder layers is ternary (W1.58, int8 per-token activations; ``--decoder int4`` /
+``int4-wo`` for 4-bit weights with int8 or float activations); the embedding stays float and ``lm_head`` is
+converted float and/or int8 (``--heads``), so they bound the speed-up. Prints one table, tokens/s side by side.
 """
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ import torch
 import transformers
 
 import bitlab_fx as bfx
+
+
+DECODERS = {
+    "ternary": lambda: bfx.ternary(),
+    "int4": lambda: bfx.QuantConfig(weight=bfx.IntWeight(4), input="int8"),
+    "int4-wo": lambda: bfx.weight_only(bfx.IntWeight(4)),
+}
 
 
 def build(args) -> transformers.LlamaForCausalLM:
@@ -47,6 +55,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--heads", default="float,int8", help="lm_head variants to convert: float, int8 (comma-separated)")
+    p.add_argument("--decoder", default="ternary", choices=sorted(DECODERS),
+                   help="the decoder layers' config: ternary (int8 activations), int4 (4-bit weights, int8 "
+                        "activations), int4-wo (4-bit weights, float activations: bfx.weight_only)")
     args = p.parse_args()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(torch.get_num_threads())
@@ -60,11 +71,11 @@ def main() -> None:
     rows = [f"| fp32 | {linear_bytes / 2**20:.0f} MiB | {fp32_tps:.1f} | 1.00x |"]
     heads = {"float": None, "int8": bfx.int8()}
     for head in args.heads.split(","):
-        qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", heads[head])
+        qc = bfx.QConfigMapping().set_global(DECODERS[args.decoder]()).set_module_name("lm_head", heads[head])
         converted = bfx.convert(bfx.prepare_qat(model, qc).eval(), inplace=True)
         q_tps, _ = tokens_per_s(converted, prompt, args.new_tokens, args.repeats)
         s = bfx.summary(converted).totals
-        rows.append(f"| ternary decoder, lm_head {head} | {s['bytes_quant'] / 2**20:.0f} MiB | "
+        rows.append(f"| {args.decoder} decoder, lm_head {head} | {s['bytes_quant'] / 2**20:.0f} MiB | "
                     f"{q_tps:.1f} | {q_tps / fp32_tps:.2f}x |")
         del converted
     print("| model | linear-layer bytes | tokens/s | speed-up |\n| --- | --- | ---: | ---: |")
