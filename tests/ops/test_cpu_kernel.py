@@ -185,8 +185,8 @@ def _weight_only(fmt, x, wq, ws, bias):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_weight_only_matches_reference(isa, fmt, m, k, n, scale, has_bias, dtype, seed):
     """act="none" (bfx.weight_only): M <= 2 (decode) dots float activations with the weights straight from their
-    packed form, float sums in another order than the reference's x @ (w * ws).T; M > 2 expands w * ws in C
-    and multiplies with the reference's own matmul, so it is the reference bitwise."""
+    packed form, float sums in another order than the reference's x @ (w * ws).T; M > 2 on layers up to 1M
+    weights expands w * ws in C and multiplies with the reference's own matmul, so it is the reference bitwise."""
     gen = torch.Generator().manual_seed(seed)
     if scale == "group":
         k = max(2, k // 2 * 2)
@@ -365,3 +365,18 @@ def test_portable_build_without_x86_intrinsics(tmp_path):
     assert lib.bitlab_linear(x.data_ptr(), m, k, p.data_ptr(), 0, n, ws.data_ptr(), 1, 1, None, 0, 0.0,
                              out.data_ptr(), 2) == 0
     assert torch.equal(out, reference.ternary_linear(x, p, ws, None))
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["ternary", "int4", "int8"])
+def test_weight_only_large_layer_batched(isa, fmt):
+    """Above 1M weights a batched weight-only call of <= 32 tokens runs the kernel (4 expanded rows at a time, float sums in its
+    own order) instead of a transient fp32 copy of the whole weight."""
+    torch.manual_seed(11)
+    n, k = 1030, 1100  # 1.13M weights; odd sizes for the row and k tails
+    lo, hi = {"ternary": (-1, 2), "int4": (-8, 8), "int8": (-127, 128)}[fmt]
+    wq = torch.randint(lo, hi, (n, k), dtype=torch.int8)
+    ws, bias, x = torch.rand(n) + 0.01, torch.randn(n), torch.randn(5, k)
+    y, r = _weight_only(fmt, x, wq, ws, bias)
+    bound = x.abs() @ wq.float().abs().t() * ws.max()
+    assert ((y - r).abs() <= 1e-5 * bound + 1e-5).all()

@@ -109,6 +109,9 @@ def _scales(weight_scale: Tensor, n: int):
     return ws, (1 if ws.shape[0] == n and n > 1 else 0), 1
 
 
+_WO_EXACT_MAX_WEIGHTS = 1 << 20  # weight-only, M > 2: up to this many weights, bitwise the reference (see _linear)
+
+
 def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool:
     k = x.shape[-1]
     if k == 0:
@@ -134,9 +137,12 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
     ws, kind, groups = _scales(weight_scale, n)
     w = weight if weight.is_contiguous() else weight.contiguous()
     b = None if bias is None else _f32(bias)
-    if act == "none" and m > 2:
-        # weight-only, batched: expand w * ws to fp32 in C (transient), then the reference's own matmul, so the
-        # result is reference.py's bitwise (and the converted model's equals the prepared one's)
+    if act == "none" and m > 2 and (n * k <= _WO_EXACT_MAX_WEIGHTS or m > 32):
+        # weight-only, batched, layer up to 1M weights: expand w * ws to fp32 in C (transient), then the
+        # reference's own matmul, so the result is reference.py's bitwise (and the converted model's equals the
+        # prepared one's, which matters where a low-bit quantizer follows). Larger layers at M <= 32 take the
+        # kernel below: a fresh fp32 copy of a big weight costs more in page faults alone (~18 ms for 64 MiB)
+        # than the matmul; above 32 tokens torch's matmul amortizes it and the kernel's row-by-row dots lose.
         wf = torch.empty(n, k, dtype=torch.float32)
         if lib.bitlab_expand_wo(w.data_ptr(), wfmt, n, k, ws.data_ptr(), kind, groups, wf.data_ptr(),
                                 torch.get_num_threads()) != 0:
@@ -145,7 +151,7 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    if act == "none":  # weight-only decode (M <= 2): fused, float sums in the kernel's own order
+    if act == "none":  # weight-only: fused (M <= 2) or 4 expanded rows at a time; float sums in its own order
         out = torch.empty(m, n, dtype=torch.float32)
         rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups,
                                   None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads())
