@@ -1601,6 +1601,43 @@ static TGT_AVX2 void wo_dot4_avx2(const float *x, const float *wf, int64_t K, in
         d[r] = s;
     }
 }
+
+/* 4 expanded rows x 3 tokens over [k0, k1): 12 accumulators, each row's vector loaded once for 3 tokens */
+static TGT_AVX2 void wo_dot4x3_avx2(const float *x0, const float *x1, const float *x2, const float *wf, int64_t K,
+                                    int64_t k0, int64_t k1, float d[4][3]) {
+#define W43_ROWS(X) X(0) X(1) X(2) X(3)
+#define DECL(r) __m256 a##r##0 = _mm256_setzero_ps(), a##r##1 = _mm256_setzero_ps(), a##r##2 = _mm256_setzero_ps();
+    W43_ROWS(DECL)
+#undef DECL
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
+#define STEP(r)                                                                                                \
+    {                                                                                                          \
+        __m256 w = _mm256_loadu_ps(wf + r * K + k);                                                            \
+        a##r##0 = _mm256_fmadd_ps(v0, w, a##r##0);                                                             \
+        a##r##1 = _mm256_fmadd_ps(v1, w, a##r##1);                                                             \
+        a##r##2 = _mm256_fmadd_ps(v2, w, a##r##2);                                                             \
+    }
+        W43_ROWS(STEP)
+#undef STEP
+    }
+    const float *xs[3] = {x0, x1, x2};
+#define STORE(r)                                                                                               \
+    {                                                                                                          \
+        __m256 acc[3] = {a##r##0, a##r##1, a##r##2};                                                           \
+        for (int t = 0; t < 3; t++) {                                                                          \
+            float h[8];                                                                                        \
+            _mm256_storeu_ps(h, acc[t]);                                                                       \
+            float s = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));                       \
+            for (int64_t kk = k; kk < k1; kk++) s += xs[t][kk] * wf[r * K + kk];                               \
+            d[r][t] = s;                                                                                       \
+        }                                                                                                      \
+    }
+    W43_ROWS(STORE)
+#undef STORE
+#undef W43_ROWS
+}
 #endif
 
 static void wo_dot4_scalar(const float *x, const float *wf, int64_t K, int nr, int64_t k0, int64_t k1, float *d) {
@@ -1652,7 +1689,25 @@ static void wo_thread(wo_job_t *j, int tid, int nt) {
 #endif
                 wo_expand_scalar(j->w, j->wfmt, n + r, j->K, 0, wf + r * j->K);
         }
-        for (int64_t m = 0; m < j->M; m++) {
+        int64_t m = 0;
+#ifdef BITLAB_X86
+        if (j->isa >= ISA_AVX2 && nr == 4) /* 3 tokens at a time: each expanded row is read once per 3 */
+            for (; m + 3 <= j->M; m += 3) {
+                float y[4][3] = {{0.f}}, d[4][3];
+                const float *xm = j->x + m * j->K;
+                for (int64_t g = 0; g < G; g++) {
+                    wo_dot4x3_avx2(xm, xm + j->K, xm + 2 * j->K, wf, j->K, g * gs, (g + 1) * gs, d);
+                    for (int r = 0; r < 4; r++) {
+                        float sc = j->ws_kind == 2 ? j->ws[(n + r) * G + g] : j->ws[j->ws_kind ? n + r : 0];
+                        for (int t = 0; t < 3; t++) y[r][t] += d[r][t] * sc;
+                    }
+                }
+                for (int t = 0; t < 3; t++)
+                    for (int r = 0; r < 4; r++)
+                        j->out[(m + t) * j->N + n + r] = j->bias ? y[r][t] + j->bias[n + r] : y[r][t];
+            }
+#endif
+        for (; m < j->M; m++) {
             float y[4] = {0.f, 0.f, 0.f, 0.f}, d[4];
             for (int64_t g = 0; g < G; g++) {
 #ifdef BITLAB_X86
