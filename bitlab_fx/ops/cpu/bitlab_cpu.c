@@ -1034,7 +1034,53 @@ static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
     for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
 }
 
+/* Decode with int8 weights on AVX2 (no xq == -128): maddubs(|w|, sign(xq, w)), |pair| <= 2 * 128 * 127 < 32768,
+ * widened to int32 by madd every chunk; 4 rows per tile, rows of K bytes, the tail in scalar code. */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_i8_avx2(const int8_t *w, int64_t K, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i a[4];
+    for (int n = 0; n < 4; n++) a[n] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; c++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c * 32));
+        if (pf && !(c & 1))
+            for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * K + pf + c * 32), _MM_HINT_T0);
+        for (int n = 0; n < NR; n++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + n * K + c * 32));
+            __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+            a[n] = _mm256_add_epi32(a[n], _mm256_madd_epi16(p, one16));
+        }
+    }
+    return sum4_rows(a[0], a[1], a[2], a[3]);
+}
+
+static TGT_AVX2 void decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t K = j->K, chunks = K / 32;
+    const int8_t *w = (const int8_t *)j->w;
+    for (int64_t n = n0; n < n1; n += 4) {
+        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        int32_t t[4];
+        if (nr == 4) {
+            int64_t pf = n + 8 <= n1 ? 4 * K : 0; /* the next tile's rows */
+            _mm_storeu_si128((__m128i *)t, decode_rows_i8_avx2(w + n * K, K, 4, j->xq, chunks, pf));
+        } else {
+            for (int r = 0; r < nr; r++)
+                t[r] = _mm_cvtsi128_si32(decode_rows_i8_avx2(w + (n + r) * K, K, 1, j->xq, chunks, 0));
+        }
+        for (int r = 0; r < nr; r++) {
+            const int8_t *row = w + (n + r) * K;
+            for (int64_t k = chunks * 32; k < K; k++) t[r] += (int32_t)row[k] * j->xq[k];
+        }
+        if (nr == 4) {
+            store4_rows(j, n, _mm_loadu_si128((const __m128i *)t), 0);
+        } else {
+            for (int r = 0; r < nr; r++) store1_row(j, n + r, t[r], 0);
+        }
+    }
+}
+
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_avx2(j, n0, n1); }
+void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_i8_avx2(j, n0, n1); }
 void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_i4_avx2(j, n0, n1); }
 const panel_fn bitlab_panel_v512 = panel_v512;
 #else
@@ -1045,6 +1091,7 @@ int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
 #endif
 #endif /* BITLAB_X86 */
 
@@ -1326,6 +1373,10 @@ static void run_thread(job_t *j, int tid, int nt) {
         if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else use_panel took it) */
             if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
             else bitlab_decode_i4_avx2(j, n0, n1);
+            return;
+        }
+        if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_AVX2 && !j->has_m128) {
+            bitlab_decode_i8_avx2(j, n0, n1);
             return;
         }
         if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_VNNI) {
