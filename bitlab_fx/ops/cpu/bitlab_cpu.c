@@ -583,6 +583,20 @@ static inline __attribute__((always_inline)) void store1_row(const job_t *j, int
     j->out[n] = y;
 }
 
+/* A decode driver: output rows [n0, n1) in 4-row tiles (prefetching the next tile's rows), then the ragged
+ * end one row at a time. ROWS(w, stride, NR, xq, count, pf) returns the NR rows' sums of code * xq;
+ * STRIDE: bytes per stored row; COUNT: the blocks/chunks ROWS walks; OFF: codes are w + OFF. */
+#define DEFINE_DECODE(NAME, TGT, ROWS, STRIDE, COUNT, OFF)                                                      \
+    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
+        const int64_t stride = (STRIDE), count = (COUNT);                                                      \
+        const uint8_t *w = (const uint8_t *)j->w;                                                              \
+        int64_t n = n0;                                                                                        \
+        for (; n + 4 <= n1; n += 4)                                                                            \
+            store4_rows(j, n, ROWS(w + n * stride, stride, 4, j->xq, count, n + 8 <= n1 ? 4 * stride : 0), OFF); \
+        for (; n < n1; n++)                                                                                    \
+            store1_row(j, n, _mm_cvtsi128_si32(ROWS(w + n * stride, stride, 1, j->xq, count, 0)), OFF);        \
+    }
+
 /* int4 weights (two per byte, low nibble = even k, two's complement): a 64-k chunk is 32 bytes.
  * Unsigned codes u = w + 8 in [0, 15] are (nibble ^ 8). The kernels work on a per-chunk permutation
  * of k, even k first, then odd k (so a chunk's low nibbles pair with xq[64c + 2i] and its high
@@ -835,16 +849,7 @@ decode_rows_part(const uint8_t *w, int64_t stride, const int NR, const int8_t *x
     return sum4_rows(t[0], t[1], t[2], t[3]);
 }
 
-static TGT_VNNI void decode_vnni(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
-    }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
-}
+DEFINE_DECODE(decode_vnni, TGT_VNNI, decode_rows, j->Kp / 4, j->Kp / 128, 1)
 void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_vnni(j, n0, n1); }
 
 /* Decode with int8 weights (M == 1, VNNI): vpdpbusd wants one unsigned operand, so the activations go
@@ -942,23 +947,15 @@ decode_rows_i4(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int6
                      _mm256_add_epi32(a[2][0], a[2][1]), _mm256_add_epi32(a[3][0], a[3][1]));
 }
 
-static TGT_VNNI void decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        int64_t pf = n + 8 <= n1 ? 4 * rb : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows_i4(w + n * rb, rb, 4, j->xq, chunks, pf), 8);
-    }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4(w + n * rb, rb, 1, j->xq, chunks, 0)), 8);
-}
+DEFINE_DECODE(decode_i4_vnni, TGT_VNNI, decode_rows_i4, (j->K + 1) / 2, ((j->K + 1) / 2 + 31) / 32, 8)
 void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_i4_vnni(j, n0, n1); }
 
 /* (the AVX2 decode loops live in this unit too, to balance the two compile jobs) */
 /* Decode (M == 1) with int4 weights on AVX2: maddubs(u, xq) pairs <= 2 * 15 * 128 = 3840, two per chunk
  * into one int16 accumulator per row, widened every 4 chunks (<= 30720). */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks) {
+decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+    (void)pf; /* no software prefetch in this loop (the DEFINE_DECODE signature passes one) */
     const __m256i one16 = _mm256_set1_epi16(1);
     __m256i a32[4];
     for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
@@ -982,13 +979,7 @@ decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x,
     return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
 }
 
-static TGT_AVX2 void decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t rb = (j->K + 1) / 2, chunks = (rb + 31) / 32;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) store4_rows(j, n, decode_rows_i4_avx2(w + n * rb, rb, 4, j->xq, chunks), 8);
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_i4_avx2(w + n * rb, rb, 1, j->xq, chunks)), 8);
-}
+DEFINE_DECODE(decode_i4_avx2, TGT_AVX2, decode_rows_i4_avx2, (j->K + 1) / 2, ((j->K + 1) / 2 + 31) / 32, 8)
 
 /* Decode (M == 1) on AVX2: like the VNNI loop (decode_rows), 4 rows per tile in one function, but maddubs
  * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
@@ -1023,16 +1014,7 @@ decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x
     return sum4_rows(a32[0], a32[1], a32[2], a32[3]);
 }
 
-static TGT_AVX2 void decode_avx2(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t stride = j->Kp / 4, blocks = j->Kp / 128;
-    const uint8_t *w = (const uint8_t *)j->w;
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        int64_t pf = n + 8 <= n1 ? 4 * stride : 0; /* the next tile's rows */
-        store4_rows(j, n, decode_rows_avx2(w + n * stride, stride, 4, j->xq, blocks, pf), 1);
-    }
-    for (; n < n1; n++) store1_row(j, n, _mm_cvtsi128_si32(decode_rows_avx2(w + n * stride, stride, 1, j->xq, blocks, 0)), 1);
-}
+DEFINE_DECODE(decode_avx2, TGT_AVX2, decode_rows_avx2, j->Kp / 4, j->Kp / 128, 1)
 
 /* Decode with int8 weights on AVX2 (no xq == -128): maddubs(|w|, sign(xq, w)), |pair| <= 2 * 128 * 127 < 32768,
  * widened to int32 by madd every chunk; 4 rows per tile, rows of K bytes, the tail in scalar code. */
@@ -1423,15 +1405,24 @@ static int use_panel(job_t *j) {
 #endif
 }
 
+/* weight k of row n in any stored format (scalar code: fallbacks and ragged ends) */
+static inline int weight_at(const void *w, int wfmt, int64_t n, int64_t K, int64_t k) {
+    if (wfmt == W_TERNARY) {
+        const uint8_t *row = (const uint8_t *)w + n * ((K + 127) / 128 * 32);
+        return ((row[(k / 128) * 32 + k % 32] >> (2 * ((k / 32) % 4))) & 3) - 1;
+    }
+    if (wfmt == W_INT4) {
+        const uint8_t *row = (const uint8_t *)w + n * ((K + 1) / 2);
+        int v = (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 15;
+        return (v ^ 8) - 8;
+    }
+    return ((const int8_t *)w)[n * K + k];
+}
+
 /* int4 rows ((K + 1) / 2 bytes) -> int8 [N, K] (the fallback where the int4 loops do not apply) */
 static void unpack_i4_scalar(const uint8_t *src, int64_t N, int64_t K, int8_t *dst) {
-    const int64_t rb = (K + 1) / 2;
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) {
-            uint8_t b = src[n * rb + k / 2];
-            int v = (k & 1) ? b >> 4 : b & 15;
-            dst[n * K + k] = (int8_t)((v ^ 8) - 8);
-        }
+        for (int64_t k = 0; k < K; k++) dst[n * K + k] = (int8_t)weight_at(src, W_INT4, n, K, k);
 }
 
 static int run_job(job_t *j, int nthreads) {
@@ -1518,77 +1509,10 @@ int bitlab_linear_q(const int8_t *xq, const float *s, int64_t M, int64_t K, cons
 /* ------------------------------------------------------------------------------------------ */
 /* weights k0 .. K-1 of row n as floats into dst[k0 ..] */
 static void wo_expand_scalar(const void *w, int wfmt, int64_t n, int64_t K, int64_t k0, float *dst) {
-    if (wfmt == W_TERNARY) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 127) / 128 * 32);
-        for (int64_t k = k0; k < K; k++) dst[k] = (float)(((row[(k / 128) * 32 + k % 32] >> (2 * ((k / 32) % 4))) & 3) - 1);
-    } else if (wfmt == W_INT4) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 1) / 2);
-        for (int64_t k = k0; k < K; k++) {
-            int v = (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 15;
-            dst[k] = (float)((v ^ 8) - 8);
-        }
-    } else {
-        const int8_t *row = (const int8_t *)w + n * K;
-        for (int64_t k = k0; k < K; k++) dst[k] = (float)row[k];
-    }
+    for (int64_t k = k0; k < K; k++) dst[k] = (float)weight_at(w, wfmt, n, K, k);
 }
 
 #ifdef BITLAB_X86
-static TGT_AVX2 void wo_expand_avx2(const void *w, int wfmt, int64_t n, int64_t K, float *dst) {
-    int64_t k = 0;
-    if (wfmt == W_TERNARY) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 127) / 128 * 32);
-        const __m128i m3 = _mm_set1_epi8(3);
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (; k + 128 <= K; k += 128) {
-            for (int h = 0; h < 2; h++) { /* bytes 16h .. 16h+15 of the block */
-                __m128i v = _mm_loadu_si128((const __m128i *)(row + k / 4 + 16 * h));
-                for (int r = 0; r < 4; r++) {
-                    __m128i c = _mm_and_si128(_mm_srli_epi16(v, 2 * r), m3);
-                    float *d = dst + k + 32 * r + 16 * h;
-                    _mm256_storeu_ps(d, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), one));
-                    _mm256_storeu_ps(d + 8, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), one));
-                }
-            }
-        }
-    } else if (wfmt == W_INT4) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 1) / 2);
-        const __m128i m15 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-        for (; k + 32 <= K; k += 32) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(row + k / 2));
-            __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(v, m15), eight), eight);
-            __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m15), eight), eight);
-            __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi); /* k order */
-            _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)));
-            _mm256_storeu_ps(dst + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))));
-            _mm256_storeu_ps(dst + k + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
-            _mm256_storeu_ps(dst + k + 24, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
-        }
-    } else {
-        const int8_t *row = (const int8_t *)w + n * K;
-        for (; k + 16 <= K; k += 16) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(row + k));
-            _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
-            _mm256_storeu_ps(dst + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
-        }
-    }
-    wo_expand_scalar(w, wfmt, n, K, k, dst); /* the tail */
-}
-
-/* one weight, for the ragged ends of the fused loop */
-static inline float wo_w(const void *w, int wfmt, int64_t n, int64_t K, int64_t k) {
-    if (wfmt == W_TERNARY) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 127) / 128 * 32);
-        return (float)(((row[(k / 128) * 32 + k % 32] >> (2 * ((k / 32) % 4))) & 3) - 1);
-    }
-    if (wfmt == W_INT4) {
-        const uint8_t *row = (const uint8_t *)w + n * ((K + 1) / 2);
-        int v = (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 15;
-        return (float)((v ^ 8) - 8);
-    }
-    return (float)((const int8_t *)w)[n * K + k];
-}
-
 /* 32 weights k .. k+31 (k a multiple of 32, all < K) of row n as signed bytes in k order */
 static inline __attribute__((always_inline)) TGT_AVX2 __m256i wo_w32(const void *w, int wfmt, int64_t n, int64_t K,
                                                                      int64_t k) {
@@ -1609,13 +1533,26 @@ static inline __attribute__((always_inline)) TGT_AVX2 __m256i wo_w32(const void 
     return _mm256_loadu_si256((const __m256i *)((const int8_t *)w + n * K + k));
 }
 
+static TGT_AVX2 void wo_expand_avx2(const void *w, int wfmt, int64_t n, int64_t K, float *dst) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i b = wo_w32(w, wfmt, n, K, k);
+        __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+        _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+        _mm256_storeu_ps(dst + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+        _mm256_storeu_ps(dst + k + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+        _mm256_storeu_ps(dst + k + 24, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+    }
+    wo_expand_scalar(w, wfmt, n, K, k, dst); /* the tail */
+}
+
 /* small M: dot x[m] with weight rows straight from their packed form (no expanded copy), 4 FMA chains */
 static TGT_AVX2 void wo_direct_avx2(const float *x, const void *w, int wfmt, int64_t n, int64_t K, int64_t k0,
                                     int64_t k1, float *d) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = k0;
     float s = 0.f;
-    for (; k < k1 && (k & 31); k++) s += x[k] * wo_w(w, wfmt, n, K, k);
+    for (; k < k1 && (k & 31); k++) s += x[k] * (float)weight_at(w, wfmt, n, K, k);
     for (; k + 32 <= k1; k += 32) {
         __m256i b = wo_w32(w, wfmt, n, K, k);
         __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
@@ -1627,7 +1564,7 @@ static TGT_AVX2 void wo_direct_avx2(const float *x, const void *w, int wfmt, int
     float t[8];
     _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     s += ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-    for (; k < k1; k++) s += x[k] * wo_w(w, wfmt, n, K, k);
+    for (; k < k1; k++) s += x[k] * (float)weight_at(w, wfmt, n, K, k);
     *d = s;
 }
 
