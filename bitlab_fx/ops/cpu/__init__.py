@@ -151,24 +151,21 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    if act == "none":  # weight-only: fused (M <= 2) or 4 expanded rows at a time; float sums in its own order
-        out = torch.empty(m, n, dtype=torch.float32)
-        rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups,
-                                  None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"bitlab CPU kernel: out of memory for a weight-only [{m}, {k}] x [{n}, {k}] linear")
-        if x.dtype is not torch.float32:
-            out = out.to(x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
-    if act_scale is not None:
-        code, static = 2, float(act_scale.reshape(-1)[0])
-    else:
-        code, static = _ACT[act], 0.0
     out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups,
-                           None if b is None else b.data_ptr(), code, static, out.data_ptr(), torch.get_num_threads())
+    bp = None if b is None else b.data_ptr()
+    if act == "none":  # weight-only: fused (M <= 2) or 4 expanded rows at a time; float sums in its own order
+        rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp,
+                                  out.data_ptr(), torch.get_num_threads())
+    else:
+        if act_scale is not None:
+            code, static = 2, float(act_scale.reshape(-1)[0])
+        else:
+            code, static = _ACT[act], 0.0
+        rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
+                               static, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
-        raise MemoryError(f"bitlab CPU kernel: out of memory for a [{m}, {k}] x [{n}, {k}] linear")
+        what = "a weight-only" if act == "none" else "a"
+        raise MemoryError(f"bitlab CPU kernel: out of memory for {what} [{m}, {k}] x [{n}, {k}] linear")
     if x.dtype is not torch.float32:
         out = out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
