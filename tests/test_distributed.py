@@ -18,6 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import bitlab_fx as bfx
+from _small_net import SmallNet
 
 WORLD = 2
 STEPS = 6
@@ -26,26 +27,6 @@ TIMEOUT_S = 90
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-class SmallNet(nn.Module):
-    """Conv, depthwise conv, linear and a functional linear on a parameter (its own copy of the one in
-    conftest: the spawned workers import this file by name, and "conftest" is ambiguous there)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv_dw = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=4)
-        self.fc1 = nn.Linear(8 * 4 * 4, 64)
-        self.w = nn.Parameter(torch.randn(64, 64) / 8)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv(x))
-        x = F.relu(self.conv_dw(x))
-        x = F.relu(self.fc1(x.flatten(1)))
-        x = F.relu(F.linear(x, self.w))
-        return self.head(x)
 
 
 def qconfig():
@@ -108,15 +89,9 @@ def blocks_model():
 
 def train_blocks(model, params, rank=0, world=1):
     g = torch.Generator().manual_seed(2)
-    opt = torch.optim.SGD(params, lr=0.02, momentum=0.9)
-    per = GLOBAL_BATCH // world
-    for _ in range(STEPS):
-        x, y = torch.randn(GLOBAL_BATCH, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
-        loss = F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
+    data = [(torch.randn(GLOBAL_BATCH, 16, generator=g, dtype=torch.float64),
+             torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)) for _ in range(STEPS)]
+    return train(model, params, data, rank, world)
 
 
 def _full_state(model):
