@@ -3,6 +3,10 @@
 Run (serialised against tests on a shared machine)::
 
     flock -x /tmp/bitlab_cpu.lock python benchmarks/bench_linear.py [--quick]
+    python benchmarks/bench_linear.py --device cuda [--weights int8] [--sweep] [--autotune] [--m 1 16]
+
+``--device cuda`` runs the GPU benchmark of the Triton kernels instead (``bench_linear_cuda.py``, whose
+options it passes on): cuBLAS bf16 and torch int8 weight-only against the bitlab kernel, with HBM GB/s.
 
 Shapes are ``N x K`` = out_features x in_features; ``M`` is the batch (tokens). Every time is the best
 median of a few repeats, in microseconds, measured in this one run with torch's default threading
@@ -152,7 +156,23 @@ def _timed(fn):
 
 
 def main():
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pre.add_argument("--weights", default="ternary")
+    known, rest = pre.parse_known_args()
+    if known.device == "cuda":
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_linear_cuda
+
+        if known.weights not in ("ternary", "int8"):
+            raise SystemExit(f"bench_linear.py --device cuda: --weights {known.weights} has no CUDA kernel "
+                             "(ternary and int8 do); drop --weights or pick one of those")
+        raise SystemExit(bench_linear_cuda.main(["--op", known.weights] + rest))
     ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the Triton kernels on a GPU (bench_linear_cuda.py; its options pass through)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/batches, shorter timings")
     ap.add_argument("--weights", choices=sorted(WEIGHTS), default="ternary",
                     help="weight format of the converted layer (ternary: the issue's kernel; int4/int8: the low-bit ops)")

@@ -3,6 +3,7 @@
     python benchmarks/bench_linear_cuda.py                 # ternary, all shapes, M = 1 4 16 64 256
     python benchmarks/bench_linear_cuda.py --op int8 --m 1 16
     python benchmarks/bench_linear_cuda.py --sweep         # also try every tile config, report the best
+    python benchmarks/bench_linear_cuda.py --autotune      # also time the op with autotuning on
 
 Shapes are ``K x N`` (in_features x out_features): 4096x4096, 8192x8192, 8192x28672, 28672x8192.
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``; ``--no-graph`` for plain
@@ -13,6 +14,7 @@ never slower than bf16 up to M=256.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import sys
 
@@ -76,6 +78,17 @@ def run(args) -> list[list]:
         except RuntimeError:
             t_int8 = float("nan")
         t_ours = _bench(lambda: fn(x, weight, scale), args.graph)
+        tuned = []
+        if args.autotune:
+            from bitlab_fx.ops.cuda import set_autotune
+
+            previous = set_autotune(True)
+            try:
+                fn(x, weight, scale)  # tunes this shape (outside any graph capture)
+                t_tuned = _bench(lambda: fn(x, weight, scale), args.graph)
+            finally:
+                set_autotune(previous)
+            tuned = [f"{t_tuned:.1f}", f"{t_bf16 / t_tuned:.2f}x"]
         best = ""
         if args.sweep:
             timed = []
@@ -90,7 +103,7 @@ def run(args) -> list[list]:
         nbytes = wbytes + 4 * n + 2 * m * k + 2 * m * n
         gbs = nbytes / (t_ours * 1e-6) / 1e9
         rows.append([f"{k}x{n}", m, f"{t_bf16:.1f}", f"{t_int8:.1f}", f"{t_ours:.1f}", f"{t_bf16 / t_ours:.2f}x",
-                     f"{t_int8 / t_ours:.2f}x", f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"] + ([best] if args.sweep else []))
+                     f"{t_int8 / t_ours:.2f}x", f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"] + tuned + ([best] if args.sweep else []))
     return rows
 
 
@@ -100,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, nargs="+", default=MS, help="token counts (rows of x)")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="time plain launches, not CUDA graphs")
     p.add_argument("--sweep", action="store_true", help="also time every tile config and report the best")
+    p.add_argument("--autotune", action="store_true", help="also time the op with autotuning on (tuned us column)")
     p.add_argument("--peak-gbs", type=float, default=None, help="HBM peak for the %% column (default by GPU name)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -107,7 +121,7 @@ def main(argv=None) -> int:
               "for CPU numbers use benchmarks/bench_linear.py", file=sys.stderr)
         return 2
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         print("bench_linear_cuda.py needs triton: pip install 'bitlab-fx[cuda]'", file=sys.stderr)
         return 2
@@ -115,8 +129,9 @@ def main(argv=None) -> int:
 
     rows = run(args)
     headers = ["K x N", "M", "bf16 us", "int8-wo us", f"bitlab {args.op} us", "vs bf16", "vs int8-wo", "GB/s",
-               "% HBM"] + (["best config"] if args.sweep else [])
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+               "% HBM"] + (["tuned us", "tuned vs bf16"] if args.autotune else []) + (["best config"] if args.sweep else [])
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"{'CUDA-graph replays' if args.graph else 'plain launches'}; {datetime.date.today()}")
     print(tabulate(rows, headers=headers, tablefmt="github"))
     return 0
 

@@ -151,6 +151,78 @@ def test_group_size_not_multiple_of_32_falls_back_to_reference():
     _assert_matches(y, reference.ternary_linear(x, pack_ternary(wq), ws, b), exact=True)
 
 
+# ---------------------------------------------------------------------------------------- autotune
+
+
+@pytest.fixture
+def autotune(monkeypatch):
+    """Autotuning on, an empty cache, and a fake timer under which the last candidate is the fastest."""
+    from bitlab_fx.ops import cuda
+
+    previous = cuda.set_autotune(True)
+    K.clear_tuned_configs()
+    state = {"timed": 0, "candidates": None}
+    original = K.autotune_candidates
+
+    def candidates(*args, **kwargs):
+        state["candidates"] = original(*args, **kwargs)
+        return state["candidates"]
+
+    def fake_time(fn):
+        state["timed"] += 1
+        return 0.5 if state["timed"] == len(state["candidates"]) else 1.0
+
+    monkeypatch.setattr(K, "autotune_candidates", candidates)
+    monkeypatch.setattr(K, "_time_us", fake_time)
+    yield state
+    cuda.set_autotune(previous)
+    K.clear_tuned_configs()
+
+
+@pytest.mark.parametrize("m", [2, 24])
+def test_autotune_times_the_candidates_once_and_keeps_the_fastest(autotune, m):
+    x, wq, ws, b = _problem(m, 1024, 40, torch.bfloat16, "channel", True, seed=3)
+    w = pack_ternary(wq)
+    y = K.ternary_linear_triton(x, w, ws, b)
+    cands = autotune["candidates"]
+    assert len(cands) >= 4 and autotune["timed"] == len(cands)
+    (key, cfg), = K.tuned_configs().items()
+    assert cfg == cands[-1] and key[:3] == (1 << (m - 1).bit_length(), 40, padded_k(1024))
+    _assert_matches(y, reference.ternary_linear(x, w, ws, b), exact=True)
+    y2 = K.ternary_linear_triton(x[: m - 1] if m > 2 else x, w, ws, b)  # same M bucket: cache hit, no timing
+    assert autotune["timed"] == len(cands)
+    _assert_matches(y2, reference.ternary_linear(x[: y2.shape[0]], w, ws, b), exact=True)
+
+
+def test_every_autotune_candidate_matches_reference():
+    for m, scale, act in ((1, "channel", "per_token"), (6, "group", "per_tensor"), (20, "tensor", "none")):
+        x, wq, ws, b = _problem(m, 2048, 24, torch.float16, scale, True, seed=4)
+        w = pack_ternary(wq)
+        ref = reference.ternary_linear(x, w, ws, b, act)
+        for cfg in K.autotune_candidates(m, 24, padded_k(2048), 64 if scale == "group" else 0):
+            _assert_matches(K.ternary_linear_triton(x, w, ws, b, act, config=cfg), ref,
+                            exact=act != "none" and scale != "group")
+
+
+def test_autotune_off_by_default_and_never_under_tracing(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bitlab_fx.ops import cuda
+
+    assert not cuda.autotune_enabled() or os.environ.get("BITLAB_TRITON_AUTOTUNE") == "1"
+    monkeypatch.setattr(K, "_time_us", lambda fn: pytest.fail("timed with autotuning off"))
+    previous = cuda.set_autotune(False)
+    try:
+        x, wq, ws, b = _problem(3, 256, 8, torch.float32, "channel", False)
+        K.ternary_linear_triton(x, pack_ternary(wq), ws)
+        assert K.tuned_configs() == {}
+    finally:
+        cuda.set_autotune(previous)
+    with FakeTensorMode():
+        assert not K._may_benchmark(torch.empty(2, 3))
+    assert K._may_benchmark(torch.empty(2, 3))
+
+
 # ---------------------------------------------------------------------------------------- CUDA only
 
 
@@ -193,3 +265,34 @@ def test_cuda_graph_capture_and_replay():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y, op(*args), rtol=0, atol=0)
+
+
+@cuda_only
+def test_autotune_on_gpu_then_capture_and_compile_reuse_the_tuned_config():
+    from bitlab_fx.ops import cuda
+
+    previous = cuda.set_autotune(True)
+    K.clear_tuned_configs()
+    try:
+        op, args = _op_args(True)
+        x = args[0]
+        graph = torch.cuda.CUDAGraph()
+        op(*args)  # loads the kernels and tunes this shape (real timing with triton.testing.do_bench)
+        tuned = K.tuned_configs()
+        assert len(tuned) == 1
+        with torch.cuda.graph(graph):  # captured with the tuned config, no timing inside the capture
+            y = op(*args)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, op(*args), rtol=0, atol=0)
+        torch._dynamo.reset()
+        f = torch.compile(lambda *a: op(*a), fullgraph=True)
+        torch.testing.assert_close(f(*args), op(*args), rtol=0, atol=0)
+        assert K.tuned_configs() == tuned
+        K.clear_tuned_configs()
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):  # nothing tuned: capture uses the fixed config
+            op(*args)
+        assert K.tuned_configs() == {}
+    finally:
+        cuda.set_autotune(previous)
+        K.clear_tuned_configs()

@@ -25,6 +25,26 @@ from .. import _schema
 
 _OPS = {"ternary_linear": True, "int8_linear": False}  # op name -> packed weights
 _registered = False
+_autotune = os.environ.get("BITLAB_TRITON_AUTOTUNE", "0") == "1"
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Switch autotuning of the Triton tile configs on or off; returns the previous setting.
+
+    Off (the default, or ``BITLAB_TRITON_AUTOTUNE=0``): each problem size launches the fixed tile config of
+    ``kernels.choose_config``. On: the first eager call of each (M bucket, N, K, weight/scale kind, dtype)
+    times the few configs of ``kernels.autotune_candidates`` on its own tensors and keeps the fastest; later
+    calls, CUDA graph captures and ``torch.compile`` traces reuse it (a capture or trace that finds no tuned
+    config uses the fixed one: they never benchmark). Integer-accumulated results are the same bit for bit
+    with any config; per-group scales and ``act="none"`` sum floats in a config-dependent order.
+    """
+    global _autotune
+    previous, _autotune = _autotune, bool(enabled)
+    return previous
+
+
+def autotune_enabled() -> bool:
+    return _autotune
 
 
 def _kernels():
@@ -109,4 +129,4 @@ def register() -> None:
     _registered = True
 
 
-__all__ = ["register"]
+__all__ = ["autotune_enabled", "register", "set_autotune"]

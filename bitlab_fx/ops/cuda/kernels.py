@@ -286,6 +286,72 @@ def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 
     return replace(cfg, nb=nb, split_k=split)
 
 
+def autotune_candidates(m: int, n: int, k_pad: int, group_size: int = 0, sms: int = 132) -> list[LinearConfig]:
+    """The small space :func:`tune_config` times: ``choose_config``'s pick first, then a few neighbours
+    (narrower/wider N tiles, more K per step, more or fewer K splits; for the MMA path also other
+    ``BLOCK_M``, ``num_warps`` and ``num_stages``). At most 8 configs, duplicates removed after fitting."""
+    base = choose_config(m, n, k_pad, group_size, sms)
+    if not base.use_dot:
+        bm = base.block_m
+        raw = [(LinearConfig(block_m=bm, block_n=bn, nb=nb, num_warps=w), t)
+               for bn, nb, w, t in ((base.block_n // 2, 2, 4, 4), (base.block_n * 2, 2, 4, 4), (base.block_n, 4, 4, 4),
+                                    (base.block_n, 2, 4, 8), (base.block_n, 2, 4, 2), (base.block_n, 2, 8, 4),
+                                    (base.block_n * 2, 4, 8, 2))]
+    else:
+        bm = base.block_m
+        raw = [(replace(base, block_n=128 if base.block_n == 64 else 64), 2), (replace(base, num_stages=4), 2),
+               (replace(base, num_warps=8 if base.num_warps == 4 else 4), 2), (replace(base, nb=2 if base.nb == 1 else 1), 2),
+               (replace(base, split_k=1), 0), (replace(base, block_m=max(16, bm // 2)), 2),
+               (replace(base, block_m=min(128, bm * 2), block_n=128, num_warps=8), 1)]
+    out = [base]
+    for cfg, t in raw:
+        if cfg.block_n < 8:
+            continue
+        cfg = fit_config(replace(cfg, split_k=1), m, n, k_pad, group_size, t * sms)
+        if cfg not in out:
+            out.append(cfg)
+    return out[:8]
+
+
+_TUNED: dict = {}  # problem key -> LinearConfig, filled by tune_config
+
+
+def _may_benchmark(x: Tensor) -> bool:
+    """Timing needs real tensors and a stream that is not being captured into a CUDA graph."""
+    from torch._subclasses import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(x, (FakeTensor, FunctionalTensor)) or torch._guards.detect_fake_mode() is not None:
+        return False
+    return x.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _time_us(fn) -> float:
+    """Median microseconds of ``fn``: ``triton.testing.do_bench`` on a GPU, wall clock under the interpreter."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and not _interpreted(_linear_kernel):
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=20)
+    import time
+
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e6 * sorted(ts)[1]
+
+
+def tuned_configs() -> dict:
+    """A copy of the autotune cache: ``{(M bucket, N, K_pad, group size, packed, act float, ws mode, dtype,
+    device): LinearConfig}``."""
+    return dict(_TUNED)
+
+
+def clear_tuned_configs() -> None:
+    _TUNED.clear()
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 
@@ -358,11 +424,50 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
     else:
         xin, s = quantize_activations(x2, act, act_scale, k_pad)
         stride_xm = k_pad
+    launch = functools.partial(_launch_linear, xin=xin, weight=weight, ws=ws, s=s, bias=bias, m=m, n=n, k=k,
+                               k_pad=k_pad, groups=groups, group_size=group_size, packed=packed, act_float=act_float,
+                               ws_mode=ws_mode, stride_xm=stride_xm)
     if config is None:
-        config = choose_config(m, n, k_pad, group_size, _num_sms(x.device))
+        config = _pick_config(launch, x2, m, n, k_pad, group_size, (packed, act_float, ws_mode, x.dtype))
     else:
         config = fit_config(config, m, n, k_pad, group_size)
-    cfg = config
+    launch(config, out)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _pick_config(launch, x2: Tensor, m: int, n: int, k_pad: int, group_size: int, kind: tuple) -> LinearConfig:
+    """``choose_config``'s fixed pick, or with autotuning on (:func:`bitlab_fx.ops.cuda.set_autotune`) the
+    fastest of :func:`autotune_candidates`, timed once per problem key on the call's own tensors. Calls that
+    cannot time (CUDA graph capture, torch.compile tracing) use a tuned config when one is cached, else the
+    fixed pick: they never benchmark, sync or allocate beyond the op's own buffers."""
+    from . import autotune_enabled
+
+    sms = _num_sms(x2.device)
+    if not autotune_enabled():
+        return choose_config(m, n, k_pad, group_size, sms)
+    bucket = triton.next_power_of_2(max(m, 1)) if m <= 256 else 512 * -(-m // 512)
+    key = (bucket, n, k_pad, group_size, *kind, str(x2.device))
+    hit = _TUNED.get(key)
+    if hit is not None:
+        return fit_config(hit, m, n, k_pad, group_size)
+    if not _may_benchmark(x2):
+        return choose_config(m, n, k_pad, group_size, sms)
+    scratch = torch.empty(m, n, dtype=kind[-1], device=x2.device)
+    timed = []
+    for cfg in autotune_candidates(m, n, k_pad, group_size, sms):
+        try:
+            launch(cfg, scratch)  # compile, and check that it launches, before timing
+            timed.append((_time_us(lambda cfg=cfg: launch(cfg, scratch)), len(timed), cfg))
+        except Exception:  # noqa: BLE001  (a config that does not compile or fit this GPU is skipped)
+            continue
+    best = min(timed)[2] if timed else choose_config(m, n, k_pad, group_size, sms)
+    _TUNED[key] = best
+    return best
+
+
+def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, m, n, k, k_pad, groups, group_size,
+                   packed, act_float, ws_mode, stride_xm) -> None:
+    """Launch ``_linear_kernel`` (and the split-K reduction) with tile config ``cfg``, writing ``out [M, N]``."""
     iters = -(-k_pad // (cfg.nb * BLOCK))
     per_split = -(-iters // cfg.split_k)
     has_bias = bias is not None
@@ -370,7 +475,7 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
     partial = cfg.split_k > 1
     if partial:
         part_dtype = torch.float32 if (act_float or ws_mode == WS_GROUP) else torch.int32
-        dest = torch.empty(cfg.split_k, m, n, dtype=part_dtype, device=x.device)
+        dest = torch.empty(cfg.split_k, m, n, dtype=part_dtype, device=out.device)
     else:
         dest = out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
@@ -386,7 +491,6 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
         _launch(_splitk_reduce_kernel)[rgrid](
             dest, ws, s, bias_arg, out, m, n, cfg.split_k, WS_MODE=ws_mode, ACT_FLOAT=act_float, HAS_BIAS=has_bias,
             BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, num_warps=4)
-    return out.reshape(*x.shape[:-1], n)
 
 
 def ternary_linear_triton(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,

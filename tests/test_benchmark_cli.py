@@ -1,0 +1,32 @@
+"""The benchmark scripts' command lines: ``bench_linear.py --device cuda`` hands over to the GPU benchmark,
+which says clearly what it needs where there is no GPU."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed where there is no GPU")
+def test_device_cuda_without_gpu_exits_2_and_says_why():
+    proc = _run("--device", "cuda", "--m", "1")
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr and "bench_linear.py" in proc.stderr
+
+
+def test_device_cuda_rejects_a_weight_format_without_cuda_kernel():
+    proc = _run("--device", "cuda", "--weights", "int4")
+    assert proc.returncode != 0 and "--weights int4 has no CUDA kernel" in proc.stderr
+
+
+def test_device_option_is_listed_in_help():
+    proc = _run("--help")
+    assert proc.returncode == 0 and "--device" in proc.stdout
