@@ -144,6 +144,22 @@ def test_leading_dims_strided_input_and_empty():
     assert empty.shape == (0, 11)
 
 
+@pytest.mark.parametrize("act", ["per_token", "none"])
+def test_gemv_on_bytes_where_words_do_not_fit(act):
+    """The dp4a GEMV reads 4-byte words; int8 weights with K % 4 != 0 and a packed weight that is an
+    unaligned view take the elementwise path, with the same results."""
+    x, wq, ws, b = _problem(3, 130, 13, torch.float32, "channel", True, seed=5)
+    _assert_matches(K.int8_linear_triton(x, wq, ws, b, act), reference.int8_linear(x, wq, ws, b, act),
+                    exact=act != "none")
+    packed = pack_ternary(wq)
+    buf = torch.zeros(packed.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    view = buf[1:].view(packed.shape)  # data_ptr 1 byte past an aligned allocation
+    view.copy_(packed)
+    assert view.data_ptr() % 4 != 0
+    _assert_matches(K.ternary_linear_triton(x, view, ws, b, act), reference.ternary_linear(x, packed, ws, b, act),
+                    exact=act != "none")
+
+
 def test_group_size_not_multiple_of_32_falls_back_to_reference():
     x, wq, ws, b = _problem(3, 200, 5, torch.float32, "channel", False)
     ws = torch.rand(5, 5, device=DEVICE) + 0.1  # groups of 40
@@ -221,6 +237,13 @@ def test_autotune_off_by_default_and_never_under_tracing(monkeypatch):
     with FakeTensorMode():
         assert not K._may_benchmark(torch.empty(2, 3))
     assert K._may_benchmark(torch.empty(2, 3))
+
+
+def test_self_check_passes_and_keeps_the_assembly_paths_on():
+    """On a GPU this compares the inline-assembly paths (dp4a, SWAR unpack) with the portable code bit for bit;
+    under the interpreter both sides run the portable code."""
+    assert K.self_check(DEVICE)
+    assert K._asm_ok(torch.device(DEVICE))
 
 
 # ---------------------------------------------------------------------------------------- CUDA only

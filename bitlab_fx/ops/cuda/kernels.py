@@ -23,6 +23,7 @@ int8 weights run through the same kernel with ``PACKED=False`` (the runs are rea
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...quant.packing import BLOCK, LANES, padded_k
+from ...quant.packing import BLOCK, LANES, pack_ternary, padded_k
 from ...quant.primitives import EPS
 from .. import reference
 
@@ -128,67 +129,188 @@ def _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_
 
 
 @triton.jit
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """``c + sum_t a.byte[t] * b.byte[t]`` on int32 lanes: ``b``'s bytes signed, ``a``'s unsigned (ternary
+    codes 0..2) or signed (``SIGNED_A``, int8 weights). One ``dp4a`` instruction with ``ASM``; else (the
+    interpreter, which runs no inline assembly, or a GPU that failed :func:`self_check`) byte by byte."""
+    if not ASM:
+        for t in tl.static_range(4):
+            bt = (b << (24 - 8 * t)) >> 24  # arithmetic shift: signed byte t
+            if SIGNED_A:
+                at = (a << (24 - 8 * t)) >> 24
+            else:
+                at = (a >> (8 * t)) & 0xFF
+            c = c + at * bt
+        return c
+    elif SIGNED_A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _unpack_run(b, r: tl.constexpr, ASM: tl.constexpr):
+    """Packed uint8 bytes -> the int8 weights of run ``r``, ``((b >> 2r) & 3) - 1``. With ``ASM``, four bytes
+    at a time in one register (SWAR: shift, mask, and a borrow-free byte-wise subtract of 1)."""
+    if not ASM:
+        return ((b >> (2 * r)) & 3).to(tl.int8) - 1
+    elif r == 0:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; and.b32 t, $1, 0x03030303; or.b32 t, t, 0x80808080; sub.u32 t, t, 0x01010101; "
+            "xor.b32 $0, t, 0x80808080; }", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    elif r == 1:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+            "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    elif r == 2:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+            "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+            "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
+def _gemv_words(x_ptr, w_ptr, ws_ptr, offs_n, offs_m, mask_n, mask_m, K, G, GROUP_SIZE, stride_xm, stride_wn,
+                it0, it1, PACKED: tl.constexpr, WS_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr):
+    """Decode GEMV on 32-bit words: int8 activations and weights four to a register, ``dp4a`` products.
+
+    Word ``j`` of run ``r`` in a step covers ``k = k0 + 128 (j // 8) + 32 r + 4 (j % 8) + 0..3``: the same four
+    ``k`` in the activation row and, for packed weights, in packed word ``k0 / 16 + j`` (bits ``2r``, one
+    byte per ``k``). Ternary codes ``c = w + 1`` go into ``dp4a`` unsigned, and ``sum(x)`` (a ``dp4a`` with
+    ``0x01010101`` per activation word, shared by every row) is subtracted once at the end. Products stay in
+    a ``[BLOCK_N, words, BLOCK_M]`` accumulator, reduced across words once after the K loop. Returns the
+    ``[BLOCK_N, BLOCK_M]`` int32 dot products (fp32, already scaled, with per-group scales).
+    """
+    W: tl.constexpr = NB * 8
+    GROUPED: tl.constexpr = WS_MODE == 2
+    # every tensor is built in 3-D [BLOCK_N, W, BLOCK_M] form, so loads land in the layout of the products
+    j = tl.arange(0, W)[None, :, None]
+    kw = 32 * (j // 8) + (j % 8)  # word offset of word j of run 0 from k0 / 4
+    xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m.to(tl.int64)[None, None, :] * (stride_xm // 4)
+    ww_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None, None] * (stride_wn // 4)
+    mask_m3 = mask_m[None, None, :]
+    mask_n3 = mask_n[:, None, None]
+    if GROUPED:
+        acc = tl.zeros([BLOCK_N, W, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, W, BLOCK_M], dtype=tl.int32)
+    xs = tl.zeros([1, W, BLOCK_M], dtype=tl.int32)
+    ones = tl.full([1, W, BLOCK_M], 0x01010101, dtype=tl.int32)
+    for it in range(it0, it1):
+        k0w = it * (NB * 32)  # k0 / 4
+        if PACKED:  # NB * 32 packed bytes per row: one contiguous load
+            cw = tl.load(ww_rows + it * W + j, mask=mask_n3, other=0)
+        for r in tl.static_range(4):
+            kx = k0w + 8 * r + kw
+            xw = tl.load(xw_rows + kx, mask=mask_m3, other=0)
+            if PACKED:
+                a = (cw >> (2 * r)) & 0x03030303
+            else:
+                a = tl.load(ww_rows + kx, mask=mask_n3 & (4 * kx < K), other=0)
+            if GROUPED:
+                part = _dp4a(a, xw, tl.zeros([BLOCK_N, W, BLOCK_M], dtype=tl.int32), not PACKED, ASM)
+                if PACKED:
+                    part -= _dp4a(ones, xw, tl.zeros([1, W, BLOCK_M], dtype=tl.int32), False, ASM)
+                g = tl.minimum((4 * k0w + 32 * r) // GROUP_SIZE, G - 1)  # runs past K (padding) add 0
+                wsg = tl.load(ws_ptr + offs_n * G + g, mask=mask_n, other=0.0)
+                acc += part.to(tl.float32) * wsg[:, None, None]
+            else:
+                acc = _dp4a(a, xw, acc, not PACKED, ASM)
+                if PACKED:
+                    xs = _dp4a(ones, xw, xs, False, ASM)
+    tot = tl.sum(acc, axis=1)
+    if PACKED and not GROUPED:
+        tot -= tl.sum(xs, axis=1)
+    return tot
+
+
+@triton.jit
 def _linear_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr,
                    M, N, K, K_pad, G, GROUP_SIZE, stride_xm, stride_wn, ITERS_PER_SPLIT,
                    PACKED: tl.constexpr, ACT_FLOAT: tl.constexpr, WS_MODE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, INTERPRET: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, WORDS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, INTERPRET: tl.constexpr,
+                   ASM: tl.constexpr):
     """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` over the K range of split ``program_id(2)``.
 
     ``x_ptr``: int8 ``xq [M, K_pad]`` (row stride ``stride_xm``), or the float input when ``ACT_FLOAT``.
     ``w_ptr``: packed uint8 ``[N, K_pad/4]`` or int8 ``[N, K]`` (row stride ``stride_wn``).
     ``out_ptr``: ``y [M, N]``, or the split-K workspace ``[SPLIT_K, M, N]`` when ``WRITE_PARTIAL``.
+    ``WORDS``: the ``dp4a`` GEMV (:func:`_gemv_words`); else int8 ``tl.dot`` (``USE_DOT``) or elementwise
+    products, on int8 (or, with ``ACT_FLOAT``, fp32) elements. The host makes ``K_pad`` a multiple of the step
+    (``NB * 128``), so packed weights and ``xq`` need no mask along K.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    RUN: tl.constexpr = NB * 32
-    BLOCK_K: tl.constexpr = NB * 128
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    i = tl.arange(0, RUN)
-    k_run = (i // 32) * 128 + (i % 32)  # k of element i of run 0, relative to the step's first k
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
-    if ACT_FLOAT or WS_MODE == 2:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     it0 = pid_k * ITERS_PER_SPLIT
-    it1 = tl.minimum(it0 + ITERS_PER_SPLIT, tl.cdiv(K_pad, BLOCK_K))
-    for it in range(it0, it1):
-        k0 = it * BLOCK_K
-        if PACKED:  # one contiguous load of NB * 32 bytes per output row
-            kb = k0 // 4 + i
-            b = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & (kb < K_pad // 4)[None, :], other=0)
-        for r in tl.static_range(4):
-            kk = k0 + r * 32 + k_run
-            if PACKED:
-                w = ((b >> (2 * r)) & 3).to(tl.int8) - 1
+    it1 = tl.minimum(it0 + ITERS_PER_SPLIT, K_pad // (NB * 128))
+    if WORDS:
+        acc = _gemv_words(x_ptr, w_ptr, ws_ptr, offs_n, offs_m, mask_n, mask_m, K, G, GROUP_SIZE, stride_xm,
+                          stride_wn, it0, it1, PACKED, WS_MODE, BLOCK_M, BLOCK_N, NB, ASM)
+    else:
+        RUN: tl.constexpr = NB * 32
+        BLOCK_K: tl.constexpr = NB * 128
+        FLOAT_ACC: tl.constexpr = ACT_FLOAT or WS_MODE == 2
+        i = tl.arange(0, RUN)
+        k_run = (i // 32) * 128 + (i % 32)  # k of element i of run 0, relative to the step's first k
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+        if USE_DOT:  # [BN, BM]; the elementwise GEMV keeps [BN, RUN, BM] and reduces once after the loop
+            if FLOAT_ACC:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             else:
-                w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0)
-            if ACT_FLOAT:
-                xv = tl.load(x_cols + kk[:, None], mask=(kk < K)[:, None] & mask_m[None, :], other=0.0)
-                xv = xv.to(tl.float32)
-                w = w.to(tl.float32)
-                if USE_DOT:
-                    part = tl.dot(w, xv, input_precision="ieee")
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        else:
+            if FLOAT_ACC:
+                acc = tl.zeros([BLOCK_N, RUN, BLOCK_M], dtype=tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_N, RUN, BLOCK_M], dtype=tl.int32)
+        for it in range(it0, it1):
+            k0 = it * BLOCK_K
+            if PACKED:  # one contiguous load of NB * 32 bytes per output row
+                b = tl.load(w_rows + (k0 // 4 + i)[None, :], mask=mask_n[:, None], other=0)
+            for r in tl.static_range(4):
+                kk = k0 + r * 32 + k_run
+                if PACKED:
+                    w = _unpack_run(b, r, ASM)
                 else:
-                    part = tl.sum(w[:, :, None] * xv[None, :, :], axis=1)
-            else:
-                xv = tl.load(x_cols + kk[:, None], mask=(kk < K_pad)[:, None] & mask_m[None, :], other=0)
-                if USE_DOT:
-                    part = tl.dot(w, xv, out_dtype=tl.int32)
+                    w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0)
+                if ACT_FLOAT:
+                    xv = tl.load(x_cols + kk[:, None], mask=(kk < K)[:, None] & mask_m[None, :], other=0.0)
+                    xv = xv.to(tl.float32)
+                    w = w.to(tl.float32)
+                    if USE_DOT:
+                        part = tl.dot(w, xv, input_precision="ieee")
+                    else:
+                        part = w[:, :, None] * xv[None, :, :]
                 else:
-                    part = tl.sum(w.to(tl.int32)[:, :, None] * xv.to(tl.int32)[None, :, :], axis=1)
-            if WS_MODE == 2:  # the host guarantees that every run of this step lies in one group
-                g = tl.minimum((k0 + r * 32) // GROUP_SIZE, G - 1)  # runs past K (padding) add 0
-                wsg = tl.load(ws_ptr + offs_n * G + g, mask=mask_n, other=0.0)
-                acc += part.to(tl.float32) * wsg[:, None]
-            else:
-                acc += part
+                    xv = tl.load(x_cols + kk[:, None], mask=mask_m[None, :], other=0)
+                    if USE_DOT:
+                        part = tl.dot(w, xv, out_dtype=tl.int32)
+                    else:
+                        part = w.to(tl.int32)[:, :, None] * xv.to(tl.int32)[None, :, :]
+                if WS_MODE == 2:  # the host guarantees that every run of this step lies in one group
+                    g = tl.minimum((k0 + r * 32) // GROUP_SIZE, G - 1)  # runs past K (padding) add 0
+                    wsg = tl.load(ws_ptr + offs_n * G + g, mask=mask_n, other=0.0)
+                    if USE_DOT:
+                        acc += part.to(tl.float32) * wsg[:, None]
+                    else:
+                        acc += part.to(tl.float32) * wsg[:, None, None]
+                else:
+                    acc += part
+        if not USE_DOT:
+            acc = tl.sum(acc, axis=1)
     if WRITE_PARTIAL:
         ptrs = out_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
         tl.store(ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
@@ -270,11 +392,11 @@ def choose_config(m: int, n: int, k_pad: int, group_size: int = 0, sms: int = 13
 
 
 def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 0, target_programs: int = 0) -> LinearConfig:
-    """Make ``cfg`` valid for the problem: per-group scales need each step inside one group (else ``nb=1``,
-    one group per 32-run); split K (powers of two, >= 4 steps each) until ``target_programs``; drop empty splits."""
+    """Make ``cfg`` valid for the problem: ``NB`` halved until ``K_pad`` is a whole number of steps and, with
+    per-group scales, each step lies inside one group (at ``nb=1``, one group per 32-run); split K (powers of two, >= 4 steps each) until ``target_programs``; drop empty splits."""
     nb = cfg.nb
-    if group_size and group_size % (nb * BLOCK):
-        nb = 1
+    while nb > 1 and ((group_size and group_size % (nb * BLOCK)) or k_pad % (nb * BLOCK)):
+        nb //= 2  # each step inside one group, and K_pad a whole number of steps (no K masks)
     iters = max(1, -(-k_pad // (nb * BLOCK)))
     split = cfg.split_k
     if target_programs:
@@ -342,6 +464,50 @@ def _time_us(fn) -> float:
     return 1e6 * sorted(ts)[1]
 
 
+_ASM_OK: dict = {}  # str(device) -> whether the inline-assembly paths passed self_check there
+
+
+def _asm_ok(device: torch.device) -> bool:
+    return _ASM_OK.get(str(device), True)
+
+
+def self_check(device) -> bool:
+    """Run the inline-assembly paths (``dp4a`` GEMV, SWAR unpacking before ``tl.dot``) against the portable
+    Triton code on small random problems on ``device``; they must agree bit for bit. On a difference the
+    assembly is switched off for that device (slower, still correct) with a warning. Runs once per device,
+    on the first eager call of an op there (not inside a CUDA graph capture or a compile trace)."""
+    key = str(torch.device(device))
+    _ASM_OK[key] = True
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    for m, cfg, packed, groups in ((1, LinearConfig(block_m=1, block_n=16, nb=2), True, 0),
+                                   (5, LinearConfig(block_m=8, block_n=16, nb=1, split_k=2), False, 0),
+                                   (3, LinearConfig(block_m=4, block_n=16, nb=1), True, 4),
+                                   (20, LinearConfig(block_m=32, block_n=16, nb=2, use_dot=True), True, 0)):
+        x = torch.randn(m, 256, generator=gen).to(device)
+        wq = torch.randint(-1, 2, (24, 256), generator=gen, dtype=torch.int8)
+        w = (pack_ternary(wq) if packed else torch.randint(-128, 128, (24, 256), generator=gen, dtype=torch.int8))
+        ws = (torch.rand(24, groups, generator=gen) if groups else torch.rand(24, generator=gen)) + 0.1
+        args = (x, w.to(device), ws.to(device), None, "per_token", None, packed, cfg)
+        _ASM_OK[key] = True
+        fast = _int_linear(*args)
+        _ASM_OK[key] = False
+        ok = ok and torch.equal(fast, _int_linear(*args))
+    _ASM_OK[key] = ok
+    if not ok:
+        warnings.warn(f"bitlab_fx: the inline-assembly paths of the Triton kernels (dp4a, byte unpacking) gave "
+                      f"results that differ from the portable code on {key} "
+                      f"({torch.cuda.get_device_name(device) if key.startswith('cuda') else key}); they are "
+                      "switched off there, so the ops stay correct but run slower. Please report this with "
+                      "your GPU, driver and triton versions.", RuntimeWarning, stacklevel=2)
+    return ok
+
+
+def _ensure_self_check(x: Tensor) -> None:
+    if x.device.type == "cuda" and str(x.device) not in _ASM_OK and _may_benchmark(x):
+        self_check(x.device)
+
+
 def tuned_configs() -> dict:
     """A copy of the autotune cache: ``{(M bucket, N, K_pad, group size, packed, act float, ws mode, dtype,
     device): LinearConfig}``."""
@@ -400,6 +566,7 @@ def supports(k: int, weight_scale: Tensor) -> bool:
 
 def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
                 act_scale: Optional[Tensor], packed: bool, config: Optional[LinearConfig]) -> Tensor:
+    _ensure_self_check(x)
     k = x.shape[-1]
     n = weight.shape[0]
     if not supports(k, weight_scale):
@@ -480,10 +647,13 @@ def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, 
         dest = out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     interp = _interpreted(_linear_kernel)
+    words = (not cfg.use_dot and not act_float and (packed or k % 4 == 0) and weight.stride(0) % 4 == 0
+             and weight.data_ptr() % 4 == 0)  # the dp4a GEMV reads 4-byte-aligned words
     _launch(_linear_kernel)[grid](
         xin, weight, ws, s, bias_arg, dest, m, n, k, k_pad, groups, max(group_size, 1), stride_xm, weight.stride(0),
         per_split, PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=has_bias, WRITE_PARTIAL=partial,
-        USE_DOT=cfg.use_dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, INTERPRET=interp,
+        USE_DOT=cfg.use_dot, WORDS=words, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, INTERPRET=interp,
+        ASM=not interp and _asm_ok(out.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rbm = min(16, triton.next_power_of_2(m))
