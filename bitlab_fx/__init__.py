@@ -11,6 +11,7 @@ from .api import convert, disable_fake_quant, disable_observer, enable_fake_quan
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
 from .mapping import QConfigMapping
+from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv2d, QuantizedLinear
 from .recipes import QuantWarmup
 from .seed import BitQuantConfig
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "prepare_qat", "convert", "summary", "Summary", "save_quantized", "load_quantized",
-    "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
+    "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig",
     "QuantizedLinear", "QuantizedConv2d",

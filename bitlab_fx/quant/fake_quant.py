@@ -83,8 +83,8 @@ class ActivationFakeQuant(_FakeQuant):
     3 for conv2d (one scale per sample ``[C, H, W]``).
 
     Dynamic specs compute the scale from each input. Static specs (``dynamic=False``) observe the
-    running max of ``|x|`` (exponential moving average, ``momentum``) while training and use the
-    stored value in eval mode; ``observe = False`` freezes it. Under ``torch.distributed`` each
+    running max of ``|x|`` (exponential moving average, ``momentum``) while training, or in any mode
+    inside ``bfx.calibrate(model)``, and use the stored value otherwise; ``observe = False`` freezes it. Under ``torch.distributed`` each
     observation is the max over all ranks (one tiny all-reduce per observer and training step), so
     DDP/FSDP training observes the global batch exactly like one process would; set
     ``sync_observer = False`` to keep per-rank ranges.
@@ -99,8 +99,10 @@ class ActivationFakeQuant(_FakeQuant):
         super().__init__(spec, layer, rule)
         self.token_dims = token_dims
         self.observe = True
+        self.calibrating = False  # observe in eval mode too (bfx.calibrate)
         self.momentum = momentum
         self.sync_observer = True
+        self._init_done = False  # cached ``observed_batches >= init_batches``: no host sync once initialised
         if not spec.dynamic:
             self.register_buffer("running_amax", torch.zeros(()))
         if spec.learned:
@@ -108,11 +110,15 @@ class ActivationFakeQuant(_FakeQuant):
             self.register_buffer("observed_batches", torch.zeros((), dtype=torch.long))
             self.scale = nn.Parameter(torch.zeros(()))
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_done = False  # re-read observed_batches after a load
+
     def multiplier(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplier ``s`` used for ``x`` (``xq = round(x * s)``)."""
         if self.spec.dynamic:
             return P.activation_multiplier(x, self.spec, self.token_dims)
-        if self.training and self.observe and x.numel():  # an empty probe (convert, bias step) never observes
+        if (self.training or self.calibrating) and self.observe and x.numel():  # an empty probe never observes
             self._observe(x)
         if self.spec.learned:
             return 1.0 / P.learned_step(self.scale.detach().float())
@@ -121,16 +127,17 @@ class ActivationFakeQuant(_FakeQuant):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         if self.spec.learned:
-            if int(self.observed_batches) >= self.init_batches:
+            if not self._init_done:
+                self._init_done = int(self.observed_batches) >= self.init_batches
+            if self._init_done:
                 return  # initialised: from now on the step is trained
             self.observed_batches += 1
-        amax = P.activation_amax(x.detach().float(), self.spec)
+        amax = P.activation_amax(x.detach().float(), self.spec).to(self.running_amax.dtype)
         if self._distributed():  # the max over ranks: every rank observes the global batch
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-        if self.running_amax.item() == 0:
-            self.running_amax.copy_(amax)
-        else:
-            self.running_amax.lerp_(amax.to(self.running_amax.dtype), self.momentum)
+        # the first observation sets the range, later ones move it by ``momentum`` (no host sync)
+        first = self.running_amax == 0
+        self.running_amax.copy_(torch.where(first, amax, torch.lerp(self.running_amax, amax, self.momentum)))
         if self.spec.learned:
             self.scale.copy_(self.running_amax.float() / self.spec.qmax)
 
@@ -183,6 +190,37 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> nn.Module:
         if isinstance(m, FAKE_QUANT_TYPES):
             m.enabled = enabled
     return model
+
+
+class calibrate:
+    """Context manager: the static activation quantizers of ``model`` observe every forward pass inside it,
+    in eval mode too, so post-training calibration runs the usual way (``eval()``, ``no_grad``) without
+    moving BatchNorm statistics or dropping out::
+
+        with torch.no_grad(), bfx.calibrate(prepared):
+            prepared.eval()
+            for x in calibration_batches:
+                prepared(x)
+
+    Quantizers frozen with ``bfx.disable_observer`` stay frozen. Dynamic quantizers have nothing to observe.
+    Returns the number of static activation quantizers it switched on from ``__enter__``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._previous: list = []
+
+    def __enter__(self) -> int:
+        self._previous = [(m, m.calibrating) for m in self.model.modules()
+                          if isinstance(m, ActivationFakeQuant) and not m.spec.dynamic]
+        for m, _ in self._previous:
+            m.calibrating = True
+        return len(self._previous)
+
+    def __exit__(self, *exc) -> None:
+        for m, was in self._previous:
+            m.calibrating = was
+        self._previous = []
 
 
 def set_observer(model: nn.Module, observe: bool) -> nn.Module:
