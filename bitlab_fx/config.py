@@ -138,14 +138,15 @@ class IntActivation:
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ConfigError(f"IntActivation(bits={self.bits!r}): activation bits must be an int from 2 to 8")
+        for name in ("signed", "dynamic", "learned"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"IntActivation({name}={getattr(self, name)!r}): {name} must be True or False")
         g = parse_granularity(self.granularity, ACTIVATION_GRANULARITIES, f"IntActivation(bits={self.bits})")
         object.__setattr__(self, "granularity", g)
         if not self.dynamic and g != "per_tensor":
             raise ConfigError(
                 f"IntActivation(dynamic=False, granularity={g!r}): a static scale is one number per tensor; "
                 "use granularity='per_tensor' with dynamic=False")
-        if not isinstance(self.learned, bool):
-            raise ConfigError(f"IntActivation(learned={self.learned!r}): learned must be True or False")
         if self.learned and self.dynamic:
             raise ConfigError(
                 f"IntActivation(bits={self.bits}, learned=True, dynamic=True): a learned scale is a static scale "

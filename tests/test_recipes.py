@@ -159,6 +159,8 @@ def test_warmup_with_learned_scales():
     (lambda: bfx.IntWeight(4, scale="absmean"), r"IntWeight\(bits=4, scale='absmean'\).*absmax, learned"),
     (lambda: bfx.IntActivation(8, learned=True), r"learned=True, dynamic=True.*dynamic=False, granularity='per_tensor'"),
     (lambda: bfx.IntActivation(8, dynamic=False, granularity="per_tensor", learned="yes"), r"learned must be True or False"),
+    (lambda: bfx.IntActivation(8, signed="yes"), r"signed must be True or False"),
+    (lambda: bfx.IntActivation(8, dynamic=None), r"dynamic must be True or False"),
     (lambda: bfx.ternary(weight_scale="learnt"), r"scale='learnt'"),
 ])
 def test_config_validation_errors(make, match):
