@@ -66,8 +66,9 @@ def save_quantized(model: nn.Module, path: str) -> None:
     """Write the converted ``model`` (result of :func:`bitlab_fx.convert`, fx frontend) to ``path`` (safetensors)."""
     record = bitlab_meta(model)
     if stage_of(model) != "converted":
-        raise ConvertError(f"save_quantized: the {type(model).__name__} is {stage_of(model) or 'not prepared'}, not "
-                           "converted; call model = bfx.convert(model) first (or torch.save a prepared model's state_dict)")
+        state = {"prepared": "only prepared", None: "a float model (not prepared)"}.get(stage_of(model), stage_of(model))
+        raise ConvertError(f"save_quantized: the {type(model).__name__} is {state}, not converted; call "
+                           "model = bfx.convert(model) first (or torch.save a prepared model's state_dict)")
     if record.get("frontend") == "export":
         raise ConvertError("save_quantized: models prepared with frontend='export' are saved with "
                            "torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')")
@@ -124,8 +125,12 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
         prepared = _capture_fx(model, mapping, example_inputs, partial=True)
     parts = bitlab_meta(prepared).get("parts")
     if parts != header.get("parts"):
-        raise ConvertError(f"load_quantized: this {type(model).__name__} traces into parts {parts} but {path!r} was saved "
-                           f"from {header.get('parts')}; pass the same example_inputs as prepare_qat got, or the same model")
+        def describe(p):
+            return f"parts {p}" if p else "one whole graph"
+
+        raise ConvertError(f"load_quantized: this {type(model).__name__} traces into {describe(parts)} but {path!r} was "
+                           f"saved from {describe(header.get('parts'))}; pass the same example_inputs as prepare_qat "
+                           "got, or the same model")
     converted = convert(prepared.eval(), inplace=True)
     state: Dict[str, Any] = dict(_safetensors().torch.load_file(path))
     state.update({alias: state[key] for alias, key in header["aliases"].items()})

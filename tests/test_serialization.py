@@ -53,8 +53,10 @@ def test_errors_name_the_problem(tmp_path):
     model, ex, _, head = build("gpt2")
     cm = _convert(model, ex, head)
     path = str(tmp_path / "q.safetensors")
-    with pytest.raises(bfx.ConvertError, match="not converted|prepared"):
+    with pytest.raises(bfx.ConvertError, match="is only prepared, not converted; call model = bfx.convert"):
         bfx.save_quantized(bfx.prepare_qat(model, bfx.ternary()), path)
+    with pytest.raises(bfx.ConvertError, match=r"is a float model \(not prepared\), not converted"):
+        bfx.save_quantized(mlp((8, 8)), path)
     bfx.save_quantized(cm, path)
     wider = type(model)(transformers.GPT2Config(vocab_size=96, n_embd=128, n_layer=2, n_head=4, n_positions=64))
     with pytest.raises(bfx.ConvertError, match=r"shape .* build the float model with the config"):
