@@ -169,10 +169,28 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _warn_not_fully_quantizing(model)
     gm = model if inplace else copy.deepcopy(model)
     if partial:
-        return convert_partial(gm)
+        gm = convert_partial(gm)
+        if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
+            gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
+        return gm
     gm = lower_to_packed(gm)
     gm.meta[STAGE]["stage"] = "converted"
     return gm
+
+
+class _SavePretrainedUnsupported:
+    """Stands in for ``save_pretrained`` on a converted Hugging Face model: its packed layers cannot be written
+    (or read back by ``from_pretrained``) as a float checkpoint."""
+
+    def __init__(self, cls_name: str):
+        self.cls_name = cls_name
+
+    def __call__(self, *args, **kwargs):
+        raise ConvertError(f"save_pretrained: this {self.cls_name} is converted by bitlab_fx (packed weights), which "
+                           "Hugging Face checkpoints cannot hold; save it with bfx.save_quantized(model, "
+                           "'model.safetensors') and load it with bfx.load_quantized(<float model, e.g. "
+                           "from_config(config)>, 'model.safetensors'); model.config.save_pretrained(dir) saves the "
+                           "config. (save_pretrained works on the prepared model: a float checkpoint.)")
 
 
 def _warn_not_fully_quantizing(model: nn.Module) -> None:
