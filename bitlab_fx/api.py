@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import Any, Optional, Tuple
 
 import torch
@@ -50,6 +51,7 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
     if stage_of(model) is not None:
         raise ConfigError(f"prepare_qat: this model is already {stage_of(model)} by bitlab_fx; "
                           "pass the original float model")
+    _check_no_quantized_parts(model)
     if frontend not in FRONTENDS:
         raise ConfigError(f"prepare_qat(frontend={frontend!r}): use one of {FRONTENDS}")
     mapping = as_mapping(qconfig)
@@ -62,6 +64,45 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
     if example_inputs is not None:
         _check_runs(gm, example_inputs)
     return gm
+
+
+def _quantized_part(module: nn.Module) -> Optional[str]:
+    """Why ``module`` is already quantized by bitlab_fx ("prepared", "converted", a BitLinear), or None."""
+    from .nn.bitlinear import BitLinear
+    from .nn.quantized import _QuantizedBase
+
+    if isinstance(module, BitLinear):
+        return "an eager BitLinear (it quantizes itself)"
+    stage = stage_of(module)
+    if stage is not None:
+        return f"already {stage} by bitlab_fx"
+    if isinstance(module, _QuantizedBase):
+        return "already converted by bitlab_fx (packed weights)"
+    if isinstance(module, FAKE_QUANT_TYPES):
+        return "a bitlab_fx fake quantizer (already prepared)"
+    return None
+
+
+def _check_no_quantized_parts(model: nn.Module) -> None:
+    """A submodule prepared or converted on its own would be quantized a second time (or fail to trace)."""
+    for name, module in model.named_modules():
+        why = _quantized_part(module)
+        if why is None:
+            continue
+        where = f"submodule {name!r}" if name else "the model"
+        if why.startswith("an eager BitLinear"):
+            raise ConfigError(f"prepare_qat: {where} is {why}; prepare_qat quantizes plain nn.Linear "
+                              "layers: build the model with nn.Linear (a BitLinear state_dict loads into it) and "
+                              "prepare that, or use the BitLinear model as it is without prepare_qat")
+        if "converted" in why:
+            raise ConfigError(f"prepare_qat: {where} ({type(module).__name__}) is {why}; a converted block "
+                              "cannot be prepared again. Prepare the outer model once from the float model, or "
+                              "prepare and convert the remaining float blocks separately, each with its own "
+                              "bfx.prepare_qat(block, qconfig) / bfx.convert(block)")
+        raise ConfigError(f"prepare_qat: {where} ({type(module).__name__}) is {why}; preparing the outer "
+                          "model would quantize it twice. Either prepare the outer model once from the float model, "
+                          "or keep the per-block flow: do not call prepare_qat on the outer model, train it as it "
+                          "is, and convert each prepared block separately (block = bfx.convert(block))")
 
 
 def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool) -> nn.Module:
@@ -125,12 +166,54 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise ConvertError(f"convert: the {type(model).__name__} was not prepared with bfx.prepare_qat "
                            f"({'its fake-quant modules were found outside a prepared graph' if has_fq else 'no fake-quant nodes found'}); "
                            "call model = bfx.prepare_qat(model, qconfig) first, then train, then convert")
+    _warn_not_fully_quantizing(model)
     gm = model if inplace else copy.deepcopy(model)
     if partial:
-        return convert_partial(gm)
+        gm = convert_partial(gm)
+        if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
+            gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
+        return gm
     gm = lower_to_packed(gm)
     gm.meta[STAGE]["stage"] = "converted"
     return gm
+
+
+class _SavePretrainedUnsupported:
+    """Stands in for ``save_pretrained`` on a converted Hugging Face model: its packed layers cannot be written
+    (or read back by ``from_pretrained``) as a float checkpoint."""
+
+    def __init__(self, cls_name: str):
+        self.cls_name = cls_name
+
+    def __call__(self, *args, **kwargs):
+        raise ConvertError(f"save_pretrained: this {self.cls_name} is converted by bitlab_fx (packed weights), which "
+                           "Hugging Face checkpoints cannot hold; save it with bfx.save_quantized(model, "
+                           "'model.safetensors') and load it with bfx.load_quantized(<float model, e.g. "
+                           "from_config(config)>, 'model.safetensors'); model.config.save_pretrained(dir) saves the "
+                           "config. (save_pretrained works on the prepared model: a float checkpoint.)")
+
+
+def _warn_not_fully_quantizing(model: nn.Module) -> None:
+    """convert always packs fully quantized layers: say so when fake quant is off or mid warm-up right now."""
+    quantizers = [m for m in model.modules() if isinstance(m, FAKE_QUANT_TYPES)]
+    disabled = [m for m in quantizers if not m.enabled]
+    mixed = [m for m in quantizers if m.enabled and m.mix < 1.0]
+    if not disabled and not mixed:
+        return
+    names = lambda ms: ", ".join(repr(n) for n in list(dict.fromkeys(m.layer for m in ms))[:5]) + (", ..." if len(
+        {m.layer for m in ms}) > 5 else "")
+    parts = []
+    if disabled:
+        parts.append(f"{len(disabled)} of {len(quantizers)} fake quantizers are disabled (layers {names(disabled)}; "
+                     "bfx.disable_fake_quant)")
+    if mixed:
+        mixes = sorted({round(float(m.mix), 4) for m in mixed})
+        parts.append(f"{len(mixed)} of {len(quantizers)} fake quantizers are mid warm-up (mix {', '.join(map(str, mixes))} < 1; "
+                     f"layers {names(mixed)}; bfx.QuantWarmup)")
+    warnings.warn(f"bitlab_fx convert: {' and '.join(parts)}. The converted model is fully quantized, so its outputs "
+                  "will differ from the prepared model's current outputs; to compare or evaluate the same thing, call "
+                  "bfx.enable_fake_quant(model) and finish the warm-up (mix = 1) before converting",
+                  UserWarning, stacklevel=3)
 
 
 def _check_not_wrapped(model: nn.Module) -> None:

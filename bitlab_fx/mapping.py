@@ -1,6 +1,7 @@
 """QConfigMapping: which layers are quantized, and how.
 
-Priority, lowest to highest: ``set_global`` < ``set_object_type`` < ``set_module_name_regex`` (the first
+Priority, lowest to highest: ``set_global`` < ``set_object_type`` (the most specific matching class wins:
+the closest in the layer type's MRO; ties in insertion order) < ``set_module_name_regex`` (the first
 matching pattern in insertion order wins) < ``set_module_name``. A config of ``None`` keeps the
 matched layers in float.
 
@@ -65,6 +66,16 @@ def _import_qualname(path: str) -> Any:
                           "give a full dotted path such as 'torch.nn.Linear'") from None
 
 
+def _type_distance(key: Any, object_type: Any) -> Optional[int]:
+    """How far ``object_type`` is from the rule key ``key``: 0 for the same object, the position of ``key``
+    in ``object_type``'s MRO for a subclass (smaller is more specific), None when it does not match."""
+    if object_type is key:
+        return 0
+    if isinstance(key, type) and isinstance(object_type, type) and issubclass(object_type, key):
+        return object_type.__mro__.index(key)
+    return None
+
+
 def _as_config(config: Any, where: str) -> Optional[QuantConfig]:
     if config is None or isinstance(config, QuantConfig):
         return config
@@ -127,9 +138,9 @@ class QConfigMapping:
         for pattern, rule in self._regex:
             if pattern.fullmatch(fqn):
                 return rule.config, rule
-        for t, rule in self._object_type.items():
-            if object_type is t or (isinstance(t, type) and isinstance(object_type, type) and issubclass(object_type, t)):
-                return rule.config, rule
+        rule = self._by_type((object_type,))
+        if rule is not None:
+            return rule.config, rule
         if self._global is not None:
             return self._global.config, self._global
         return None, None
@@ -141,10 +152,20 @@ class QConfigMapping:
         if fqn is not None:
             out += [self._name[fqn]] if fqn in self._name else []
             out += [rule for pattern, rule in self._regex if pattern.fullmatch(fqn)]
-        for t, rule in self._object_type.items():
-            if any(o is t or (isinstance(t, type) and isinstance(o, type) and issubclass(o, t)) for o in object_types):
-                out.append(rule)
-        return out
+        return out + self._by_type(object_types, every=True)
+
+    def _by_type(self, object_types: Tuple[Any, ...], every: bool = False):
+        """The ``set_object_type`` rule for the most specific of its keys that ``object_types`` match (closest
+        in the MRO; ties in insertion order), or with ``every``, all matching rules in that order."""
+        found = []
+        for i, (t, rule) in enumerate(self._object_type.items()):
+            d = [x for x in (_type_distance(t, o) for o in object_types) if x is not None]
+            if d:
+                found.append((min(d), i, rule))
+        found.sort(key=lambda f: f[:2])
+        if every:
+            return [rule for _, _, rule in found]
+        return found[0][2] if found else None
 
     def warn_unused(self, used: set) -> None:
         """Warn once for each rule that matched no layer (usually a typo in a name or pattern)."""

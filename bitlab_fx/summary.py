@@ -98,13 +98,16 @@ class Summary:
         after = sum(r["bytes_quant"] for r in self.rows)
         return {"layers": len(self.rows), "quantized": sum(r["weight"] != "float" for r in self.rows),
                 "params": sum(r["params"] for r in self.rows), "bytes_fp32": before, "bytes_quant": after,
-                "compression": before / after if after else float("nan")}
+                "compression": before / after if after else 1.0}  # nothing quantizable: nothing saved
 
     def __str__(self) -> str:
         t = self.totals
         body = [[r[c] for c in COLUMNS] for r in self.rows]
-        body.append(["TOTAL", "", f"{t['quantized']}/{t['layers']} quantized", "", "", "", t["params"],
-                     t["bytes_fp32"], t["bytes_quant"], f"{t['compression']:.1f}x smaller"])
+        if t["layers"]:
+            body.append(["TOTAL", "", f"{t['quantized']}/{t['layers']} quantized", "", "", "", t["params"],
+                         t["bytes_fp32"], t["bytes_quant"], f"{t['compression']:.1f}x smaller"])
+        else:
+            body.append(["TOTAL", "", "no quantizable layers", "", "", "", 0, 0, 0, "-"])
         text = f"bitlab_fx summary ({self.stage})\n" + tabulate(body, headers=COLUMNS, intfmt=",")
         if self.skipped:
             text += "\nleft float (unsupported): " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())

@@ -88,6 +88,16 @@ def test_prepared_hf_model_save_pretrained_round_trip(tmp_path):
         assert torch.allclose(pm(*ex).logits, again(*ex).logits, atol=1e-5)
 
 
+def test_converted_hf_model_save_pretrained_points_to_save_quantized(tmp_path):
+    import pickle
+    model, ex, _, head = build("llama")
+    cm = bfx.convert(bfx.prepare_qat(model, _qc(head), ex).eval())
+    with pytest.raises(bfx.ConvertError, match=r"save_pretrained: this LlamaForCausalLM is converted.*bfx.save_quantized"):
+        cm.save_pretrained(tmp_path)
+    bfx.save_quantized(cm, str(tmp_path / "m.safetensors"))  # the supported way
+    assert torch.equal(pickle.loads(pickle.dumps(cm))(*ex).logits, cm(*ex).logits)
+
+
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "vit", "t5"])
 def test_more_architectures_prepare_and_convert(name):
     model, ex, labels, head = build(name)

@@ -193,3 +193,14 @@ def test_converted_lowbit_model_exports_and_compiles_without_graph_breaks():
     ep = torch.export.export(cm, (x,))
     torch.testing.assert_close(ep.module()(x), cm(x))
     torch.testing.assert_close(torch.compile(cm, fullgraph=True, backend="eager")(x), cm(x))
+
+
+def test_none_rule_for_one_relu_is_used_and_does_not_warn():
+    import warnings
+    out = bfx.QuantConfig(output=bfx.IntActivation(signed=False, **ACT4))
+    qc = (bfx.QConfigMapping().set_global(bfx.int8()).set_object_type(nn.ReLU, out)
+          .set_module_name("relu2", None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: "rule module_name('relu2') matched no layer"
+        pm = bfx.prepare_qat(LeNet(), qc)
+    assert hasattr(pm, "relu1_output_fq") and not hasattr(pm, "relu2_output_fq")

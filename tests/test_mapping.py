@@ -39,6 +39,28 @@ def test_object_type_matches_subclasses_and_functionals():
     assert qc.resolve("c", nn.Conv2d) == (None, None)
 
 
+def test_most_specific_object_type_wins_whatever_the_insertion_order():
+    class MyLinear(nn.Linear):
+        pass
+
+    class Mine(MyLinear):
+        pass
+
+    for order in ((nn.Linear, MyLinear), (MyLinear, nn.Linear)):
+        qc = bfx.QConfigMapping()
+        for t in order:
+            qc.set_object_type(t, bfx.int8() if t is MyLinear else bfx.ternary())
+        assert qc.resolve("a", MyLinear)[1].key is MyLinear
+        assert qc.resolve("b", Mine)[1].key is MyLinear  # closer in the MRO than nn.Linear
+        assert qc.resolve("c", nn.Linear)[1].key is nn.Linear
+    qc = bfx.QConfigMapping().set_object_type(nn.Linear, bfx.ternary()).set_object_type(MyLinear, bfx.int8())
+    model = nn.Sequential(MyLinear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "object_type(MyLinear) matched no layer"
+        pm = bfx.prepare_qat(model, qc)
+    assert [r["weight"] for r in bfx.summary(pm).rows] == ["int8", "ternary"]
+
+
 def test_unused_rule_warns_naming_it():
     model = nn.Sequential(nn.Linear(8, 8))
     qc = bfx.QConfigMapping().set_global(T).set_module_name("haed", None)

@@ -64,3 +64,11 @@ def test_summary_of_plain_model_is_an_error():
     import pytest
     with pytest.raises(bfx.BitlabError):
         bfx.summary(mlp())
+
+
+def test_summary_of_model_with_nothing_quantizable():
+    pm = bfx.prepare_qat(torch.nn.Sequential(torch.nn.ReLU()), bfx.ternary())
+    s = bfx.summary(pm)
+    assert s.totals["layers"] == 0 and s.totals["compression"] == 1.0
+    text = str(s)
+    assert "no quantizable layers" in text and "nan" not in text and "0/0" not in text

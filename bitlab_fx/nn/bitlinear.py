@@ -8,6 +8,8 @@ Three states, as BitLab users know them:
 - **eval** (``layer.eval()``): ``qweight`` (int8 holding -1/0/1) and ``weight_scale`` are built from the
   float weight, and the forward runs the integer ``torch.ops.bitlab.int8_linear`` op. They are rebuilt if
   the float weight changes, and dropped again by ``train()``. The float weight is kept (you can go back).
+  With fake quant disabled (``bfx.disable_fake_quant``) or mid warm-up (``bfx.QuantWarmup``, ``mix < 1``)
+  eval computes what train mode computes (float, or the warm-up blend) instead of the integer op.
 - **deployed** (``layer.deploy()``): permanent; the float weight is deleted and the layer holds a
   :class:`~bitlab_fx.nn.QuantizedLinear` (2-bit packed weight, ``torch.ops.bitlab.ternary_linear``).
 
@@ -100,11 +102,16 @@ class BitLinear(nn.Linear):
         self.weight_fq = self.input_fq = None
         return super().train(False)
 
+    def _fully_quantized(self) -> bool:
+        """Every quantizer is enabled with ``mix = 1``: the integer path computes the same thing."""
+        return all(q.enabled and q.mix >= 1.0 for q in (self.weight_fq, self.input_fq) if q is not None)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed is not None:
             return self.deployed(x)
-        if self.training:
+        if self.training or not self._fully_quantized():
+            # eval with fake quant disabled (bfx.disable_fake_quant) or mid warm-up (bfx.QuantWarmup): as in training
             xq = x if self.input_fq is None else self.input_fq(x)
             return nn.functional.linear(xq, self.weight_fq(self.weight), self.bias)
         if self._qweight_key != self._weight_key():  # weights changed since eval(): re-quantize

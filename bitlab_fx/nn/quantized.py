@@ -2,7 +2,9 @@
 
 ``convert`` puts one of these where each quantized ``nn.Linear``/``nn.Conv2d`` was. The graph calls
 the ``torch.ops.bitlab`` op on their buffers directly (``get_attr`` nodes); their ``forward`` calls
-the same op, so they also work as eager drop-in layers. No float copy of the weight is kept.
+the same op, so they also work as eager drop-in layers. No float copy of the weight is kept, unless
+the graph also reads the layer's weight elsewhere (tied weights): convert then keeps it here as a
+``weight`` buffer for those readers, with a warning.
 """
 from __future__ import annotations
 

@@ -10,17 +10,22 @@ int8 signed input quantizers are fused into the op; other activation quantizers 
 unsigned, outputs) become ``bitlab.quantize_dequantize`` calls (``lower_activations``). Weights of
 2..4 bits are packed two per byte (``bitlab.int4_linear``/``int4_conv2d``), 5..8 bits stored as int8;
 an IntBias is stored as its quantized value.
+
+A quantized layer's weight that other nodes also read (tied weights) stays float for them: it is kept
+on the container at the same path (``fc1.weight``), with a warning that its size saving is lost.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx
 
-from ..nn.quantized import QuantizedConv2d, QuantizedLinear
+from ..errors import ConvertError
+from ..nn.quantized import QuantizedConv2d, QuantizedLinear, _QuantizedBase
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
@@ -79,22 +84,98 @@ def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: We
                            name=meta.fqn, rule=str(meta.rule), weight_scale=g)
 
 
+def _bias_arg(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, stored: Optional[str], get):
+    """The container's bias when this call uses the bias it was built with; else this call's own float bias
+    (a second call of a shared weight, e.g. ``F.linear(h, self.fc.weight)`` besides ``self.fc(x)``)."""
+    if meta.bias is None:
+        return None
+    if meta.bias == stored:
+        return get("bias")
+    old = node.args[2]
+    return old.args[0] if _module_at(gm, old) is not None else old  # an IntBias fq(bias, weight): its float bias
+
+
 def _erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
     for n in nodes:
         if isinstance(n, fx.Node) and not n.users:
             gm.graph.erase_node(n)
 
 
+def _readers(gm: fx.GraphModule, target: str) -> List[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+
+
+def _describe_readers(nodes: List[fx.Node]) -> str:
+    users = [u.name for n in nodes for u in n.users] or [n.name for n in nodes]
+    return ", ".join(repr(u) for u in dict.fromkeys(users))
+
+
+def _warn_float_kept(layer: str, what: str, kept_at: str, nodes: List[fx.Node]) -> None:
+    warnings.warn(f"bitlab_fx convert: layer {layer!r} is quantized, but its float {what} is kept (at {kept_at!r}) "
+                  f"because graph node(s) {_describe_readers(nodes)} also read it outside the layer; the size saving "
+                  f"is lost for it. To drop it, do not read the weight elsewhere, or keep the layer float with "
+                  f"set_module_name({layer!r}, None)", UserWarning, stacklevel=4)
+
+
 def _drop_float_params(gm: fx.GraphModule, meta: LayerMeta) -> None:
     """Functional calls: delete the float weight/bias from their owner once nothing reads them."""
     for target in (meta.weight, meta.bias):
-        if target and not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-            owner, _, name = target.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, name)
+        if not target:
+            continue
+        owner, _, name = target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if isinstance(module, _QuantizedBase) or not hasattr(module, name):
+            continue  # the weight of a converted module layer (also called functionally), or already dropped
+        readers = _readers(gm, target)
+        if not readers:
+            delattr(module, name)
+        elif target == meta.weight:
+            _warn_float_kept(meta.fqn, "weight", target, readers)
+
+
+def _keep_float_reads(gm: fx.GraphModule, replaced: Dict[str, torch.nn.Module], own: Set[fx.Node]) -> None:
+    """A swapped-out module's weight/bias still read elsewhere in the graph (tied weights): keep the float tensor
+    on the container, at the same path when it is free, and point those reads at it. ``own``: the container
+    reads the lowered ops make."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node in own:
+            continue
+        path = next((p for p in replaced if node.target.startswith(p + ".")), None)
+        if path is None:
+            continue
+        attr = node.target[len(path) + 1:]
+        container, original = gm.get_submodule(path), replaced[path]
+        value = getattr(original, attr, None) if "." not in attr else None
+        if not torch.is_tensor(value):
+            raise ConvertError(f"convert: graph node {node.name!r} reads {node.target!r}, but the layer {path!r} is "
+                               f"replaced by a {type(container).__name__} that has no {attr!r}; keep the layer float "
+                               f"with set_module_name({path!r}, None)")
+        current = getattr(container, attr, None) if hasattr(container, attr) else None
+        if torch.is_tensor(current) and current.shape == value.shape and current.dtype == value.dtype \
+                and torch.equal(current, value.detach()):
+            continue  # e.g. the float bias, stored as is
+        name = attr if not hasattr(container, attr) else unique_name(container, f"{attr}_float")
+        container.register_buffer(name, value.detach())
+        readers = [r for r in _readers(gm, node.target) if r not in own]
+        for r in readers:
+            r.target = f"{path}.{name}"
+        _warn_float_kept(path, attr, f"{path}.{name}", readers)
+
+
+def _lint(gm: fx.GraphModule) -> None:
+    try:
+        gm.graph.lint()
+    except RuntimeError as e:
+        raise ConvertError(f"convert: the lowered graph is invalid ({e}); a quantized layer's parameter is probably "
+                           "read elsewhere in the model: keep that layer float with set_module_name(name, None)") from e
 
 
 def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
     containers: Dict[str, str] = {}
+    replaced: Dict[str, torch.nn.Module] = {}  # module path -> the float module swapped out for its container
+    functional: List[LayerMeta] = []
+    container_bias: Dict[str, Optional[str]] = {}  # weight -> the bias stored in its container
+    own: Set[fx.Node] = set()  # get_attr nodes of the containers' buffers, made below
     for node in list(layer_nodes(gm)):
         meta: LayerMeta = node.meta[META]
         wfq = _module_at(gm, node.args[1])
@@ -106,11 +187,17 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         if meta.weight not in containers:
             container = _build_container(gm, node, meta, wfq, act)
             containers[meta.weight] = _container_path(gm, meta)
+            container_bias[meta.weight] = meta.bias
+            if isinstance(meta.object_type, type):
+                replaced[containers[meta.weight]] = gm.get_submodule(containers[meta.weight])
             set_submodule(gm, containers[meta.weight], container)
         path = containers[meta.weight]
         container = gm.get_submodule(path)
         with gm.graph.inserting_before(node):
-            get = lambda name: gm.graph.get_attr(f"{path}.{name}")
+            def get(name, path=path):
+                n = gm.graph.get_attr(f"{path}.{name}")
+                own.add(n)
+                return n
             scale_node = None
             if act_scale is not None:
                 scale_name = unique_name(container, "act_scale_static")
@@ -119,7 +206,7 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
             x_in = x_node.args[0] if act != "none" else x_node
             fmt = container.weight_format
             args = (x_in, get("qweight" if fmt == "int8" else "packed_weight"), get("weight_scale"),
-                    get("bias") if container.bias is not None else None)
+                    _bias_arg(gm, node, meta, container_bias[meta.weight], get))
             if meta.op == "conv2d":
                 args = args + tuple(container.op_args()[:-1])
             args = args + (act, scale_node)
@@ -138,9 +225,12 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         w_get = w_src.args[0] if meta.transposed else None  # torch.t(get_attr[weight]): the get_attr goes too
         _erase_if_unused(gm, w_src, w_get)
         if not isinstance(meta.object_type, type):
-            _drop_float_params(gm, meta)
+            functional.append(meta)
+    for meta in functional:  # after every layer is lowered: a weight shared by several calls is read until then
+        _drop_float_params(gm, meta)
+    _keep_float_reads(gm, replaced, own)
     lower_activation_quantizers(gm)
-    gm.graph.lint()
+    _lint(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm

@@ -59,10 +59,11 @@ def _node_types(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[Optional[st
 
 
 def _output_rule(mapping: QConfigMapping, node: fx.Node, fqn: Optional[str], types: tuple) -> Optional[Rule]:
-    """The rule that gives this node an output quantizer, or None."""
+    """The rule that decides this node's output quantizer (its config is None when the rule keeps it float),
+    or None when no rule does."""
     for rule in mapping.matching_rules(fqn, types):
         if rule.config is None:
-            return None  # explicitly kept float
+            return rule  # explicitly kept float: the rule is used
         if rule.config.output is not None:
             return rule
         if rule.kind in ("object_type", "module_name"):
@@ -96,6 +97,8 @@ def insert_output_quant(gm: fx.GraphModule, mapping: QConfigMapping, used: Set[R
         if rule is None:
             continue
         used.add(rule)
+        if rule.config is None:
+            continue
         fq = ActivationFakeQuant(rule.config.output, token_dims=1, layer=fqn or node.name, rule=str(rule))
         insert_after(gm, node, fq, f"{fqn or node.name}_output_fq")
 

@@ -85,3 +85,23 @@ def test_quant_warmup_and_disable_fake_quant_reach_bitlinear():
 def test_bitlinear_rejects_a_foreign_config():
     with pytest.raises(bfx.ConfigError, match="BitQuantConfig"):
         BitLinear(4, 4, quant_config=bfx.ternary())
+
+
+def test_eval_bitlinear_honours_disabled_fake_quant_and_warmup():
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32, quant_config=BitQuantConfig())
+    x = torch.randn(4, 64)
+    quantized = layer.eval()(x)
+    bfx.disable_fake_quant(layer)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))  # eval: float too
+    bfx.enable_fake_quant(layer)
+    warm = bfx.QuantWarmup(layer, ramp_steps=4)
+    warm.step()
+    warm.step()
+    mid = layer(x)
+    expected = layer.train()(x).detach()  # the train-mode blend at mix 0.5
+    torch.testing.assert_close(layer.eval()(x), expected)
+    assert not torch.allclose(mid, quantized, atol=1e-4)
+    warm.step()
+    warm.step()
+    torch.testing.assert_close(layer(x), quantized)  # fully enabled again: the integer path

@@ -140,3 +140,86 @@ def test_prepared_model_is_unchanged_by_convert():
     assert str(bfx.summary(pm)) == before
     assert torch.equal(pm(x), y)
     bfx.convert(pm)  # and it converts again
+
+
+class _TiedAutoencoder(nn.Module):  # the decoder reads the quantized encoder's weight, transposed
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.enc(x)), self.enc.weight.t())
+
+
+class _LayerAndFunctionalCall(nn.Module):  # the same weight as a module call and as F.linear without bias
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.fc(x)), self.fc.weight)
+
+
+def test_convert_keeps_float_weight_read_outside_the_layer_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    pm = bfx.prepare_qat(_TiedAutoencoder(), bfx.ternary()).eval()
+    with pytest.warns(UserWarning, match=r"layer 'enc' is quantized, but its float weight is kept .*'t'.*set_module_name"):
+        cm = bfx.convert(pm)
+    assert isinstance(cm.enc, bfx.QuantizedLinear)
+    torch.testing.assert_close(cm.enc.weight, pm.enc.weight.detach())  # the other reader's float weight
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(cm(x), pm(x).detach(), atol=1e-5, rtol=1e-4)
+    path = str(tmp_path / "ae.safetensors")
+    bfx.save_quantized(cm, path)
+    with pytest.warns(UserWarning, match="float weight is kept"):
+        loaded = bfx.load_quantized(_TiedAutoencoder(), path)
+    assert torch.equal(loaded(x), cm(x))
+
+
+def test_convert_weight_shared_by_layer_and_functional_call():
+    torch.manual_seed(0)
+    pm = bfx.prepare_qat(_LayerAndFunctionalCall(), bfx.ternary()).eval()
+    cm = bfx.convert(pm)
+    assert isinstance(cm.fc, bfx.QuantizedLinear) and not hasattr(cm.fc, "weight")
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(cm(x), pm(x).detach(), atol=1e-5, rtol=1e-4)  # the F.linear call has no bias
+
+
+def test_convert_keeps_float_bias_read_elsewhere_under_int_bias():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc.bias
+
+    cfg = bfx.QuantConfig(weight="int8", input=bfx.IntActivation(8, dynamic=False, granularity="per_tensor"),
+                          bias=bfx.IntBias(16))
+    torch.manual_seed(0)
+    pm = bfx.prepare_qat(M(), cfg)
+    x = torch.randn(4, 16)
+    pm(x)
+    pm.eval()
+    with pytest.warns(UserWarning, match="float bias is kept"):
+        cm = bfx.convert(pm)
+    torch.testing.assert_close(cm.fc.bias_float, pm.fc.bias.detach())
+    torch.testing.assert_close(cm(x), pm(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_convert_warns_when_fake_quant_is_disabled_or_mid_warmup():
+    import warnings
+    pm = bfx.prepare_qat(mlp(), bfx.ternary())
+    bfx.disable_fake_quant(pm)
+    with pytest.warns(UserWarning, match=r"4 of 4 fake quantizers are disabled \(layers '0', '2'.*fully quantized.*differ"):
+        bfx.convert(pm.eval())
+    bfx.enable_fake_quant(pm)
+    warm = bfx.QuantWarmup(pm, ramp_steps=4)
+    warm.step()
+    with pytest.warns(UserWarning, match=r"4 of 4 fake quantizers are mid warm-up \(mix 0.25 < 1.*QuantWarmup"):
+        bfx.convert(pm.eval())
+    for _ in range(3):
+        warm.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bfx.convert(pm.eval())  # fully enabled: silent

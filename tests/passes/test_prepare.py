@@ -129,3 +129,24 @@ def test_functional_conv2d_on_module_parameters_with_kwargs():
     torch.testing.assert_close(cm(x), pm(x), rtol=1e-4, atol=1e-5)
     bfx.disable_fake_quant(pm)
     torch.testing.assert_close(pm(x), model(x))
+
+
+def _two_blocks():
+    return nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 4)))
+
+
+def test_prepare_rejects_already_prepared_or_converted_submodules():
+    from bitlab_fx.nn import BitLinear
+    model = _two_blocks()
+    model[0] = bfx.prepare_qat(model[0], bfx.ternary())
+    model[1] = bfx.prepare_qat(model[1], bfx.ternary())
+    with pytest.raises(bfx.ConfigError, match=r"submodule '0' .*already prepared.*twice.*from the float model.*convert each"):
+        bfx.prepare_qat(model, bfx.ternary())
+    model(torch.randn(2, 8))  # the per-block flow itself keeps working
+    model[0] = bfx.convert(model[0].eval())
+    with pytest.raises(bfx.ConfigError, match=r"submodule '0' .*already converted.*from the float model"):
+        bfx.prepare_qat(model, bfx.ternary())
+    with pytest.raises(bfx.ConfigError, match=r"submodule '0' is an eager BitLinear.*nn.Linear"):
+        bfx.prepare_qat(nn.Sequential(BitLinear(8, 8), nn.ReLU()), bfx.ternary())
+    with pytest.raises(bfx.ConfigError, match=r"the model .*already converted"):
+        bfx.prepare_qat(bfx.QuantizedLinear(torch.randn(4, 8), None, bfx.ternary().weight), bfx.ternary())
