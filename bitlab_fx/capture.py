@@ -99,6 +99,8 @@ def _capture_error(model: nn.Module, tracer: "_RecordingTracer", e: Exception, c
 
 def _not_given(value, name: str) -> None:
     """Graph guard for a forward parameter traced as None (replaces torch.fx's ``_assert_is_none``)."""
+    if isinstance(value, fx.Proxy):  # re-tracing the graph (unpickling a GraphModule): keep the guard as a node
+        return value.tracer.create_proxy("call_function", _not_given, (value, name), {})
     if value is not None:
         raise CaptureError(
             f"the model was captured without {name!r} (traced as None, its default, because example_inputs did not "

@@ -207,3 +207,19 @@ def test_capture_error_points_at_the_users_line_and_names_a_none_input():
         bfx.prepare_qat(Branchy(), bfx.ternary(), frontend="fx_whole")
     assert f"{__file__}:" in str(info.value) and "proxy.py" not in str(info.value)
     assert "traced with scale=None" in str(info.value)
+
+
+def test_none_input_guard_survives_pickling_and_export():
+    """torch.save re-traces a GraphModule on load: the guard must stay a node, not run on the Proxy."""
+    import io
+
+    x = torch.randn(3, 16)
+    cm = bfx.convert(bfx.prepare_qat(Masked(), bfx.ternary()).eval())
+    buf = io.BytesIO()
+    torch.save(cm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), cm(x))
+    with pytest.raises(bfx.CaptureError, match="captured without 'mask'"):
+        loaded(x, torch.rand(3, 16) > 0.5)
+    assert torch.equal(torch.export.export(cm, (x,)).module()(x), cm(x))
