@@ -57,7 +57,7 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
     mapping = as_mapping(qconfig)
     was_training = model.training
     if frontend == "export":
-        gm = _capture_export(model, mapping, example_inputs, dynamic_shapes)
+        gm = _capture_export(copy.deepcopy(model), mapping, example_inputs, dynamic_shapes)  # export shares tensors
     else:
         gm = _capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx")
     gm.train(was_training)
@@ -108,7 +108,7 @@ def _check_no_quantized_parts(model: nn.Module) -> None:
 def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool) -> nn.Module:
     """Whole-model fx trace; when it fails and ``partial``, the model with its traceable parts prepared."""
     try:
-        gm = trace_fx(model)
+        gm = trace_fx(model, example_inputs, none_defaults=True)
     except CaptureError as e:
         if not partial:
             raise

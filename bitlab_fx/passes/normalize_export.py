@@ -4,8 +4,9 @@
 ``F.conv2d`` with explicit stride/padding/dilation/groups; an HF ``Conv1D``'s ``aten.addmm`` ->
 ``F.linear(x, torch.t(weight), bias)``) with a :class:`LayerMeta` whose ``fqn`` is the
 original module's name from ``node.meta["nn_module_stack"]``, so mapping rules match as with fx.
-``aten.dropout(x, p, train)`` becomes an ``nn.Dropout`` call (and an attention's baked ``dropout_p`` an
-:class:`AttentionDropout` call) so that ``.train()``/``.eval()`` switch it, and
+``aten.dropout(x, p, train)`` becomes an ``nn.Dropout`` call (an attention's baked ``dropout_p`` an
+:class:`AttentionDropout` call, ``aten.batch_norm(..., training, ...)`` a :class:`ModeBatchNorm` call on the same
+statistics) so that ``.train()``/``.eval()`` switch it, and
 the graph is re-wrapped as a plain GraphModule (``ExportedProgram.module()`` refuses ``.train()``).
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import META, LayerMeta, is_hf_conv1d, unique_name
+from ._common import META, LayerMeta, is_hf_conv1d
+from ._modes import AttentionDropout, ModeBatchNorm, replace_with_module
 from .normalize import _module_kind, _pair
 
 aten = torch.ops.aten
@@ -90,30 +92,7 @@ def _hf_conv1d_meta(gm: fx.GraphModule, node: fx.Node, model: nn.Module) -> Opti
 
 
 def _dropout_to_module(gm: fx.GraphModule, node: fx.Node) -> None:
-    x, p = node.args[0], node.args[1]
-    name = unique_name(gm, "dropout")
-    gm.add_submodule(name, nn.Dropout(p))
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (x,))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-
-
-class AttentionDropout(nn.Module):
-    """``aten.scaled_dot_product_attention`` whose ``dropout_p`` follows ``.train()``/``.eval()``: torch.export
-    bakes the ``dropout_p`` of the mode the model was exported in (HF attention passes ``p if training else 0``)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        return aten.scaled_dot_product_attention.default(q, k, v, attn_mask, self.p if self.training else 0.0,
-                                                         is_causal, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+    replace_with_module(gm, node, "dropout", nn.Dropout(node.args[1]), (node.args[0],))
 
 
 def _attention_dropout_to_module(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -123,14 +102,39 @@ def _attention_dropout_to_module(gm: fx.GraphModule, node: fx.Node) -> None:
     p = bound.pop("dropout_p", 0.0)
     if not isinstance(p, (int, float)) or p == 0:
         return
-    name = unique_name(gm, "attention_dropout")
-    gm.add_submodule(name, AttentionDropout(float(p)))
     q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (q, k, v), bound)
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    replace_with_module(gm, node, "attention_dropout", AttentionDropout(float(p)), (q, k, v), bound)
+
+
+_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+
+
+def _batch_norm_to_module(gm: fx.GraphModule, node: fx.Node, model: nn.Module) -> None:
+    """``aten.batch_norm(..., training=<mode at export>, ...)`` -> a :class:`ModeBatchNorm` call on the same tensors, with
+    the exported ``num_batches_tracked += 1`` folded into it (counted in train mode only)."""
+    bound = dict(zip(_BN_ARGS, node.args))
+    bound.update(node.kwargs)
+    rm, rv = bound.get("running_mean"), bound.get("running_var")
+    stats = [t for t in (rm, rv) if t is not None]
+    if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in stats):
+        return
+    momentum, eps = bound.get("momentum", 0.1), bound.get("eps", 1e-5)
+    found = _calling_module(node, model)
+    if found is not None and isinstance(found[1], nn.modules.batchnorm._BatchNorm):
+        momentum, eps = found[1].momentum, found[1].eps
+    counter = None
+    if isinstance(rm, fx.Node) and rm.target.endswith("running_mean"):
+        target = rm.target[: -len("running_mean")] + "num_batches_tracked"
+        for other in list(gm.graph.nodes):
+            if other.op == "get_attr" and other.target == target:
+                counter = other
+            elif (other.op == "call_function" and other.target is aten.add_.Tensor and other.args[0] is counter
+                  and counter is not None and not other.users):
+                gm.graph.erase_node(other)  # the module counts train-mode calls itself
+        if counter is None and momentum is None:
+            return  # cumulative average without its counter: leave as exported
+    args = (bound["input"], bound.get("weight"), bound.get("bias"), rm, rv, counter)
+    replace_with_module(gm, node, "batch_norm", ModeBatchNorm(momentum, eps), args)
 
 
 def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -164,6 +168,8 @@ def normalize_export(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
             _dropout_to_module(gm, node)
         elif node.target is aten.scaled_dot_product_attention.default:
             _attention_dropout_to_module(gm, node)
+        elif node.target is aten.batch_norm.default:
+            _batch_norm_to_module(gm, node, model)
     gm = _plain_graph_module(gm)
     gm.graph.lint()
     gm.recompile()
