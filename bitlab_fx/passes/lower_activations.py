@@ -24,8 +24,9 @@ def _static_multiplier(fq: ActivationFakeQuant, where: str) -> torch.Tensor:
     """The frozen multiplier of a static quantizer (a warning when it never saw data: its range is empty)."""
     if float(fq.running_amax) == 0.0:
         warnings.warn(f"bitlab_fx {where}: the static activation quantizer of {fq.layer!r} (rule {fq.rule}) never saw "
-                      "data, so it has no range and will clamp everything to zero: run training or a few calibration "
-                      "batches through the prepared model in train mode before bfx.convert", UserWarning, stacklevel=4)
+                      "data, so it has no range and will clamp everything to zero: before bfx.convert, train the "
+                      "prepared model, or run a few calibration batches through it inside `with bfx.calibrate(model):`",
+                      UserWarning, stacklevel=4)
     return fq.multiplier(torch.empty(0)).detach().float().reshape(1).clone()
 
 
