@@ -12,7 +12,7 @@ from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, Te
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
 from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
-from .nn.quantized import QuantizedConv2d, QuantizedLinear
+from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from .recipes import QuantWarmup
 from .seed import BitQuantConfig
 from .serialization import load_quantized, save_quantized
@@ -25,6 +25,6 @@ __all__ = [
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig",
-    "QuantizedLinear", "QuantizedConv2d",
+    "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
 ]

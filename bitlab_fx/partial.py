@@ -32,10 +32,10 @@ from torch.utils._pytree import tree_flatten
 from .capture import first_line, trace_fx
 from .errors import CaptureError
 from .mapping import QConfigMapping
-from .passes._common import META, ROOT_ATTR, STAGE, LayerMeta, layer_nodes, set_submodule
+from .passes._common import CONV_DIMS, CONV_FUNCTIONALS, META, ROOT_ATTR, STAGE, LayerMeta, layer_nodes, set_submodule
 from .passes.insert_fake_quant import insert_fake_quant
 from .passes.lower_to_packed import lower_to_packed
-from .passes.normalize import _explicit_padding, _module_kind, _pair, normalize
+from .passes.normalize import _explicit_padding, _module_kind, conv_call_args, normalize
 from .quant.fake_quant import FAKE_QUANT_TYPES
 
 
@@ -135,7 +135,8 @@ def plan_partial(module: nn.Module, calls: Dict[int, tuple], path: str = "", pla
 
 
 def layer_graph(layer: nn.Module) -> Optional[fx.GraphModule]:
-    """A supported layer as its own normalized graph: ``F.linear``/``F.conv2d`` on its own ``weight``/``bias``.
+    """A supported layer as its own normalized graph: ``F.linear``/``F.conv1d``/``F.conv2d`` on its own
+    ``weight``/``bias``.
 
     Parameters stay at ``weight``/``bias`` (so ``<path>.weight`` keeps its name and shape)."""
     kind = _module_kind(layer)
@@ -143,16 +144,16 @@ def layer_graph(layer: nn.Module) -> Optional[fx.GraphModule]:
     x = g.placeholder("input")
     w = g.get_attr("weight")
     b = g.get_attr("bias") if layer.bias is not None else None
-    if kind == "conv2d":
+    if kind in CONV_DIMS:
         padding = _explicit_padding(layer)
         if padding is None or layer.padding_mode != "zeros":
             return None
-        out = g.call_function(F.conv2d, (x, w, b, _pair(layer.stride), padding, _pair(layer.dilation), layer.groups))
+        out = g.call_function(CONV_FUNCTIONALS[kind], (x, w, b) + conv_call_args(layer, padding))
     else:
         out = g.call_function(F.linear, (x, g.call_function(torch.t, (w,)) if kind == "conv1d_hf" else w, b))
     g.output(out)
-    out.meta[META] = LayerMeta(fqn="", object_type=F.conv2d if kind == "conv2d" else F.linear,
-                               op="conv2d" if kind == "conv2d" else "linear", weight="weight",
+    op = kind if kind in CONV_DIMS else "linear"
+    out.meta[META] = LayerMeta(fqn="", object_type=CONV_FUNCTIONALS.get(op, F.linear), op=op, weight="weight",
                                bias=None if b is None else "bias", transposed=kind == "conv1d_hf")
     return fx.GraphModule(layer, g, type(layer).__name__)
 

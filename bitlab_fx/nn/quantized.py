@@ -1,6 +1,6 @@
 """Inference modules that hold a converted layer's packed weights, scales and bias.
 
-``convert`` puts one of these where each quantized ``nn.Linear``/``nn.Conv2d`` was. The graph calls
+``convert`` puts one of these where each quantized ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` was. The graph calls
 the ``torch.ops.bitlab`` op on their buffers directly (``get_attr`` nodes); their ``forward`` calls
 the same op, so they also work as eager drop-in layers. No float copy of the weight is kept, unless
 the graph also reads the layer's weight elsewhere (tied weights): convert then keeps it here as a
@@ -143,16 +143,50 @@ class QuantizedConv2d(_QuantizedBase):
         return geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_format == "ternary":
-            return torch.ops.bitlab.ternary_conv2d(x, self.packed_weight, self.weight_scale, self.bias,
-                                                   *self.op_args(), self.act_scale)
-        if self.weight_format == "int4":
-            return torch.ops.bitlab.int4_conv2d(x, self.packed_weight, self.weight_scale, self.bias, *self.op_args(),
-                                                self.act_scale)
-        return torch.ops.bitlab.int8_conv2d(x, self.qweight, self.weight_scale, self.bias, *self.op_args(),
-                                            self.act_scale)
+        return conv2d_op(self.weight_format)(x, self.stored_weight, self.weight_scale, self.bias, *self.op_args(),
+                                             self.act_scale)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_shape[2:])}, "
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, groups={self.groups}, "
+                f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
+
+
+def conv2d_op(weight_format: str):
+    """The ``torch.ops.bitlab`` conv2d op of a weight format ("ternary" | "int4" | "int8")."""
+    return {"ternary": torch.ops.bitlab.ternary_conv2d, "int4": torch.ops.bitlab.int4_conv2d,
+            "int8": torch.ops.bitlab.int8_conv2d}[weight_format]
+
+
+def conv1d_as_conv2d(weight_format: str, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    """A conv1d through the packed conv2d op on a height-1 image: ``[N, C, L] -> [N, C, 1, L]`` (an unbatched
+    ``[C, L]`` too), the weight stored as ``[out, in/groups, 1, k]``. What converted conv1d layers call."""
+    unbatched = x.dim() == 2
+    x4 = (x.unsqueeze(0) if unbatched else x).unsqueeze(2)
+    y = conv2d_op(weight_format)(x4, weight, *args).squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+class QuantizedConv1d(QuantizedConv2d):
+    """A converted conv1d layer: stored and run as a conv2d of kernel ``(1, k)`` on a height-1 image
+    (:func:`conv1d_as_conv2d`), so it shares the conv2d kernels and packed format."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
+                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 weight_scale: Optional[torch.Tensor] = None):
+        (s,), (p,), (d,) = tuple(stride), tuple(padding), tuple(dilation)
+        super().__init__(weight.unsqueeze(2), bias, spec, (1, s), (0, p), (1, d), groups, act, act_scale, name, rule,
+                         weight_scale)
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weight as int8 ``[out, in/groups, k]``."""
+        return super().int_weight().squeeze(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv1d_as_conv2d(self.weight_format, x, self.stored_weight, self.weight_scale, self.bias,
+                                *self.op_args(), self.act_scale)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.weight_shape[3]},), "
+                f"stride=({self.stride[1]},), padding=({self.padding[1]},), groups={self.groups}, "
                 f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")

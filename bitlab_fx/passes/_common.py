@@ -23,7 +23,7 @@ class LayerMeta:
 
     fqn: str  # the original module's fully-qualified name (or the weight's, for functional calls)
     object_type: Any  # nn.Linear, nn.Conv2d, F.linear, F.conv2d ... (what set_object_type matches)
-    op: str  # "linear" | "conv2d"
+    op: str  # "linear" | "conv1d" | "conv2d"
     weight: str  # get_attr target of the weight
     bias: Optional[str]  # get_attr target of the bias
     config: Optional[QuantConfig] = None
@@ -35,7 +35,8 @@ class LayerMeta:
 
     @property
     def token_dims(self) -> int:
-        return 1 if self.op == "linear" else 3
+        """Trailing dims of one token: a row for linear layers, one sample ``[C, L]``/``[C, H, W]`` for convs."""
+        return 1 if self.op == "linear" else CONV_DIMS[self.op] + 1
 
 
 def layer_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
@@ -87,5 +88,12 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-FUNCTIONALS = {F.linear: "linear", F.conv2d: "conv2d"}
-MODULES = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
+FUNCTIONALS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
+MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+CONV_DIMS = {"conv1d": 1, "conv2d": 2}  # spatial dims of each conv op
+CONV_FUNCTIONALS = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+
+
+def ntuple(v, n: int) -> tuple:
+    """``v`` (an int or a sequence) as a tuple of ``n`` ints, like ``nn.modules.utils._ntuple``."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n

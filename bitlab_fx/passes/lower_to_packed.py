@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import ConvertError
-from ..nn.quantized import QuantizedConv2d, QuantizedLinear, _QuantizedBase
+from ..nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, _QuantizedBase, conv1d_as_conv2d
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
@@ -80,8 +80,9 @@ def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: We
     if meta.op == "linear":
         return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule), weight_scale=g)
     stride, padding, dilation, groups = node.args[3:7]
-    return QuantizedConv2d(weight, bias, spec, stride, padding, dilation, groups, act, None,
-                           name=meta.fqn, rule=str(meta.rule), weight_scale=g)
+    cls = QuantizedConv1d if meta.op == "conv1d" else QuantizedConv2d
+    return cls(weight, bias, spec, stride, padding, dilation, groups, act, None,
+               name=meta.fqn, rule=str(meta.rule), weight_scale=g)
 
 
 def _bias_arg(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, stored: Optional[str], get):
@@ -207,12 +208,15 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
             fmt = container.weight_format
             args = (x_in, get("qweight" if fmt == "int8" else "packed_weight"), get("weight_scale"),
                     _bias_arg(gm, node, meta, container_bias[meta.weight], get))
-            if meta.op == "conv2d":
+            if meta.op != "linear":
                 args = args + tuple(container.op_args()[:-1])
             args = args + (act, scale_node)
             if meta.op == "linear" and fmt in ("ternary", "int4"):
                 args = args + (container.in_features,)
-            new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
+            if meta.op == "conv1d":  # the conv2d op on a height-1 image
+                new = gm.graph.call_function(conv1d_as_conv2d, (fmt,) + args)
+            else:
+                new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
         new.meta.update(node.meta)
         # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from
         new.meta[META] = dataclasses.replace(meta, container=path)

@@ -1,8 +1,9 @@
 """Pass 1: bring every supported layer to one form, whatever captured it.
 
 ``call_module[fc1](x)`` on an ``nn.Linear`` becomes ``call_function[F.linear](x, get_attr[fc1.weight],
-get_attr[fc1.bias])`` (``nn.Conv2d`` likewise becomes ``F.conv2d`` with explicit stride/padding/
-dilation/groups), and ``F.linear``/``F.conv2d`` calls on module parameters are recognised as they are.
+get_attr[fc1.bias])`` (``nn.Conv1d``/``nn.Conv2d`` likewise become ``F.conv1d``/``F.conv2d`` with explicit
+stride/padding/dilation/groups), and ``F.linear``/``F.conv1d``/``F.conv2d`` calls on module parameters are
+recognised as they are.
 Each such node gets a :class:`LayerMeta` in ``node.meta["bitlab"]``. Parameters keep their names.
 """
 from __future__ import annotations
@@ -13,30 +14,40 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import FUNCTIONALS, META, MODULES, LayerMeta, is_hf_conv1d
+from ._common import CONV_DIMS, CONV_FUNCTIONALS, FUNCTIONALS, META, MODULES, LayerMeta, is_hf_conv1d, ntuple
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
 
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _explicit_padding(conv: nn.Module) -> Optional[Tuple[int, ...]]:
+    """A conv module's ``padding`` as one int per spatial dim; None when it cannot be (even kernel spans with
+    padding='same')."""
+    return resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
-def _explicit_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
-    """``padding`` as two ints; None when it cannot be (even kernels with padding='same')."""
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+def resolve_padding(padding, kernel_size, dilation) -> Optional[Tuple[int, ...]]:
+    """``padding`` ("valid", "same", an int or a sequence) as one int per spatial dim; None for "same" with an
+    even kernel span (it pads one side more, which the explicit form cannot say)."""
+    n = len(kernel_size)
+    if padding == "valid":
+        return (0,) * n
+    if padding == "same":
+        spans = [d * (k - 1) for d, k in zip(ntuple(dilation, n), kernel_size)]
         return None if any(s % 2 for s in spans) else tuple(s // 2 for s in spans)
-    return _pair(conv.padding)
+    return ntuple(padding, n)
+
+
+def conv_call_args(conv: nn.Module, padding: Tuple[int, ...]) -> tuple:
+    """``(stride, padding, dilation, groups)`` of a conv module, explicit, as its functional call takes them."""
+    n = len(conv.kernel_size)
+    return ntuple(conv.stride, n), padding, ntuple(conv.dilation, n), conv.groups
 
 
 def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind: str) -> Optional[str]:
     """Rewrite one call_module node; return a reason when the module is left as it is."""
     if len(node.args) != 1 or node.kwargs:
         return "called with more than one input"
-    if kind == "conv2d":
+    if kind in CONV_DIMS:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
         padding = _explicit_padding(module)
@@ -51,18 +62,18 @@ def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Mod
         elif kind == "linear":
             new = graph.call_function(F.linear, (node.args[0], w, b))
         else:
-            new = graph.call_function(F.conv2d, (node.args[0], w, b, _pair(module.stride), padding,
-                                                 _pair(module.dilation), module.groups))
+            new = graph.call_function(CONV_FUNCTIONALS[kind], (node.args[0], w, b) + conv_call_args(module, padding))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    new.meta[META] = LayerMeta(fqn=node.target, object_type=type(module), op="conv2d" if kind == "conv2d" else "linear",
+    new.meta[META] = LayerMeta(fqn=node.target, object_type=type(module), op=kind if kind in CONV_DIMS else "linear",
                                weight=w.target, bias=None if b is None else b.target, transposed=kind == "conv1d_hf")
     return None
 
 
 def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
-    """LayerMeta for ``F.linear(x, w, b)``/``F.conv2d(...)`` when ``w`` (and ``b``) are module parameters."""
+    """LayerMeta for ``F.linear(x, w, b)``/``F.conv1d(...)``/``F.conv2d(...)`` when ``w`` (and ``b``) are module
+    parameters."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
@@ -71,20 +82,23 @@ def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
         return None
     if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
         return None
-    if kind == "conv2d" and isinstance(bound.get("padding"), str):
+    if kind != "linear" and isinstance(bound.get("padding"), str):
         return None  # string padding on a functional call: left float
     # positional form with every argument explicit, as the module rewrite produces
     if kind == "linear":
         node.args, node.kwargs = (bound["input"], w, b), {}
     else:
-        rest = [bound.get(n, d) for n, d in zip(names[3:], _CONV_DEFAULTS[1:])]
-        node.args, node.kwargs = (bound["input"], w, b, _pair(rest[0]), _pair(rest[1]), _pair(rest[2]), rest[3]), {}
+        n = CONV_DIMS[kind]
+        rest = [bound.get(name, d) for name, d in zip(names[3:], _CONV_DEFAULTS[1:])]
+        node.args, node.kwargs = (bound["input"], w, b, ntuple(rest[0], n), ntuple(rest[1], n), ntuple(rest[2], n),
+                                  rest[3]), {}
     fqn = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
     return LayerMeta(fqn=fqn, object_type=node.target, op=kind, weight=w.target, bias=None if b is None else b.target)
 
 
 def _module_kind(module: nn.Module) -> Optional[str]:
-    """"linear"/"conv2d" for nn.Linear/nn.Conv2d and subclasses that keep their forward; "conv1d_hf" for HF Conv1D."""
+    """"linear"/"conv1d"/"conv2d" for nn.Linear/nn.Conv1d/nn.Conv2d and subclasses that keep their forward;
+    "conv1d_hf" for HF Conv1D (a linear layer)."""
     if is_hf_conv1d(module):
         return "conv1d_hf"
     for cls, kind in MODULES.items():
@@ -104,6 +118,9 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 reason = _module_call_to_functional(gm, node, module, kind)
                 if reason:
                     skipped[node.target] = reason
+            elif isinstance(module, nn.modules.conv._ConvNd):  # Conv3d, ConvTranspose*: listed, left float
+                skipped[node.target] = (f"{type(module).__name__} is not supported (nn.Linear, nn.Conv1d and nn.Conv2d "
+                                        "are)")
         elif node.op == "call_function" and node.target in FUNCTIONALS:
             meta = _functional_meta(node, FUNCTIONALS[node.target])
             if meta is not None:

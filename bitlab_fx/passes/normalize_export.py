@@ -1,7 +1,7 @@
 """Pass 1 for ``frontend="export"``: bring a ``torch.export`` graph to the form the other passes use.
 
-``aten.linear(x, get_attr[fc1.weight], get_attr[fc1.bias])`` becomes ``F.linear(...)`` (``aten.conv2d`` ->
-``F.conv2d`` with explicit stride/padding/dilation/groups; an HF ``Conv1D``'s ``aten.addmm`` ->
+``aten.linear(x, get_attr[fc1.weight], get_attr[fc1.bias])`` becomes ``F.linear(...)`` (``aten.conv1d``/``conv2d``
+-> ``F.conv1d``/``F.conv2d`` with explicit stride/padding/dilation/groups; an HF ``Conv1D``'s ``aten.addmm`` ->
 ``F.linear(x, torch.t(weight), bias)``) with a :class:`LayerMeta` whose ``fqn`` is the
 original module's name from ``node.meta["nn_module_stack"]``, so mapping rules match as with fx.
 ``aten.dropout(x, p, train)`` becomes an ``nn.Dropout`` call (an attention's baked ``dropout_p`` an
@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import META, LayerMeta, is_hf_conv1d
+from ._common import CONV_DIMS, META, LayerMeta, is_hf_conv1d, ntuple
 from ._modes import AttentionDropout, ModeBatchNorm, replace_with_module
-from .normalize import _module_kind, _pair
+from .normalize import _module_kind, resolve_padding
 
 aten = torch.ops.aten
-_LAYERS = {aten.linear.default: (F.linear, "linear"), aten.conv2d.default: (F.conv2d, "conv2d")}
+_LAYERS = {aten.linear.default: (F.linear, "linear"), aten.conv1d.default: (F.conv1d, "conv1d"),
+           aten.conv2d.default: (F.conv2d, "conv2d"), aten.conv1d.padding: (F.conv1d, "conv1d"),
+           aten.conv2d.padding: (F.conv2d, "conv2d")}  # .padding: string padding ("same"/"valid")
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
-_CONV_DEFAULTS = ((1, 1), (0, 0), (1, 1), 1)
+_CONV_DEFAULTS = (1, 0, 1, 1)
 
 
 def _calling_module(node: fx.Node, model: nn.Module):
@@ -45,7 +47,7 @@ def _owner(node: fx.Node, model: nn.Module, weight: str) -> Optional[str]:
     if found is None:
         return None
     path, module = found
-    return path if weight == f"{path}.weight" and _module_kind(module) in ("linear", "conv2d") else None
+    return path if weight == f"{path}.weight" and _module_kind(module) in ("linear", *CONV_DIMS) else None
 
 
 def _layer_meta(node: fx.Node, model: nn.Module, op: str, func) -> Optional[LayerMeta]:
@@ -53,13 +55,20 @@ def _layer_meta(node: fx.Node, model: nn.Module, op: str, func) -> Optional[Laye
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if not (isinstance(w, fx.Node) and w.op == "get_attr") or (b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr")):
         return None
-    if op == "conv2d":
+    if op in CONV_DIMS:
+        n = CONV_DIMS[op]
         given = dict(zip(_CONV_ARGS, node.args[3:]))
         given.update({k: v for k, v in node.kwargs.items() if k in _CONV_ARGS})
         rest = [given.get(k, d) for k, d in zip(_CONV_ARGS, _CONV_DEFAULTS)]
         if isinstance(rest[1], str):
-            return None
-        node.args = (node.args[0], w, b, _pair(rest[0]), _pair(rest[1]), _pair(rest[2]), rest[3])
+            try:
+                kernel = tuple(model.get_parameter(w.target).shape[2:])
+            except AttributeError:
+                return None
+            rest[1] = resolve_padding(rest[1], kernel, rest[2])
+            if rest[1] is None:
+                return None
+        node.args = (node.args[0], w, b, ntuple(rest[0], n), ntuple(rest[1], n), ntuple(rest[2], n), rest[3])
     else:
         node.args = (node.args[0], w, b)
     node.kwargs, node.target = {}, func
@@ -157,7 +166,8 @@ def normalize_export(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
             func, op = _LAYERS[node.target]
             meta = _layer_meta(node, model, op, func)
             if meta is None:
-                skipped[node.name] = f"aten.{op} whose weight/bias are not parameters, or string padding"
+                skipped[node.name] = (f"aten.{op} whose weight/bias are not parameters, or padding='same' with an even "
+                                      "kernel span")
             else:
                 node.meta[META] = meta
         elif node.target is aten.addmm.default:

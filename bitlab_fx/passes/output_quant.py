@@ -68,9 +68,13 @@ def _output_rule(mapping: QConfigMapping, node: fx.Node, fqn: Optional[str], typ
             return rule
         if rule.kind in ("object_type", "module_name"):
             what = fqn or f"{node.op} {getattr(node.target, '__name__', node.target)!r}"
-            raise ConfigError(f"{what} matched rule {rule} with {rule.config.describe()}, but it is not a linear/conv "
-                              f"layer: only output quantization applies to it; use QuantConfig(output=IntActivation(...)) "
-                              f"for {_qualname(rule.key) if rule.kind == 'object_type' else repr(rule.key)}")
+            weighted = any(isinstance(t, type) and issubclass(t, (nn.modules.conv._ConvNd, nn.Linear)) for t in types)
+            kind = ("a layer type bitlab_fx cannot quantize (supported: nn.Linear, nn.Conv1d, nn.Conv2d and their "
+                    "functional forms)" if weighted else "not a linear/conv layer")
+            raise ConfigError(f"{what} matched rule {rule} with {rule.config.describe()}, but it is {kind}: only "
+                              f"output quantization applies to it; use QuantConfig(output=IntActivation(...)) "
+                              f"for {_qualname(rule.key) if rule.kind == 'object_type' else repr(rule.key)}, or "
+                              "keep it float")
     return None
 
 
