@@ -121,6 +121,10 @@ def test_state_dict_of_a_different_layer_shape():
     _, int8 = one_layer(k=64, n=24, cfg=bfx.int8())
     with pytest.raises(bfx.ConvertError, match=r"saved weight int8 \[24, 64\] does not match this layer \(ternary"):
         small.load_state_dict(int8.state_dict())
+    # the same weights with another activation mode (per-tensor dynamic into per-token)
+    _, per_tensor = one_layer(k=64, n=24, cfg=bfx.ternary(activation_granularity="per_tensor"))
+    with pytest.raises(bfx.ConvertError, match=r"activation quantization 'per_tensor', this layer uses 'per_token'"):
+        small.load_state_dict(per_tensor.state_dict())
 
 
 def test_convert_of_a_static_observer_that_never_saw_data_warns():

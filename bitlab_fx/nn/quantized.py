@@ -76,6 +76,10 @@ class _QuantizedBase(nn.Module):
             raise ConvertError(f"layer {self.name!r}: saved weight {state.get('weight_format')} {state.get('weight_shape')} "
                                f"does not match this layer ({self.weight_format} {list(self.weight_shape)}); load a "
                                "state_dict converted from the same model with the same qconfig")
+        if "act" in state and state["act"] != self.act:
+            raise ConvertError(f"layer {self.name!r}: the state_dict was converted with activation quantization "
+                               f"{state['act']!r}, this layer uses {self.act!r}; load a state_dict converted with the "
+                               "same qconfig (activation granularity and dynamic/static included)")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales:
