@@ -84,13 +84,16 @@ class Summary:
 
     For partially traced models, ``traced`` maps each prepared part to ``"graph"`` (a traced submodule)
     or ``"layer"`` (a lone layer as its own graph), and ``untraced`` each module that did not trace
-    (``""`` is the root) to the first line of why."""
+    (``""`` is the root) to the first line of why; ``eager_weights`` lists the matrices such modules own
+    directly (``{"attn.w_qkv": [96, 32]}``): their functional uses cannot be seen without a graph, so they
+    stay float."""
 
     stage: str
     rows: List[Dict[str, Any]]
     skipped: Dict[str, str] = field(default_factory=dict)
     traced: Dict[str, str] = field(default_factory=dict)
     untraced: Dict[str, str] = field(default_factory=dict)
+    eager_weights: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def totals(self) -> Dict[str, Any]:
@@ -117,6 +120,11 @@ class Summary:
                      f"lone layers as their own graphs: {len(self.traced) - len(graphs)}")
             text += "\nnot traced (kept eager):\n" + "\n".join(
                 f"  {k or '(root)'}: {v}" for k, v in self.untraced.items())
+        if self.eager_weights:
+            n = sum(math.prod(s) for s in self.eager_weights.values())
+            text += (f"\nfloat weights of untraced modules ({n:,} params, not in the table): "
+                     + ", ".join(f"{k} {list(s)}" for k, s in self.eager_weights.items())
+                     + "; make their module traceable, or wrap those uses in nn.Linear/nn.Conv modules")
         return text
 
     __repr__ = __str__
@@ -172,4 +180,6 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
         rows[path] = _float_row(model, path, rule)
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
-    return Summary(record["stage"], ordered, skipped, dict(record["parts"]), dict(record["untraced"]))
+    eager = {qualify(path, name): list(p.shape) for path in record["untraced"]
+             for name, p in model.get_submodule(path).named_parameters(recurse=False) if p.dim() >= 2}
+    return Summary(record["stage"], ordered, skipped, dict(record["parts"]), dict(record["untraced"]), eager)
