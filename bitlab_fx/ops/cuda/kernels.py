@@ -409,19 +409,18 @@ def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 
 
 
 def autotune_candidates(m: int, n: int, k_pad: int, group_size: int = 0, sms: int = 132) -> list[LinearConfig]:
-    """The small space :func:`tune_config` times: ``choose_config``'s pick first, then a few neighbours
+    """The small space the autotuner (``_pick_config``) times: ``choose_config``'s pick first, then a few neighbours
     (narrower/wider N tiles, more K per step, more or fewer K splits, narrow tiles with no split and so no
     reduction launch; for the MMA path also other ``BLOCK_M``, ``num_warps`` and ``num_stages``). At most 10
     configs, duplicates removed after fitting."""
     base = choose_config(m, n, k_pad, group_size, sms)
+    bm = base.block_m
     if not base.use_dot:
-        bm = base.block_m
         raw = [(LinearConfig(block_m=bm, block_n=bn, nb=nb, num_warps=w), t)
                for bn, nb, w, t in ((base.block_n // 2, 2, 4, 4), (base.block_n * 2, 2, 4, 4), (base.block_n, 4, 4, 4),
                                     (base.block_n, 2, 4, 8), (base.block_n, 2, 4, 2), (base.block_n, 2, 8, 4),
                                     (base.block_n * 2, 4, 8, 2), (16, 2, 4, 0), (32, 4, 4, 0))]  # 0: no split-K
     else:
-        bm = base.block_m
         raw = [(replace(base, block_n=128 if base.block_n == 64 else 64), 2), (replace(base, num_stages=4), 2),
                (replace(base, num_warps=8 if base.num_warps == 4 else 4), 2), (replace(base, nb=2 if base.nb == 1 else 1), 2),
                (replace(base, split_k=1), 0), (replace(base, block_m=max(16, bm // 2)), 2),
@@ -436,7 +435,7 @@ def autotune_candidates(m: int, n: int, k_pad: int, group_size: int = 0, sms: in
     return out[:10]
 
 
-_TUNED: dict = {}  # problem key -> LinearConfig, filled by tune_config
+_TUNED: dict = {}  # problem key -> LinearConfig, filled by _pick_config
 
 
 def _may_benchmark(x: Tensor) -> bool:
