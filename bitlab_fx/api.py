@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
-from .capture import first_line, trace_export, trace_fx
+from .capture import check_example_inputs, first_line, trace_export, trace_fx
 from .errors import CaptureError, ConfigError, ConvertError
 from .mapping import QConfigMapping, as_mapping
 from .partial import short_reason, convert_partial, plan_partial, prepare_partial, record_calls
@@ -32,13 +32,22 @@ FRONTENDS = ("fx", "fx_whole", "export")
 
 
 def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] = None, *,
-                frontend: str = "fx", dynamic_shapes: Any = None) -> nn.Module:
+                example_kwargs: Optional[Dict[str, Any]] = None, frontend: str = "fx",
+                dynamic_shapes: Any = None) -> nn.Module:
     """Capture ``model`` and insert fake-quant nodes for quantization-aware training.
 
     ``qconfig`` is a :class:`QConfigMapping`, a single :class:`QuantConfig` applied to every supported
     layer, or a seed-style ``BitQuantConfig``. The input model is not modified; parameter names are
-    kept, so a state_dict of the float model loads into the result. ``example_inputs``, if given, are
-    run once through the prepared model to check that it works.
+    kept, so a state_dict of the float model loads into the result. ``example_inputs`` (a tuple of
+    positional inputs), if given, are run once through the prepared model to check that it works.
+
+    ``example_kwargs``: keyword inputs of ``forward`` (a dict, e.g. ``{"attention_mask": mask}`` for a
+    Hugging Face model), used wherever ``example_inputs`` are: the model is run as
+    ``model(*example_inputs, **example_kwargs)``. With the fx frontends a parameter given here is traced as an
+    input (a parameter that defaults to None and is given in neither is traced as the constant None); with
+    ``"export"`` they go to ``torch.export.export(..., kwargs=)`` and their tensors get the same dynamic batch
+    dim as positional ones. A key that is not a parameter of ``forward`` (unless it takes ``**kwargs``), or
+    that ``example_inputs`` already fills, raises :class:`ConfigError`.
 
     ``frontend``: ``"fx"`` (default) returns an fx GraphModule when the whole model traces, else the
     model itself (same class) with its largest traceable parts replaced by prepared graphs (see
@@ -54,15 +63,17 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
     _check_no_quantized_parts(model)
     if frontend not in FRONTENDS:
         raise ConfigError(f"prepare_qat(frontend={frontend!r}): use one of {FRONTENDS}")
+    example_inputs, example_kwargs = check_example_inputs(model, example_inputs, example_kwargs)
     mapping = as_mapping(qconfig)
     was_training = model.training
-    if frontend == "export":
-        gm = _capture_export(copy.deepcopy(model), mapping, example_inputs, dynamic_shapes)  # export shares tensors
+    if frontend == "export":  # export shares tensors: copy first
+        gm = _capture_export(copy.deepcopy(model), mapping, example_inputs, dynamic_shapes, example_kwargs)
     else:
-        gm = _capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx")
+        gm = _capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx",
+                         example_kwargs=example_kwargs)
     gm.train(was_training)
     if example_inputs is not None:
-        _check_runs(gm, example_inputs)
+        _check_runs(gm, example_inputs, example_kwargs)
     return gm
 
 
@@ -105,15 +116,16 @@ def _check_no_quantized_parts(model: nn.Module) -> None:
                           "is, and convert each prepared block separately (block = bfx.convert(block))")
 
 
-def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool) -> nn.Module:
+def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool,
+                example_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Whole-model fx trace; when it fails and ``partial``, the model with its traceable parts prepared."""
     try:
-        gm = trace_fx(model, example_inputs, none_defaults=True)
+        gm = trace_fx(model, example_inputs, none_defaults=True, example_kwargs=example_kwargs)
     except CaptureError as e:
         if not partial:
             raise
         was_training = model.training
-        calls = record_calls(model.eval(), example_inputs)
+        calls = record_calls(model.eval(), example_inputs, example_kwargs)
         plan = plan_partial(model, calls)
         model.train(was_training)
         if not plan.graphs and not plan.layers:
@@ -126,8 +138,9 @@ def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, parti
     return gm
 
 
-def _capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, dynamic_shapes) -> fx.GraphModule:
-    gm = trace_export(model, example_inputs, dynamic_shapes)
+def _capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, dynamic_shapes,
+                    example_kwargs: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    gm = trace_export(model, example_inputs, dynamic_shapes, example_kwargs)
     gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": "export"}
     gm = normalize_export(gm, model)
     gm = insert_fake_quant(gm, mapping)
@@ -135,15 +148,16 @@ def _capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, d
     return gm
 
 
-def _check_runs(gm: fx.GraphModule, example_inputs) -> None:
+def _check_runs(gm: fx.GraphModule, example_inputs, example_kwargs: Optional[Dict[str, Any]] = None) -> None:
     if not isinstance(example_inputs, tuple):
         raise ConfigError(f"example_inputs must be a tuple of model inputs, e.g. (x,); got {type(example_inputs).__name__}")
     training = gm.training
     try:
         with torch.no_grad():
-            gm.eval()(*example_inputs)
+            gm.eval()(*example_inputs, **(example_kwargs or {}))
     except Exception as e:
-        raise CaptureError(f"the prepared model failed on example_inputs: {type(e).__name__}: {e}") from e
+        given = "example_inputs and example_kwargs" if example_kwargs else "example_inputs"
+        raise CaptureError(f"the prepared model failed on {given}: {type(e).__name__}: {e}") from e
     finally:
         gm.train(training)
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 from .passes._common import is_hf_conv1d
 from .passes._modes import follow_mode
 
@@ -61,22 +61,70 @@ def user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     return frames[-1] if frames else None
 
 
-def _none_defaults(model: nn.Module, example_inputs: Optional[tuple]) -> Dict[str, None]:
-    """Parameters of ``forward`` that default to None and are not among ``example_inputs`` (positional): traced
-    as the constant None (torch.fx ``concrete_args``), so ``if mask is not None:`` takes the branch a call
-    without them takes. Without ``example_inputs``, the parameters without a default are the inputs."""
+def check_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Any,
+                         where: str = "prepare_qat") -> Tuple[Optional[tuple], Optional[dict]]:
+    """Validate ``example_kwargs`` against ``model.forward`` and return ``(example_inputs, example_kwargs)``
+    normalized: an empty dict is None, and ``example_inputs`` is ``()`` when only keywords are given."""
+    if example_kwargs is None:
+        return example_inputs, None
+    if not isinstance(example_kwargs, dict):
+        raise ConfigError(f"{where}: example_kwargs must be a dict of keyword inputs of forward, e.g. "
+                          f"{{'attention_mask': mask}}; got {type(example_kwargs).__name__}")
+    if not example_kwargs:
+        return example_inputs, None
+    if example_inputs is None:
+        example_inputs = ()
+    elif not isinstance(example_inputs, tuple):
+        raise ConfigError(f"{where}: example_inputs must be a tuple of positional model inputs, e.g. (x,); "
+                          f"got {type(example_inputs).__name__}")
+    bad = [k for k in example_kwargs if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: example_kwargs keys must be parameter names of forward (str); got {bad[0]!r}")
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return example_inputs, dict(example_kwargs)  # no signature to check against: let the call decide
+    by_name = {p.name: p for p in params}
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    listed = ", ".join(("*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else "") + p.name
+                       for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for key in example_kwargs:
+        p = by_name.get(key)
+        if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if var_keyword and p is None:
+                continue  # forward(**kwargs) takes it
+            raise ConfigError(f"{where}: example_kwargs key {key!r} is not a parameter of "
+                              f"{type(model).__name__}.forward({listed})")
+        if p.kind is p.POSITIONAL_ONLY:
+            raise ConfigError(f"{where}: example_kwargs key {key!r} is a positional-only parameter of "
+                              f"{type(model).__name__}.forward({listed}): pass it in example_inputs")
+        if p in positional and (positional.index(p) < len(example_inputs)):
+            raise ConfigError(f"{where}: {key!r} is given twice, in example_inputs (position "
+                              f"{positional.index(p)}) and in example_kwargs; {type(model).__name__}.forward({listed}) "
+                              "takes it once: drop it from one of them")
+    return example_inputs, dict(example_kwargs)
+
+
+def _none_defaults(model: nn.Module, example_inputs: Optional[tuple],
+                   example_kwargs: Optional[dict] = None) -> Dict[str, None]:
+    """Parameters of ``forward`` that default to None and are given neither in ``example_inputs`` (positional) nor
+    in ``example_kwargs``: traced as the constant None (torch.fx ``concrete_args``), so ``if mask is not None:``
+    takes the branch a call without them takes. Without example inputs, the parameters without a default are
+    the inputs."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if example_inputs is not None:
-        given = len(example_inputs)
+    keywords = set(example_kwargs or ())
+    if example_inputs is not None or keywords:
+        given = len(example_inputs or ())
     else:
         given = max(1, sum(p.default is inspect.Parameter.empty for p in positional))
     return {p.name: None for i, p in enumerate(params)
             if p.default is None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and not (p in positional and positional.index(p) < given)}
+            and p.name not in keywords and not (p in positional and positional.index(p) < given)}
 
 
 def _capture_error(model: nn.Module, tracer: "_RecordingTracer", e: Exception, concrete: Dict[str, None]) -> CaptureError:
@@ -88,8 +136,10 @@ def _capture_error(model: nn.Module, tracer: "_RecordingTracer", e: Exception, c
     hint = ""
     if concrete:
         names = ", ".join(concrete)
-        hint = (f" It was traced with {names}=None (forward's default, not given in example_inputs): pass "
-                f"example_inputs that include {names} to trace {'them' if len(concrete) > 1 else 'it'} as inputs.")
+        first = next(iter(concrete))
+        hint = (f" It was traced with {names}=None (forward's default, not given in example_inputs or example_kwargs): "
+                f"pass {'them' if len(concrete) > 1 else 'it'} (e.g. example_kwargs={{{first!r}: ...}}) to trace "
+                f"{'them' if len(concrete) > 1 else 'it'} as inputs.")
     return CaptureError(
         f"torch.fx could not trace {module}: {first_line(e)}{at}.{hint} "
         "Data-dependent control flow (if/for on tensor values) and calls fx cannot follow are the usual causes: "
@@ -103,9 +153,9 @@ def _not_given(value, name: str) -> None:
         return value.tracer.create_proxy("call_function", _not_given, (value, name), {})
     if value is not None:
         raise CaptureError(
-            f"the model was captured without {name!r} (traced as None, its default, because example_inputs did not "
-            f"include it), so the graph cannot use it: pass example_inputs that include {name} to prepare_qat "
-            "(e.g. example_inputs=(..., " + name + ")), or call the model without it")
+            f"the model was captured without {name!r} (traced as None, its default, because neither example_inputs "
+            f"nor example_kwargs included it), so the graph cannot use it: pass it to prepare_qat "
+            f"(e.g. example_kwargs={{{name!r}: ...}}), or call the model without it")
 
 
 def _same(x, y, env: Dict[fx.Node, fx.Node]) -> bool:
@@ -152,16 +202,18 @@ def _mode_differences(graph: fx.Graph, other: fx.Graph) -> Optional[Dict[fx.Node
     return found
 
 
-def trace_fx(model: nn.Module, example_inputs: Optional[tuple] = None, *, none_defaults: bool = False) -> fx.GraphModule:
+def trace_fx(model: nn.Module, example_inputs: Optional[tuple] = None, *, none_defaults: bool = False,
+             example_kwargs: Optional[dict] = None) -> fx.GraphModule:
     """``torch.fx`` symbolic trace with a clear :class:`CaptureError` on failure.
 
     The model is traced in train and in eval mode: calls whose constant arguments differ (``F.dropout(...,
     training=self.training)``, ``dropout_p=p if self.training else 0.0``) become modules that follow
     ``.train()``/``.eval()`` (see :mod:`bitlab_fx.passes._modes`). When the two traces differ in structure
     (``if self.training:`` around other code) the graph keeps the mode the model is in, with a warning.
-    ``none_defaults``: trace forward parameters that default to None and are not in ``example_inputs`` as None.
+    ``none_defaults``: trace forward parameters that default to None and are neither in ``example_inputs`` nor in
+    ``example_kwargs`` as None.
     """
-    concrete = _none_defaults(model, example_inputs) if none_defaults else {}
+    concrete = _none_defaults(model, example_inputs, example_kwargs) if none_defaults else {}
     tracer = _RecordingTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
@@ -220,12 +272,21 @@ def _guard_none_inputs(gm: fx.GraphModule, concrete: Dict[str, None]) -> None:
         gm.recompile()
 
 
-def _batch_dynamic(example_inputs: tuple):
-    """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model fixes it)."""
+def _batch_dynamic(example_inputs: tuple, example_kwargs: Optional[dict] = None, model: Optional[nn.Module] = None):
+    """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model fixes it).
+
+    With ``example_kwargs``, a dict keyed by forward's parameter names, as ``torch.export.export`` binds
+    ``(*args, **kwargs)`` to the signature (``*args`` maps to a tuple, ``**kwargs`` to a dict)."""
     def spec(x):
         return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
-    return tuple(torch.utils._pytree.tree_map(spec, a) if not isinstance(a, torch.Tensor) else spec(a)
-                 for a in example_inputs)
+
+    def specs(a):
+        return torch.utils._pytree.tree_map(spec, a) if not isinstance(a, torch.Tensor) else spec(a)
+
+    if not example_kwargs:
+        return tuple(specs(a) for a in example_inputs)
+    bound = inspect.signature(model.forward).bind(*example_inputs, **example_kwargs).arguments
+    return {name: specs(value) for name, value in bound.items()}
 
 
 class ShapeGuards(nn.Module):
@@ -243,32 +304,45 @@ class ShapeGuards(nn.Module):
             raise CaptureError(
                 f"the model was captured by torch.export for inputs of shape {self.shapes} and this call does not fit "
                 f"({first_line(e)}): dimensions that the model's code (or a size-1 example) fixes stay static. Pass "
-                "prepare_qat(..., dynamic_shapes=...) as to torch.export.export (e.g. ({0: torch.export.Dim('batch')},)), "
+                "prepare_qat(..., dynamic_shapes=...) as to torch.export.export (e.g. ({0: torch.export.Dim('batch')},), "
+                "or a dict keyed by forward's parameter names when example_kwargs are used), "
                 "example_inputs with a batch of 2 or more, or call with the captured shapes") from e
 
 
-def _shapes(example_inputs: tuple) -> str:
-    leaves = torch.utils._pytree.tree_leaves(example_inputs)
-    return ", ".join(str(tuple(x.shape)) for x in leaves if isinstance(x, torch.Tensor)) or "()"
+def _shapes(example_inputs: tuple, example_kwargs: Optional[dict] = None) -> str:
+    def shapes(tree, prefix=""):
+        leaves = torch.utils._pytree.tree_leaves(tree)
+        return [prefix + str(tuple(x.shape)) for x in leaves if isinstance(x, torch.Tensor)]
+    out = shapes(example_inputs)
+    for name, value in (example_kwargs or {}).items():
+        out += shapes(value, f"{name}=")
+    return ", ".join(out) or "()"
 
 
-def trace_export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Optional[Any] = None) -> fx.GraphModule:
+def trace_export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Optional[Any] = None,
+                 example_kwargs: Optional[dict] = None) -> fx.GraphModule:
     """``torch.export.export(strict=False)`` then ``.module()``: an fx GraphModule of aten ops whose
     ``get_attr`` targets keep the parameter names and whose nodes carry ``nn_module_stack``.
 
     Without ``dynamic_shapes``, dim 0 (the batch) of each tensor input is ``Dim.AUTO``: dynamic unless the model
-    (or a batch of 1) fixes it; when export refuses that, the shapes are static as given."""
+    (or a batch of 1) fixes it; when export refuses that, the shapes are static as given. ``example_kwargs`` are
+    keyword inputs (``torch.export.export(..., kwargs=)``); the default covers their tensors too."""
+    if example_inputs is None and example_kwargs:
+        example_inputs = ()
     if not isinstance(example_inputs, tuple):
-        raise CaptureError("prepare_qat(frontend='export') needs example_inputs as a tuple, e.g. (x,)")
+        raise CaptureError("prepare_qat(frontend='export') needs example_inputs as a tuple, e.g. (x,) "
+                           "(and/or example_kwargs, a dict of keyword inputs)")
+    kwargs = example_kwargs or None
     ep = None
     if dynamic_shapes is None:
         try:
-            ep = torch.export.export(model, example_inputs, dynamic_shapes=_batch_dynamic(example_inputs), strict=False)
+            ep = torch.export.export(model, example_inputs, kwargs,
+                                     dynamic_shapes=_batch_dynamic(example_inputs, kwargs, model), strict=False)
         except Exception:
             ep = None  # static shapes, below
     if ep is None:
         try:
-            ep = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first_line(e)}. "
                                "Use the default frontend='fx' (it traces what it can and keeps the rest eager), "
@@ -276,5 +350,5 @@ def trace_export(model: nn.Module, example_inputs: tuple, dynamic_shapes: Option
     gm = ep.module()
     guards = getattr(gm, "_guards_fn", None)
     if isinstance(guards, nn.Module):
-        gm._guards_fn = ShapeGuards(guards, _shapes(example_inputs))
+        gm._guards_fn = ShapeGuards(guards, _shapes(example_inputs, kwargs))
     return gm

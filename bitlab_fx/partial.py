@@ -57,10 +57,12 @@ def _has_layer(module: nn.Module) -> bool:
     return any(_module_kind(m) is not None for m in module.modules())
 
 
-def record_calls(model: nn.Module, example_inputs: Optional[tuple]) -> Dict[int, tuple]:
-    """Run ``example_inputs`` once (eval, no grad) and keep the first ``(args, kwargs)`` of each module."""
+def record_calls(model: nn.Module, example_inputs: Optional[tuple],
+                 example_kwargs: Optional[dict] = None) -> Dict[int, tuple]:
+    """Run ``model(*example_inputs, **example_kwargs)`` once (eval, no grad) and keep the first ``(args, kwargs)``
+    of each module."""
     calls: Dict[int, tuple] = {}
-    if example_inputs is None:
+    if example_inputs is None and not example_kwargs:
         return calls
 
     def hook(module, args, kwargs):
@@ -70,9 +72,10 @@ def record_calls(model: nn.Module, example_inputs: Optional[tuple]) -> Dict[int,
                if _has_layer(m) and _module_kind(m) is None]
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            model(*(example_inputs or ()), **(example_kwargs or {}))
     except Exception as e:
-        raise CaptureError(f"the float {type(model).__name__} failed on example_inputs: {first_line(e)}") from e
+        given = "example_inputs and example_kwargs" if example_kwargs else "example_inputs"
+        raise CaptureError(f"the float {type(model).__name__} failed on {given}: {first_line(e)}") from e
     finally:
         for h in handles:
             h.remove()

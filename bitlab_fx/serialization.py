@@ -109,28 +109,32 @@ def _check_shapes(model: nn.Module, state: Dict[str, Any], path: str) -> None:
                                f"{tuple(value.shape)} in this model; build the float model with the config that was quantized")
 
 
-def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] = None) -> nn.Module:
+def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] = None, *,
+                   example_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Rebuild the converted structure on the float ``model`` and load ``path``; returns the converted model
     (``model`` itself, modified in place, when it is partially traced; a GraphModule sharing its modules otherwise).
 
-    ``example_inputs`` are only needed if they were used to prepare the saved model and changed what traced."""
+    ``example_inputs``/``example_kwargs`` are only needed if they were used to prepare the saved model and changed
+    what traced (e.g. a ``mask`` given in ``example_kwargs`` is traced as an input, not as None)."""
     from .api import _capture_fx, convert  # api imports this module's users; import late to keep layers simple
+    from .capture import check_example_inputs
 
     if stage_of(model) is not None:
         raise ConfigError(f"load_quantized: the {type(model).__name__} is already {stage_of(model)} by bitlab_fx; "
                           "pass a freshly built float model (e.g. AutoModelForCausalLM.from_config(config))")
+    example_inputs, example_kwargs = check_example_inputs(model, example_inputs, example_kwargs, "load_quantized")
     header = read_header(path)
     mapping = QConfigMapping.from_dict(header["mapping"])
     with torch.no_grad():
-        prepared = _capture_fx(model, mapping, example_inputs, partial=True)
+        prepared = _capture_fx(model, mapping, example_inputs, partial=True, example_kwargs=example_kwargs)
     parts = bitlab_meta(prepared).get("parts")
     if parts != header.get("parts"):
         def describe(p):
             return f"parts {p}" if p else "one whole graph"
 
         raise ConvertError(f"load_quantized: this {type(model).__name__} traces into {describe(parts)} but {path!r} was "
-                           f"saved from {describe(header.get('parts'))}; pass the same example_inputs as prepare_qat "
-                           "got, or the same model")
+                           f"saved from {describe(header.get('parts'))}; pass the same example_inputs (and example_kwargs) "
+                           "as prepare_qat got, or the same model")
     converted = convert(prepared.eval(), inplace=True)
     state: Dict[str, Any] = dict(_safetensors().torch.load_file(path))
     state.update({alias: state[key] for alias, key in header["aliases"].items()})
