@@ -3,7 +3,9 @@
 Priority, lowest to highest: ``set_global`` < ``set_object_type`` (the most specific matching class wins:
 the closest in the layer type's MRO; ties in insertion order) < ``set_module_name_regex`` (the first
 matching pattern in insertion order wins) < ``set_module_name``. A config of ``None`` keeps the
-matched layers in float.
+matched layers in float. As in ``torch.ao``, ``set_module_name`` covers a module's whole subtree: a layer
+without a rule of its own takes the rule of its nearest named ancestor (``set_module_name("encoder", None)``
+keeps every layer under ``encoder`` float), ahead of patterns and types.
 
 >>> import torch, bitlab_fx as bfx
 >>> qc = (bfx.QConfigMapping().set_global(bfx.ternary())
@@ -128,12 +130,23 @@ class QConfigMapping:
         out = [self._global] if self._global is not None else []
         return out + list(self._object_type.values()) + [r for _, r in self._regex] + list(self._name.values())
 
+    def _by_name(self, fqn: str) -> Optional[Rule]:
+        """The ``set_module_name`` rule of ``fqn`` or, failing that, of its nearest ancestor."""
+        if fqn in self._name:
+            return self._name[fqn]
+        name = fqn.rpartition(".")[0]
+        while name:  # "" (the root) is not an ancestor: set_global covers the whole model
+            if name in self._name:
+                return self._name[name]
+            name = name.rpartition(".")[0]
+        return None
+
     def resolve(self, fqn: str, object_type: Any) -> Tuple[Optional[QuantConfig], Optional[Rule]]:
         """The config for the layer ``fqn`` of type ``object_type`` and the rule that chose it.
 
         Returns ``(None, None)`` when no rule applies (the layer stays float)."""
-        if fqn in self._name:
-            rule = self._name[fqn]
+        rule = self._by_name(fqn)
+        if rule is not None:
             return rule.config, rule
         for pattern, rule in self._regex:
             if pattern.fullmatch(fqn):
@@ -150,7 +163,9 @@ class QConfigMapping:
         (only when ``fqn`` is given), then by any of ``object_types``. Used for non-layer nodes (activations)."""
         out: List[Rule] = []
         if fqn is not None:
-            out += [self._name[fqn]] if fqn in self._name else []
+            named = self._by_name(fqn)
+            if named is not None and (named.key == fqn or named.config is None or named.config.output is not None):
+                out.append(named)  # an ancestor's layer config (weights/inputs) says nothing about this node
             out += [rule for pattern, rule in self._regex if pattern.fullmatch(fqn)]
         return out + self._by_type(object_types, every=True)
 
@@ -171,9 +186,10 @@ class QConfigMapping:
         """Warn once for each rule that matched no layer (usually a typo in a name or pattern)."""
         for rule in self.rules():
             if rule not in used and rule.kind != "global":
-                warnings.warn(f"bitlab_fx: QConfigMapping rule {rule} matched no layer of the model; "
-                              "check the name/pattern against bfx.summary(model) or the model's named_modules()",
-                              UserWarning, stacklevel=3)
+                warnings.warn(f"bitlab_fx: QConfigMapping rule {rule} matched no layer of the model (or only layers "
+                              "that a higher-priority rule decided: a set_module_name on the layer or an ancestor, an "
+                              "earlier pattern); check the name/pattern against bfx.summary(model) or the model's "
+                              "named_modules()", UserWarning, stacklevel=3)
 
     # -- (de)serialising ------------------------------------------------------------------------
     def to_dict(self) -> dict:

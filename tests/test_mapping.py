@@ -93,3 +93,45 @@ def test_bad_mapping_input():
         bfx.QConfigMapping().set_global("ternary")
     with pytest.raises(bfx.ConfigError, match="cannot import"):
         bfx.QConfigMapping.from_dict({"object_type": [["torch.nn.Lineer", None]]})
+
+
+def test_set_module_name_covers_the_subtree_like_torch_ao():
+    import warnings
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = nn.Sequential(nn.Sequential(Block(), Block()), nn.Linear(8, 2))
+    qc = (bfx.QConfigMapping().set_global(bfx.ternary())
+          .set_module_name("0", None)                      # the whole encoder float...
+          .set_module_name("0.1", bfx.int8())              # ...but its second block int8 (nearest ancestor wins)
+          .set_module_name("0.1.fc2", bfx.weight_only("int4"))  # ...and one layer of it on its own rule
+          .set_module_name_regex(r"0\.0\..*", bfx.int8())  # an ancestor's name ranks above patterns
+          .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(4, signed=False, dynamic=False,
+                                                                               granularity="per_tensor"))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = bfx.prepare_qat(model, qc)
+    # the container names count as used; only the pattern, outranked by the ancestor '0', applied nowhere
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "rule module_name_regex(" in messages[0] and "higher-priority rule" in messages[0]
+    rows = {r["layer"]: (r["weight"], str(r["rule"])) for r in bfx.summary(pm).rows}
+    assert rows["0.0.fc1"] == ("float", "module_name('0')") and rows["0.0.fc2"][0] == "float"
+    assert rows["0.1.fc1"] == ("int8", "module_name('0.1')")
+    assert rows["0.1.fc2"] == ("int4", "module_name('0.1.fc2')")
+    assert rows["1"] == ("ternary", '"global"')
+    # output rules: the float subtree keeps its ReLU float; the int8 block's rule has no output= and
+    # does not stop the ReLU type rule there
+    fq_names = {name for name, _ in pm.named_modules() if name.endswith("_output_fq")}
+    assert fq_names == {"0_1_act_output_fq"}, fq_names
+
+
+def test_root_name_is_not_an_ancestor():
+    qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("", None)
+    cfg, rule = qc.resolve("0.fc", nn.Linear)
+    assert rule.kind == "global"
