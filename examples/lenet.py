@@ -7,7 +7,9 @@ QuantIdentity(bit_width=4) for the input). Here the model stays plain torch.nn a
 says the same thing: 3-bit weights, 4-bit model input, 4-bit unsigned ReLU outputs, 8-bit biases.
 Data: scikit-learn's digits (8x8 grey) resized to 32x32x3, the input size of LeNet-5.
 Trains fp32, fine-tunes the W3A4 model with QAT from the fp32 weights, converts it (weights packed two
-per byte, bitlab ops), and prints fp32 vs QAT vs converted accuracy and the saved file sizes.
+per byte, bitlab ops), and prints fp32 vs QAT vs converted accuracy and the saved file sizes. Last, for
+comparison, post-training quantization without any training: W8A8 with static int8 input scales
+calibrated in eval mode (bfx.calibrate) on a few training batches.
 """
 from __future__ import annotations
 
@@ -136,10 +138,19 @@ def main(argv=None):
         print(f"{name:<16}{acc:>9.2f}%{size:>20,}")
     print(f"converted vs QAT: max relative output difference {rel:.2e}, same predictions: {torch.equal(a.argmax(1), b.argmax(1))}")
     print(f"W3A4 accuracy gap to fp32: {acc_fp32 - acc_qat:+.2f} points; converted file {sizes['fp32'] / sizes['converted']:.1f}x smaller")
-    result = {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel}
+
+    print("\n4) post-training quantization, no training: int8 weights, static int8 inputs calibrated in eval mode")
+    ptq = bfx.prepare_qat(fp32, bfx.QuantConfig(weight=bfx.IntWeight(8), input=bfx.IntActivation(
+        8, dynamic=False, granularity="per_tensor")), example_inputs=(xtr[:2],)).eval()
+    with torch.no_grad(), bfx.calibrate(ptq):
+        for i in range(0, 8 * 64, 64):
+            ptq(xtr[i:i + 64])
+    acc_ptq = accuracy(bfx.convert(ptq), xte, yte)
+    print(f"  W8A8 PTQ (calibrated, converted): {acc_ptq:.2f}% (fp32 {acc_fp32:.2f}%)")
+    result = {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel, "ptq": acc_ptq}
     if args.json:
         record = {"example": "lenet", "args": vars(args), "accuracy": {"fp32": acc_fp32, "W3A4 QAT": acc_qat,
-                  "converted": acc_conv}, "curves": curves, "sizes": sizes, "date": time.strftime("%Y-%m-%d")}
+                  "converted": acc_conv, "W8A8 PTQ": acc_ptq}, "curves": curves, "sizes": sizes, "date": time.strftime("%Y-%m-%d")}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
         print(f"wrote {args.json}")

@@ -18,3 +18,4 @@ def test_lenet_example_short_run(capsys):
     assert r["rel"] <= 1e-3
     assert r["sizes"]["converted"] * 5 < r["sizes"]["fp32"] <= r["sizes"]["QAT (prepared)"]
     assert "int4_conv2d" in capsys.readouterr().out
+    assert r["ptq"] > r["fp32"] - 2  # W8A8 calibrated in eval mode, no training: close to fp32
