@@ -2,7 +2,8 @@
 
     python benchmarks/bench_linear_cuda.py                 # ternary, all shapes, M = 1 4 16 64 256
     python benchmarks/bench_linear_cuda.py --op int8 --m 1 16
-    python benchmarks/bench_linear_cuda.py --sweep         # also try every tile config, report the best
+    python benchmarks/bench_linear_cuda.py --sweep         # also time the autotune candidates, report the best
+    python benchmarks/bench_linear_cuda.py --sweep-full    # ... or a wide grid of tile configs (slow: compiles)
     python benchmarks/bench_linear_cuda.py --autotune      # also time the op with autotuning on
 
 Shapes are ``K x N`` (in_features x out_features): 4096x4096, 8192x8192, 8192x28672, 28672x8192.
@@ -41,8 +42,12 @@ def _bench(fn, graph: bool) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100)
 
 
-def _sweep_configs(m: int):
-    from bitlab_fx.ops.cuda.kernels import LinearConfig
+def _sweep_configs(m: int, n: int, k: int, full: bool):
+    from bitlab_fx.ops.cuda.kernels import LinearConfig, autotune_candidates
+
+    if not full:
+        yield from autotune_candidates(m, n, k, 0, torch.cuda.get_device_properties(0).multi_processor_count)
+        return
 
     if m <= 8:
         for bn, nb, sk, w in itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2, 4, 8), (2, 4, 8)):
@@ -59,7 +64,8 @@ def run(args) -> list[list]:
     dev = torch.device("cuda")
     peak = _peak_gbs(torch.cuda.get_device_name(dev), args.peak_gbs)
     rows = []
-    for (k, n), m in itertools.product(SHAPES, args.m):
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    for (k, n), m in itertools.product(shapes, args.m):
         torch.manual_seed(0)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
@@ -90,9 +96,9 @@ def run(args) -> list[list]:
                 set_autotune(previous)
             tuned = [f"{t_tuned:.1f}", f"{t_bf16 / t_tuned:.2f}x"]
         best = ""
-        if args.sweep:
+        if args.sweep or args.sweep_full:
             timed = []
-            for cfg in _sweep_configs(m):
+            for cfg in _sweep_configs(m, n, k, args.sweep_full):
                 try:
                     timed.append((_bench(lambda: fn(x, weight, scale, config=cfg), args.graph), cfg))
                 except Exception:  # noqa: BLE001  (a config that does not compile or fit: skip it)
@@ -103,7 +109,7 @@ def run(args) -> list[list]:
         nbytes = wbytes + 4 * n + 2 * m * k + 2 * m * n
         gbs = nbytes / (t_ours * 1e-6) / 1e9
         rows.append([f"{k}x{n}", m, f"{t_bf16:.1f}", f"{t_int8:.1f}", f"{t_ours:.1f}", f"{t_bf16 / t_ours:.2f}x",
-                     f"{t_int8 / t_ours:.2f}x", f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"] + tuned + ([best] if args.sweep else []))
+                     f"{t_int8 / t_ours:.2f}x", f"{gbs:.0f}", f"{100 * gbs / peak:.0f}%"] + tuned + ([best] if args.sweep or args.sweep_full else []))
     return rows
 
 
@@ -112,7 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--op", choices=["ternary", "int8"], default="ternary")
     p.add_argument("--m", type=int, nargs="+", default=MS, help="token counts (rows of x)")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="time plain launches, not CUDA graphs")
-    p.add_argument("--sweep", action="store_true", help="also time every tile config and report the best")
+    p.add_argument("--sweep", action="store_true", help="also time the autotune candidates and report the best")
+    p.add_argument("--sweep-full", action="store_true", help="also time a wide grid of tile configs (slow)")
+    p.add_argument("--shapes", nargs="+", default=None, help="K x N shapes, e.g. 8192x8192 (default: all four)")
     p.add_argument("--autotune", action="store_true", help="also time the op with autotuning on (tuned us column)")
     p.add_argument("--peak-gbs", type=float, default=None, help="HBM peak for the %% column (default by GPU name)")
     args = p.parse_args(argv)
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
 
     rows = run(args)
     headers = ["K x N", "M", "bf16 us", "int8-wo us", f"bitlab {args.op} us", "vs bf16", "vs int8-wo", "GB/s",
-               "% HBM"] + (["tuned us", "tuned vs bf16"] if args.autotune else []) + (["best config"] if args.sweep else [])
+               "% HBM"] + (["tuned us", "tuned vs bf16"] if args.autotune else []) + (["best config"] if args.sweep or args.sweep_full else [])
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
           f"{'CUDA-graph replays' if args.graph else 'plain launches'}; {datetime.date.today()}")
     print(tabulate(rows, headers=headers, tablefmt="github"))
