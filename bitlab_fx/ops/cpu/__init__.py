@@ -23,7 +23,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...quant.packing import unpack_int4
@@ -31,7 +30,7 @@ from .. import _schema, reference
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
-_ABI = 6
+_ABI = 7
 _lock = threading.Lock()
 _lib = None  # ctypes library once loaded
 _failed = False  # build or load failed (warned once)
@@ -52,6 +51,8 @@ def _load():
             lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_linear_wo.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_expand_wo.argtypes = [p, i32, i64, i64, p, i32, i64, p, i32]
+            lib.bitlab_im2col_s8.argtypes = [p] + [i64] * 14 + [p, i32]
+            lib.bitlab_im2col_s8.restype = None
             lib.bitlab_set_isa.argtypes = [i32]
             lib.bitlab_set_panel_min_m.argtypes = [i32]
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
@@ -204,23 +205,16 @@ def _conv_codes(x: Tensor, act: str, act_scale: Optional[Tensor]):
     return q, s
 
 
-def _im2col_int8(codes: Tensor, kh: int, kw: int, stride, padding, dilation) -> Tensor:
-    """``[B * Ho * Wo, C * kh * kw]`` int8 patches (``F.unfold``'s order, transposed). Kernels one row high
-    (conv1d, 1 x k): one strided int8 copy (whole conv1d calls measured 1.3-1.7x faster than through
-    ``F.unfold``). Taller kernels: ``F.unfold`` on the fp32 codes, then an int8 transpose (the strided copy's
-    short inner runs were slower there)."""
+def _im2col_int8(lib, codes: Tensor, kh: int, kw: int, stride, padding, dilation, ho: int, wo: int) -> Tensor:
+    """``[B * Ho * Wo, C * kh * kw]`` int8 patches (``F.unfold``'s order, transposed), gathered in C from the int8
+    codes (``bitlab_im2col_s8``): 4x fewer bytes than ``F.unfold`` on fp32 and no transpose afterwards."""
+    codes = codes.to(torch.int8).contiguous()
+    b, c, h, w = codes.shape
+    out = torch.empty(b * ho * wo, c * kh * kw, dtype=torch.int8)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    if kh > 1:
-        cols = F.unfold(codes, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
-        # the int8 [B, L, K] copy first, then a free reshape (a 2-D transposed copy measured 2x slower)
-        return cols.transpose(1, 2).to(torch.int8).contiguous().reshape(-1, cols.shape[1])
-    codes = codes.to(torch.int8)
-    xp = F.pad(codes, (pw, pw, ph, ph)) if ph or pw else codes.contiguous()
-    b, c, hp, wp = xp.shape
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    sb, sc, s_h, s_w = xp.stride()
-    patches = xp.as_strided((b, ho, wo, c, kh, kw), (sb, s_h * sh, s_w * sw, sc, s_h * dh, s_w * dw))
-    return patches.reshape(b * ho * wo, c * kh * kw).contiguous()  # reshape may return a strided view (1x1 kernels)
+    lib.bitlab_im2col_s8(codes.data_ptr(), b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out.data_ptr(),
+                         torch.get_num_threads())
+    return out
 
 
 def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
@@ -229,8 +223,9 @@ def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor
     cout, cin, kh, kw = weight_shape
     codes, s = _conv_codes(x, act, act_scale)
     batch = x.shape[0]
-    cols = _im2col_int8(codes, kh, kw, stride, padding, dilation)
-    length = cols.shape[0] // batch if batch else 0
+    ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
+    cols = _im2col_int8(lib, codes, kh, kw, stride, padding, dilation, ho, wo)
+    length = ho * wo
     k = cols.shape[1]
     s_rows = s.reshape(-1).expand(batch).repeat_interleave(length).contiguous()
     ws, kind, groups = _scales(weight_scale, cout)
@@ -243,7 +238,6 @@ def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor
                                  kind, groups, _ptr(b), out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise MemoryError("bitlab CPU kernel: out of memory in conv2d")
-    ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
     y = out.reshape(batch, length, cout).transpose(1, 2).reshape(batch, cout, ho, wo)
     return y.to(x.dtype).contiguous()
 
