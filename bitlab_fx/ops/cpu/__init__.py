@@ -189,9 +189,9 @@ def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=N
 
 
 def _conv_codes(x: Tensor, act: str, act_scale: Optional[Tensor]):
-    """The int8 codes (as fp32 integers) of a conv input ``[B, C, H, W]`` and the multiplier ``s`` (``[B, 1, 1, 1]`` per token, else
-    ``[1, 1, 1, 1]``), equal to ``reference.quantize_int8(x, reference.act_multiplier(x, ...))`` with rounding and
-    clamping in place (fewer fp32 temporaries)."""
+    """The int8 codes (as fp32 integers) of a conv input ``[B, C, H, W]`` and the multiplier ``s``
+    (``[B, 1, 1, 1]`` per token, else ``[1, 1, 1, 1]``): ``reference.quantize_int8(x, reference.act_multiplier(x,
+    ...))``, with rounding and clamping in place (fewer fp32 temporaries)."""
     xf = _f32(x)
     if act_scale is not None or xf.numel() == 0:
         s = reference.act_multiplier(xf, act, act_scale, token_dims=3)

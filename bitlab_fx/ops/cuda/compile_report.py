@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     print(f"_linear_kernel for sm_{args.arch}, K={args.k}, N={args.n}, "
           f"{'int8' if args.int8 else 'ternary'} weights; triton {triton.__version__}")
     print(tabulate(rows, headers=["M", "config", "path", "regs", "spill B", "smem B", "global loads",
-                                  "tensor core / dp4a", "loop instrs", "loop instrs / weights per thread"], tablefmt="github"))
+                                  "tensor core / dp4a", "loop instrs", "loop instrs / weights per thread"],
+                   tablefmt="github"))
     return 0
 
 

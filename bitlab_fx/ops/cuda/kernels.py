@@ -391,9 +391,11 @@ def choose_config(m: int, n: int, k_pad: int, group_size: int = 0, sms: int = 13
     return fit_config(cfg, m, n, k_pad, group_size, target)
 
 
-def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 0, target_programs: int = 0) -> LinearConfig:
+def fit_config(cfg: LinearConfig, m: int, n: int, k_pad: int, group_size: int = 0,
+               target_programs: int = 0) -> LinearConfig:
     """Make ``cfg`` valid for the problem: ``NB`` halved until ``K_pad`` is a whole number of steps and, with
-    per-group scales, each step lies inside one group (at ``nb=1``, one group per 32-run); split K (powers of two, >= 4 steps each) until ``target_programs``; drop empty splits."""
+    per-group scales, each step lies inside one group (at ``nb=1``, one group per 32-run); split K (powers
+    of two, >= 4 steps each) until ``target_programs``; drop empty splits."""
     nb = cfg.nb
     while nb > 1 and ((group_size and group_size % (nb * BLOCK)) or k_pad % (nb * BLOCK)):
         nb //= 2  # each step inside one group, and K_pad a whole number of steps (no K masks)
@@ -422,7 +424,8 @@ def autotune_candidates(m: int, n: int, k_pad: int, group_size: int = 0, sms: in
                                     (base.block_n * 2, 4, 8, 2), (16, 2, 4, 0), (32, 4, 4, 0))]  # 0: no split-K
     else:
         raw = [(replace(base, block_n=128 if base.block_n == 64 else 64), 2), (replace(base, num_stages=4), 2),
-               (replace(base, num_warps=8 if base.num_warps == 4 else 4), 2), (replace(base, nb=2 if base.nb == 1 else 1), 2),
+               (replace(base, num_warps=8 if base.num_warps == 4 else 4), 2),
+               (replace(base, nb=2 if base.nb == 1 else 1), 2),
                (replace(base, split_k=1), 0), (replace(base, block_m=max(16, bm // 2)), 2),
                (replace(base, block_m=min(128, bm * 2), block_n=128, num_warps=8), 1)]
     out = [base]
