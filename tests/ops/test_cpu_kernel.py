@@ -153,6 +153,22 @@ def test_int8_static_scale_saturating_to_minus_128(isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("pos", [0, 7, 8, 63, 98])  # in an 8-byte word, at its edges, in the ragged tail
+def test_int8_conv_one_position_with_a_single_minus_128_code(isa, pos):
+    """Pre-quantized inputs (the conv path) are scanned for -128 codes 8 bytes at a time: one -128 anywhere in a
+    row must be found, or the AVX2 int8 decode loop (which needs no -128) would give a wrong sum."""
+    torch.manual_seed(3)
+    x = torch.randn(1, 99, 1, 1) * 0.1  # one output position: M = 1, K = 99
+    x[0, pos] = -10.0  # the only value that a static multiplier of 13 clips to -128
+    s = torch.tensor([13.0])
+    assert int((reference.quantize_int8(x, s) == -128).sum()) == 1
+    w8 = torch.randint(-128, 128, (5, 99, 1, 1), dtype=torch.int8)
+    ws = torch.rand(1)
+    conv = ([1, 1], [0, 0], [1, 1], 1, "per_tensor", s)
+    _assert_same(torch.ops.bitlab.int8_conv2d(x, w8, ws, None, *conv), reference.int8_conv2d(x, w8, ws, None, *conv))
+
+
+@needs_kernel
 def test_empty_batch_and_act_none():
     p = pack_ternary(torch.randint(-1, 2, (5, 70)))
     ws = torch.rand(5)

@@ -1132,12 +1132,26 @@ static void split(int64_t total, int64_t unit, int tid, int nt, int64_t *b, int6
     *e = u1 * unit < total ? u1 * unit : total;
 }
 
+/* whether any of the n int8 values is -128, 8 bytes at a time (a byte of v ^ 0x80.. is zero exactly there) */
+static int has_m128(const int8_t *q, int64_t n) {
+    uint64_t found = 0;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        uint64_t v;
+        memcpy(&v, q + k, 8);
+        v ^= 0x8080808080808080ull;
+        found |= (v - 0x0101010101010101ull) & ~v & 0x8080808080808080ull;
+    }
+    for (; k < n; k++) found |= (q[k] == -128);
+    return found != 0;
+}
+
 static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
     for (int64_t m = m0; m < m1; m++) {
         int8_t *q = j->xq + m * j->Kp;
         if (j->xq_in) {
             memcpy(q, j->xq_in + m * j->K, (size_t)j->K);
-            for (int64_t k = 0; k < j->K; k++) *m128 |= (q[k] == -128);
+            *m128 |= has_m128(q, j->K);
         } else {
             *m128 |= row_quant(j, j->x + m * j->K, j->K, j->s[m], q);
         }
