@@ -156,10 +156,13 @@ class QuantizedConv2d(_QuantizedBase):
                 f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
 
 
+_CONV2D_OPS = {"ternary": torch.ops.bitlab.ternary_conv2d, "int4": torch.ops.bitlab.int4_conv2d,
+               "int8": torch.ops.bitlab.int8_conv2d}
+
+
 def conv2d_op(weight_format: str):
     """The ``torch.ops.bitlab`` conv2d op of a weight format ("ternary" | "int4" | "int8")."""
-    return {"ternary": torch.ops.bitlab.ternary_conv2d, "int4": torch.ops.bitlab.int4_conv2d,
-            "int8": torch.ops.bitlab.int8_conv2d}[weight_format]
+    return _CONV2D_OPS[weight_format]
 
 
 def conv1d_as_conv2d(weight_format: str, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:

@@ -84,7 +84,8 @@ class ActivationFakeQuant(_FakeQuant):
 
     Dynamic specs compute the scale from each input. Static specs (``dynamic=False``) observe the
     running max of ``|x|`` (exponential moving average, ``momentum``) while training, or in any mode
-    inside ``bfx.calibrate(model)``, and use the stored value otherwise; ``observe = False`` freezes it. Under ``torch.distributed`` each
+    inside ``bfx.calibrate(model)``, and use the stored value otherwise; ``observe = False`` freezes it.
+    Under ``torch.distributed`` each
     observation is the max over all ranks (one tiny all-reduce per observer and training step), so
     DDP/FSDP training observes the global batch exactly like one process would; set
     ``sync_observer = False`` to keep per-rank ranges.

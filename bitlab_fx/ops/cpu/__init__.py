@@ -193,12 +193,7 @@ def _conv_codes(x: Tensor, act: str, act_scale: Optional[Tensor]):
     (``[B, 1, 1, 1]`` per token, else ``[1, 1, 1, 1]``): ``reference.quantize_int8(x, reference.act_multiplier(x,
     ...))``, with rounding and clamping in place (fewer fp32 temporaries)."""
     xf = _f32(x)
-    if act_scale is not None or xf.numel() == 0:
-        s = reference.act_multiplier(xf, act, act_scale, token_dims=3)
-    else:
-        dims = (1, 2, 3) if act == "per_token" else (0, 1, 2, 3)
-        amax = xf.abs().amax(dim=dims, keepdim=True)
-        s = 127.0 / amax.clamp(min=reference.EPS)
+    s = reference.act_multiplier(xf, act, act_scale, token_dims=3)
     q = torch.mul(xf, s)
     q.round_()
     q.clamp_(-128, 127)

@@ -118,7 +118,7 @@ def compile_linear(cfg: K.LinearConfig, m: int, n: int, k: int, packed: bool = T
     values = dict(M=m, N=n, K=k, K_pad=k_pad, G=k // 64 if ws_mode == K.WS_GROUP else 1,
                   GROUP_SIZE=64 if ws_mode == K.WS_GROUP else 1, stride_xm=k if act_float else k_pad,
                   stride_wn=k_pad // 4 if packed else k, ITERS_PER_SPLIT=-(-iters // cfg.split_k))
-    words = not cfg.use_dot and not act_float and (packed or k % 4 == 0)
+    words = K.uses_words(cfg, packed, act_float, k)
     constexprs = dict(PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=True, WRITE_PARTIAL=partial,
                       USE_DOT=cfg.use_dot, WORDS=words, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb,
                       INTERPRET=False, ASM=True)

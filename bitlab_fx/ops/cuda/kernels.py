@@ -635,6 +635,12 @@ def _pick_config(launch, x2: Tensor, m: int, n: int, k_pad: int, group_size: int
     return best
 
 
+def uses_words(cfg: LinearConfig, packed: bool, act_float: bool, k: int) -> bool:
+    """Whether ``cfg`` runs the dp4a word GEMV (given 4-byte-aligned weight rows): int8 activations, no
+    ``tl.dot``, and packed weights or int8 rows of whole words."""
+    return not cfg.use_dot and not act_float and (packed or k % 4 == 0)
+
+
 def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, m, n, k, k_pad, groups, group_size,
                    packed, act_float, ws_mode, stride_xm) -> None:
     """Launch ``_linear_kernel`` (and the split-K reduction) with tile config ``cfg``, writing ``out [M, N]``."""
@@ -650,7 +656,7 @@ def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, 
         dest = out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     interp = _interpreted(_linear_kernel)
-    words = (not cfg.use_dot and not act_float and (packed or k % 4 == 0) and weight.stride(0) % 4 == 0
+    words = (uses_words(cfg, packed, act_float, k) and weight.stride(0) % 4 == 0
              and weight.data_ptr() % 4 == 0)  # the dp4a GEMV reads 4-byte-aligned words
     _launch(_linear_kernel)[grid](
         xin, weight, ws, s, bias_arg, dest, m, n, k, k_pad, groups, max(group_size, 1), stride_xm, weight.stride(0),
