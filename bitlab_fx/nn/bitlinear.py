@@ -3,7 +3,8 @@
 Three states, as BitLab users know them:
 
 - **train** (``layer.train()``): float weights, fake quantization in the loop (ternary absmean weights,
-  int8 absmax inputs, straight-through gradients), the same fake-quant modules ``prepare_qat`` inserts.
+  int8 absmax inputs, straight-through gradients), the same fake-quant modules ``prepare_qat`` inserts,
+  and the same forward values: the integer product of the codes (``quant.exact_layers``).
   No ``qweight`` attribute exists.
 - **eval** (``layer.eval()``): ``qweight`` (int8 holding -1/0/1) and ``weight_scale`` are built from the
   float weight, and the forward runs the integer ``torch.ops.bitlab.int8_linear`` op. They are rebuilt if
@@ -35,6 +36,7 @@ from torch import nn
 
 from .. import ops  # noqa: F401  (defines torch.ops.bitlab)
 from ..errors import ConfigError
+from ..quant import exact_layers
 from ..quant import primitives as P
 from ..quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from ..quant.packing import padded_k
@@ -112,8 +114,11 @@ class BitLinear(nn.Linear):
             return self.deployed(x)
         if self.training or not self._fully_quantized():
             # eval with fake quant disabled (bfx.disable_fake_quant) or mid warm-up (bfx.QuantWarmup): as in training
-            xq = x if self.input_fq is None else self.input_fq(x)
-            return nn.functional.linear(xq, self.weight_fq(self.weight), self.bias)
+            w_fq = self.weight_fq(self.weight)
+            if self.input_fq is None:
+                return nn.functional.linear(x, w_fq, self.bias)
+            return exact_layers.linear(self.input_fq(x), w_fq, self.bias, codes_from=x, weight=self.weight,
+                                       input_quantizer=self.input_fq, weight_quantizer=self.weight_fq)
         if self._qweight_key != self._weight_key():  # weights changed since eval(): re-quantize
             self._quantize_weights()
         return torch.ops.bitlab.int8_linear(x, self.qweight, self.weight_scale, self.bias, self.act, None)

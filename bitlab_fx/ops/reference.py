@@ -1,7 +1,7 @@
 """Pure-PyTorch implementations of the bitlab ops: the oracle every kernel is tested against.
 
-Device-agnostic and deliberately simple. Integer dot products are computed in float64, where they
-are exact, then rescaled in fp32 in a fixed order::
+Device-agnostic and deliberately simple. Integer dot products are exact and rescaled in fp32 in a
+fixed order, by the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`::
 
     y[m, n] = float(acc[m, n]) * weight_scale[n] / s[m]        (+ bias[n])
     y[m, n] = sum_g(float(acc[m, n, g]) * weight_scale[n, g]) / s[m]   (per-group)
@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..quant import arithmetic as A
 from ..quant.packing import unpack_int4, unpack_ternary
 from ..quant.primitives import EPS
 
@@ -43,15 +44,20 @@ def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x2 * s), -128, 127)
 
 
-def _rescale_linear(acc: torch.Tensor, weight_scale: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor], dtype: torch.dtype, max_abs_w: int = 127) -> torch.Tensor:
+    """``y [M, N]`` from int8 codes ``xq [M, K]`` (multiplier ``s [M, 1]`` or ``[1, 1]``) and integer weights
+    ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`."""
     ws = weight_scale.float()
-    if ws.dim() == 2:  # acc [M, N, G]
-        return (acc.float() * ws).sum(-1) / s
-    return acc.float() * ws / s
+    if ws.dim() == 2:
+        acc = A.int_matmul_groups(xq, wq, ws.shape[1])
+    else:
+        acc = A.int_matmul(xq, wq, max_abs_w)
+    return A.add_bias(A.rescale_linear(acc, ws, s), bias, -1, dtype)
 
 
 def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-               act: str, act_scale: Optional[torch.Tensor]) -> torch.Tensor:
+               act: str, act_scale: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
     """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer."""
     k = x.shape[-1]
     n = wq.shape[0]
@@ -62,45 +68,42 @@ def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
             w = (wq.float().reshape(n, ws.shape[1], -1) * ws.unsqueeze(-1)).reshape(n, k)
         else:
             w = wq.float() * ws.reshape(-1, 1)
-        y = x2 @ w.t()
+        y = A.add_bias(x2 @ w.t(), bias, -1, x.dtype)
     else:
         s = act_multiplier(x2, act, act_scale)
-        xq = quantize_int8(x2, s).double()
-        if ws.dim() == 2:
-            g = ws.shape[1]
-            acc = torch.einsum("mgk,ngk->mng", xq.reshape(-1, g, k // g), wq.double().reshape(n, g, k // g))
-        else:
-            acc = xq @ wq.double().t()
-        y = _rescale_linear(acc, ws, s)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        y = linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale)
+    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale, 1)
 
 
 def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
     return int_linear(x, weight, weight_scale, bias, act, act_scale)
 
 
+def conv_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], stride, padding, dilation, groups: int, dtype: torch.dtype,
+                    max_abs_w: int = 127) -> torch.Tensor:
+    """A conv output from int8 codes ``xq`` (multiplier ``s`` per sample ``[B, 1...]`` or ``[1...]``) and integer
+    weights ``wq`` (one step per output channel): the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`."""
+    acc = A.int_conv(xq, wq, stride, padding, dilation, groups, max_abs_w)
+    return A.add_bias(A.rescale_conv(acc, weight_scale, s), bias, 1, dtype)
+
+
 def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                stride: List[int], padding: List[int], dilation: List[int], groups: int,
-               act: str, act_scale: Optional[torch.Tensor]) -> torch.Tensor:
+               act: str, act_scale: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
     """conv2d with integer weights ``wq [Cout, Cin/groups, kh, kw]``; ``act="per_token"`` means one scale per sample."""
     xf = x.float()
-    ws = weight_scale.float().reshape(1, -1, 1, 1)
     if act == "none":
-        y = F.conv2d(xf, wq.float() * ws.reshape(-1, 1, 1, 1), None, stride, padding, dilation, groups)
-    else:
-        s = act_multiplier(xf, act, act_scale, token_dims=3)
-        xq = quantize_int8(xf, s).double()
-        acc = F.conv2d(xq, wq.double(), None, stride, padding, dilation, groups)
-        y = acc.float() * ws / s
-    if bias is not None:
-        y = y + bias.float().reshape(1, -1, 1, 1)
-    return y.to(x.dtype)
+        ws = weight_scale.float().reshape(-1, 1, 1, 1)
+        y = F.conv2d(xf, wq.float() * ws, None, stride, padding, dilation, groups)
+        return A.add_bias(y, bias, 1, x.dtype)
+    s = act_multiplier(xf, act, act_scale, token_dims=3)
+    return conv_from_codes(quantize_int8(xf, s), s, wq, weight_scale, bias, stride, padding, dilation, groups,
+                           x.dtype, max_abs_w)
 
 
 def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[int]) -> torch.Tensor:
@@ -111,7 +114,7 @@ def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[i
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                    act="per_token", act_scale=None):
     wq = unpack_conv_weight(unpack_ternary, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale, 1)
 
 
 def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
@@ -120,13 +123,13 @@ def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups
 
 def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
     """``int_linear`` with weights of 2..4 bits packed two per byte (:func:`~bitlab_fx.quant.packing.pack_int4`)."""
-    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale)
+    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale, 8)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
                 act="per_token", act_scale=None):
     wq = unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale, 8)
 
 
 def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bits: int, signed: bool,

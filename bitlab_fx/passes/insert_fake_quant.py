@@ -4,7 +4,12 @@ For a quantized linear the graph reads::
 
     fc1_input_fq  = call_module[fc1_input_fq](x)
     fc1_weight_fq = call_module[fc1_weight_fq](get_attr[fc1.weight])
-    fc1           = call_function[F.linear](fc1_input_fq, fc1_weight_fq, get_attr[fc1.bias])
+    fc1           = call_function[exact_layers.linear](fc1_input_fq, fc1_weight_fq, get_attr[fc1.bias],
+                                                       codes_from=x, weight=..., input_quantizer=..., ...)
+
+The layer call is ``F.linear``/``F.conv2d`` of the fake-quantized values, or, when its input codes are int8
+codes its converted op computes too (``layer_input``), the same call in ``quant.exact_layers`` whose forward
+value is the converted op's (the gradients are the float call's).
 
 A weight used by several calls gets one weight fake-quant, shared. With ``bias=IntBias(...)`` the bias is
 read through ``call_module[fc1_bias_fq](get_attr[fc1.bias], get_attr[fc1.weight])``. A layer input that
@@ -20,8 +25,10 @@ from torch import fx, nn
 from ..config import PerGroup, QuantConfig
 from ..errors import ConfigError
 from ..mapping import QConfigMapping, Rule
+from ..quant.exact_layers import EXACT_LAYERS
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from ._common import LayerMeta, layer_nodes, layer_weight, unique_name
+from .layer_input import layer_input_codes
 from .output_quant import insert_after, insert_output_quant, upstream_quantizer
 
 
@@ -95,11 +102,28 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
         wfq = gm.get_submodule(new_args[1].target) if config.weight is not None else None
         new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq)
     node.args = tuple(new_args)
+    if config.weight is not None:
+        _compute_from_codes(gm, node, meta)
     if not w_node.users:  # a second get_attr of a shared weight, now read through the shared fake quant
         gm.graph.erase_node(w_node)
     if config.output is not None:
         out_fq = ActivationFakeQuant(config.output, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
         insert_after(gm, node, out_fq, f"{meta.fqn}_output_fq")
+
+
+def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> None:
+    """Make the layer call compute its value from the integer codes, as its converted op will
+    (``quant.exact_layers``), when its input codes are int8 codes the op can compute (``layer_input``)."""
+    codes = layer_input_codes(gm, node.args[0], meta.token_dims)
+    if codes is None:
+        return
+    w_fq = node.args[1]
+    with gm.graph.inserting_before(node):
+        input_quantizer = gm.graph.get_attr(codes.quantizer_node.target)
+        weight_quantizer = gm.graph.get_attr(w_fq.target)
+    node.target = EXACT_LAYERS[meta.op]
+    node.kwargs = {**node.kwargs, "codes_from": codes.source, "weight": w_fq.args[0],
+                   "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid}
 
 
 def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:

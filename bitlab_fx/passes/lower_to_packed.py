@@ -6,8 +6,10 @@
                                                get_attr[fc1.bias], "per_token", None)
 
 The module at ``fc1`` becomes a :class:`~bitlab_fx.nn.QuantizedLinear` holding only packed buffers.
-int8 signed input quantizers are fused into the op; other activation quantizers (lower bits,
-unsigned, outputs) become ``bitlab.quantize_dequantize`` calls (``lower_activations``). Weights of
+The op quantizes its input itself where ``layer_input`` finds int8 codes for it (the layer's int8 signed
+input quantizer, fused; or a static quantizer's grid values, re-quantized exactly with its multiplier);
+activation quantizers not fused (lower bits, unsigned, outputs) become ``bitlab.quantize_dequantize``
+calls (``lower_activations``). Weights of
 2..4 bits are packed two per byte (``bitlab.int4_linear``/``int4_conv2d``), 5..8 bits stored as int8;
 an IntBias is stored as its quantized value.
 
@@ -26,7 +28,8 @@ from torch import fx
 
 from ..errors import ConvertError
 from ..nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, _QuantizedBase, conv1d_as_conv2d
-from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
+from ..quant.fake_quant import BiasFakeQuant, WeightFakeQuant
+from .layer_input import layer_input_codes
 from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
 
@@ -44,13 +47,15 @@ def _module_at(gm: fx.GraphModule, node) -> Optional[torch.nn.Module]:
     return gm.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
 
 
-def _fused_activation(afq: Optional[ActivationFakeQuant]) -> Tuple[str, Optional[torch.Tensor]]:
-    """(act mode, static multiplier) when the op can quantize the input itself, else ("none", None)."""
-    if afq is None or not (afq.spec.bits == 8 and afq.spec.signed):
-        return "none", None
-    if afq.spec.dynamic:
-        return afq.spec.granularity, None
-    return "per_tensor", _static_multiplier(afq, "convert")
+def _fused_activation(gm: fx.GraphModule, x_node, meta: LayerMeta):
+    """``(act mode, static multiplier, op input)``: the op quantizes its input itself when ``layer_input``
+    finds int8 codes for it, else it takes float activations (``"none"``)."""
+    codes = layer_input_codes(gm, x_node, meta.token_dims)
+    if codes is None or (codes.on_grid and not codes.quantizer.enabled):
+        return "none", None, x_node
+    if codes.quantizer.spec.dynamic:
+        return codes.quantizer.spec.granularity, None, codes.source
+    return "per_tensor", _static_multiplier(codes.quantizer, "convert"), codes.source
 
 
 def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
@@ -183,8 +188,7 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         if not isinstance(wfq, WeightFakeQuant):
             continue  # float layer, or weight left float
         x_node, w_node = node.args[0], node.args[1]
-        afq = _module_at(gm, x_node)
-        act, act_scale = _fused_activation(afq if isinstance(afq, ActivationFakeQuant) else None)
+        act, act_scale, x_in = _fused_activation(gm, x_node, meta)
         if meta.weight not in containers:
             container = _build_container(gm, node, meta, wfq, act)
             containers[meta.weight] = _container_path(gm, meta)
@@ -204,7 +208,6 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 scale_name = unique_name(container, "act_scale_static")
                 container.register_buffer(scale_name, act_scale)
                 scale_node = get(scale_name)
-            x_in = x_node.args[0] if act != "none" else x_node
             fmt = container.weight_format
             args = (x_in, get("qweight" if fmt == "int8" else "packed_weight"), get("weight_scale"),
                     _bias_arg(gm, node, meta, container_bias[meta.weight], get))
@@ -223,8 +226,9 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         old_bias, w_src = node.args[2], w_node.args[0]
         bias_fq_args = old_bias.args if _module_at(gm, old_bias) is not None else ()  # IntBias fq(bias, weight)
+        quantizer_reads = [node.kwargs[k] for k in ("input_quantizer", "weight_quantizer") if k in node.kwargs]
         gm.graph.erase_node(node)
-        _erase_if_unused(gm, w_node, x_node if act != "none" else None, old_bias)
+        _erase_if_unused(gm, w_node, x_node if x_in is not x_node else None, old_bias, *quantizer_reads)
         _erase_if_unused(gm, *(a for a in bias_fq_args if a is not w_src))  # w_src goes below
         w_get = w_src.args[0] if meta.transposed else None  # torch.t(get_attr[weight]): the get_attr goes too
         _erase_if_unused(gm, w_src, w_get)

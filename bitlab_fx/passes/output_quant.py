@@ -110,11 +110,17 @@ def insert_output_quant(gm: fx.GraphModule, mapping: QConfigMapping, used: Set[R
 def upstream_quantizer(gm: fx.GraphModule, x) -> Optional[ActivationFakeQuant]:
     """The activation quantizer whose output reaches ``x`` through grid-preserving ops only (max-pool,
     flatten, reshape, dropout, ReLU), or None: then ``x`` is already quantized on that quantizer's grid."""
+    node = upstream_quantizer_node(gm, x)
+    return None if node is None else gm.get_submodule(node.target)
+
+
+def upstream_quantizer_node(gm: fx.GraphModule, x) -> Optional[fx.Node]:
+    """The ``call_module`` node of :func:`upstream_quantizer` (``x`` itself when it is one), or None."""
     while isinstance(x, fx.Node) and x.args:
         if x.op == "call_module":
             module = gm.get_submodule(x.target)
             if isinstance(module, ActivationFakeQuant):
-                return module
+                return x
             if not isinstance(module, _GRID_PRESERVING_MODULES):
                 return None
         elif x.op in ("call_function", "call_method"):

@@ -68,6 +68,10 @@ class WeightFakeQuant(_FakeQuant):
             return P.learned_step(self.scale.detach().float())
         return P.weight_scale(w, self.spec)
 
+    def codes(self, w: torch.Tensor):
+        """``(wq, step)``: the integer weight (int8, ``w``'s shape) and its step, exactly what ``convert`` packs."""
+        return P.quantize_weight(w, self.spec, self.scale if self.spec.learned else None)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self._active():
             return w
@@ -124,6 +128,14 @@ class ActivationFakeQuant(_FakeQuant):
         if self.spec.learned:
             return 1.0 / P.learned_step(self.scale.detach().float())
         return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
+
+    def code_multiplier(self, xf: torch.Tensor, token_dims: int) -> torch.Tensor:
+        """The multiplier a converted op uses for the fp32 input ``xf`` of a layer with ``token_dims``
+        trailing dims per token: computed from ``xf`` when dynamic, the stored one (never observing) when
+        static. Broadcasts against ``xf``."""
+        if self.spec.dynamic:
+            return P.activation_multiplier(xf, self.spec, token_dims)
+        return self.multiplier(xf.new_empty(0))
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import bitlab_fx as bfx
+from bitlab_fx.quant import exact_layers
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from conftest import SmallNet, mlp
 
@@ -23,11 +24,14 @@ def test_prepare_returns_graph_module_with_explicit_fake_quant_nodes(small_net):
         assert fq[f"{layer}_weight_fq"] is WeightFakeQuant
         assert fq[f"{layer}_input_fq"] is ActivationFakeQuant
     assert not any(k.startswith("head") for k in fq)
-    # layers are functional calls reading get_attr parameters, fed by the fake quant nodes
-    lin = [n for n in pm.graph.nodes if n.target is F.linear]
+    # layers are functional calls reading get_attr parameters, fed by the fake quant nodes; a layer with int8
+    # input codes is the F.linear call of exact_layers, whose value is computed from the codes like the converted op
+    lin = [n for n in pm.graph.nodes if n.target is exact_layers.linear]
     fc1 = next(n for n in lin if n.meta["bitlab"].fqn == "fc1")
     assert fc1.args[0].target == "fc1_input_fq" and fc1.args[1].target == "fc1_weight_fq"
     assert fc1.args[1].args[0].op == "get_attr" and fc1.args[1].args[0].target == "fc1.weight"
+    assert fc1.kwargs["codes_from"] is fc1.args[0].args[0] and fc1.kwargs["weight"] is fc1.args[1].args[0]
+    assert fc1.kwargs["input_quantizer"].target == "fc1_input_fq" and not fc1.kwargs["on_grid"]
     assert "fc1_input_fq" in pm.code
 
 

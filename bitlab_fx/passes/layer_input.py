@@ -1,0 +1,55 @@
+"""Where a quantized layer's int8 input codes come from: one decision for prepare and convert.
+
+``prepare_qat`` computes such a layer from its codes (``quant.exact_layers``) and ``convert`` fuses the
+same quantization into the layer's op, so both must agree on it:
+
+- the layer's own (or directly feeding) int8 signed quantizer: the op quantizes the raw input itself
+  (dynamic per token/tensor, or with the static multiplier);
+- a static quantizer whose codes fit int8 (signed up to 8 bits, unsigned up to 7) that reaches the layer
+  through grid-preserving ops (its own lower-bit input quantizer, or a quantized ReLU through max-pool and
+  flatten): the layer input holds grid values ``q / mult``, and ``round(v * mult)`` gives back ``q``
+  exactly, so the op takes those values with that static multiplier (``on_grid``);
+- anything else (float input, dynamic lower-bit input, 8-bit unsigned): no codes; the op runs on float
+  activations (``act="none"``) and agrees with the prepared model to float rounding only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import fx
+
+from ..config import IntActivation
+from ..quant.fake_quant import ActivationFakeQuant
+from .output_quant import upstream_quantizer_node
+
+
+@dataclass(frozen=True)
+class InputCodes:
+    quantizer: ActivationFakeQuant
+    quantizer_node: fx.Node  # the call_module node of ``quantizer``
+    source: fx.Node  # the values the codes are computed from
+    on_grid: bool  # ``source`` holds the quantizer's grid values (codes recovered by ``round(v * mult)``)
+
+
+def codes_fit_int8(spec: IntActivation) -> bool:
+    return spec.bits <= 8 if spec.signed else spec.bits <= 7
+
+
+def layer_input_codes(gm: fx.GraphModule, x, token_dims: int) -> Optional[InputCodes]:
+    """The int8 code source of a layer whose input argument is ``x`` (a layer of ``token_dims`` trailing
+    dims per token), or None when its converted op must take float activations."""
+    if isinstance(x, fx.Node) and x.op == "call_module":
+        fq = gm.get_submodule(x.target)
+        if isinstance(fq, ActivationFakeQuant) and fq.spec.bits == 8 and fq.spec.signed:
+            per_token = fq.spec.dynamic and fq.spec.granularity == "per_token"
+            if per_token and fq.token_dims != token_dims:
+                return None  # per-token over other dims than the op's tokens: not the op's multiplier
+            return InputCodes(fq, x, x.args[0], on_grid=False)
+    node = upstream_quantizer_node(gm, x)
+    if node is None:
+        return None
+    fq = gm.get_submodule(node.target)
+    if fq.spec.dynamic or not codes_fit_int8(fq.spec):
+        return None
+    return InputCodes(fq, node, x, on_grid=True)

@@ -1,0 +1,90 @@
+"""The one arithmetic of a quantized layer: integer codes in, float output out.
+
+Every path that computes a quantized linear/conv layer from its integer codes (the reference ops, the
+prepared model's exact layers in ``exact_layers.py``, and through their bitwise tests the CPU and
+Triton kernels) goes through these functions, so a converted model reproduces its prepared model::
+
+    acc[m, n]  = sum_k xq[m, k] * wq[n, k]                      exact (an integer)
+    y[m, n]    = fp32(acc) * w_step[n] / x_mult[m]               fp32, left to right
+    y[m, n]    = sum_g(fp32(acc[m, n, g]) * w_step[n, g]) / x_mult[m]     (per-group weights)
+    y          = y + bias, then cast to the input dtype
+
+``xq = clamp(round(x * x_mult), -128, 127)`` (round half to even) with ``x_mult`` the activation
+*multiplier* (``127 / max|x|``, or a static one); ``w_step`` is the weight *step* (``W ≈ wq * w_step``).
+
+The integer products are exact: they run in fp32 where every partial sum is an integer below 2**24
+(whatever the summation order, the ISA or the BLAS), and in float64 chunks otherwise.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+FP32_EXACT = 2 ** 24  # every integer of magnitude up to this is exact in fp32
+X_CODE_MAX = 128  # |xq| <= 128 for int8 activations
+
+
+def exact_chunk(max_abs_w: int, max_abs_x: int = X_CODE_MAX) -> int:
+    """The longest dot product of codes whose partial sums all stay exact in fp32."""
+    return max(1, (FP32_EXACT - 1) // (max_abs_x * max_abs_w))
+
+
+def int_matmul(xq: torch.Tensor, wq: torch.Tensor, max_abs_w: int) -> torch.Tensor:
+    """``xq [M, K] @ wq [N, K].T`` for integer-valued tensors, exact: fp32 ``[M, N]`` when ``K`` is short
+    enough (:func:`exact_chunk`), else the fp32 products of exact chunks summed in float64."""
+    xf, wf = xq.float(), wq.float()
+    k = xf.shape[-1]
+    chunk = exact_chunk(max_abs_w)
+    if k <= chunk:
+        return xf @ wf.t()
+    acc = torch.zeros(xf.shape[0], wf.shape[0], dtype=torch.float64, device=xf.device)
+    for start in range(0, k, chunk):
+        acc += (xf[:, start:start + chunk] @ wf[:, start:start + chunk].t()).double()
+    return acc
+
+
+def int_matmul_groups(xq: torch.Tensor, wq: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group integer products ``acc [M, N, G]`` of ``xq [M, K]`` and ``wq [N, K]`` (groups of ``K/G``
+    columns; groups are short, so fp32 is exact)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    size = k // groups
+    if size > exact_chunk(127):
+        return torch.einsum("mgk,ngk->mng", xq.double().reshape(m, groups, size), wq.double().reshape(n, groups, size))
+    return torch.einsum("mgk,ngk->mng", xq.float().reshape(m, groups, size), wq.float().reshape(n, groups, size))
+
+
+def int_conv(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, groups: int, max_abs_w: int) -> torch.Tensor:
+    """conv1d/conv2d of integer-valued tensors, exact: fp32 on CPU when every output sums few enough
+    products (a direct convolution of integers), float64 otherwise."""
+    conv = F.conv1d if xq.dim() == 3 else F.conv2d
+    k = wq[0].numel()
+    if xq.device.type == "cpu" and k <= exact_chunk(max_abs_w):
+        return conv(xq.float(), wq.float(), None, stride, padding, dilation, groups)
+    return conv(xq.double(), wq.double(), None, stride, padding, dilation, groups)
+
+
+def rescale_linear(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor) -> torch.Tensor:
+    """``fp32(acc) * w_step / x_mult`` (``acc [M, N]``, ``w_step [N]`` or ``[1]``), or the per-group sum
+    ``sum_g(fp32(acc) * w_step) / x_mult`` (``acc [M, N, G]``, ``w_step [N, G]``); ``x_mult [M, 1]`` or ``[1, 1]``."""
+    ws = w_step.float()
+    if ws.dim() == 2:
+        return (acc.float() * ws).sum(-1) / x_mult
+    return acc.float() * ws / x_mult
+
+
+def rescale_conv(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor) -> torch.Tensor:
+    """``fp32(acc) * w_step[c] / x_mult[b]`` for a conv output ``[B, C, ...]`` (``x_mult`` shaped to broadcast)."""
+    shape = [1, -1] + [1] * (acc.dim() - 2)
+    return acc.float() * w_step.float().reshape(shape) / x_mult
+
+
+def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``y + bias`` in fp32 (bias along ``channel_dim``: -1 for linear, 1 for conv), cast to ``dtype``."""
+    if bias is not None:
+        shape: List[int] = [1] * y.dim()
+        shape[channel_dim] = -1
+        y = y + bias.float().reshape(shape)
+    return y.to(dtype)

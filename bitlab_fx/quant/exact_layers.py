@@ -1,0 +1,133 @@
+"""Prepared (QAT) layers computed exactly the way their converted op computes them.
+
+``prepare_qat`` writes a quantized layer whose input codes the converted op can compute as::
+
+    fc1_input_fq  = call_module[fc1_input_fq](x)
+    fc1_weight_fq = call_module[fc1_weight_fq](fc1_weight)
+    linear = call_function[exact_layers.linear](fc1_input_fq, fc1_weight_fq, fc1_bias,
+                 codes_from=x, weight=fc1_weight, input_quantizer=<fc1_input_fq>, weight_quantizer=<fc1_weight_fq>)
+
+The first three arguments are the ``F.linear`` call of plain fake quantization and carry the gradients
+(straight-through, LSQ) exactly as before. The forward *value* is computed from the integer codes with
+:mod:`~bitlab_fx.quant.arithmetic`, the arithmetic of the converted ops, so ``convert`` changes no code
+and no output bit, on any CPU (a float ``F.linear`` of fake-quantized values rounds differently with
+the BLAS and the ISA, and one flipped rounding tie in a hidden layer changes every layer after it).
+
+``codes_from`` is the tensor the input codes are computed from: the layer's raw input (its own
+quantizer, as the op quantizes it), or, with ``on_grid=True``, the layer input itself when it already
+holds an upstream quantizer's grid values (max-pool/flatten of a quantized ReLU): ``round(v * mult)``
+gives back the codes exactly. While a quantizer is disabled or blending in (``QuantWarmup``), and for
+on-grid inputs in training mode (dropout rescales them), the layer is the plain float call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import arithmetic as A
+from . import primitives as P
+
+
+def _use_codes(input_quantizer, weight_quantizer, on_grid: bool) -> bool:
+    """True when the forward value is the converted op's (every quantizer fully on)."""
+    for fq in (input_quantizer, weight_quantizer):
+        if not fq.enabled or fq.mix < 1.0:
+            return False
+    return not (on_grid and input_quantizer.training)
+
+
+def input_codes(x: torch.Tensor, quantizer, token_dims: int):
+    """The int8 codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op
+    computes them: ``clamp(round(x * mult), -128, 127)``. The multiplier broadcasts against ``x``."""
+    with torch.no_grad():
+        xf = x.detach().float()
+        mult = quantizer.code_multiplier(xf, token_dims)
+        return torch.clamp(torch.round(xf * mult), -128, 127), mult
+
+
+class _ExactForward(torch.autograd.Function):
+    """Returns ``y`` (computed from the codes); the gradients are those of the float layer call
+    ``op(x_fq, w_fq, bias)`` (``op``: "linear" or a conv with its geometry)."""
+
+    @staticmethod
+    def forward(ctx, x_fq, w_fq, bias, y, geometry):
+        ctx.save_for_backward(x_fq, w_fq)
+        ctx.geometry = geometry
+        ctx.bias_shape = None if bias is None else bias.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_fq, w_fq = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.geometry is None:  # linear
+            g2 = grad.reshape(-1, grad.shape[-1])
+            gx = (grad.to(w_fq.dtype) @ w_fq).to(x_fq.dtype) if need_x else None
+            gw = (g2.t().to(x_fq.dtype) @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_fq.dtype) if need_w else None
+            gb = g2.sum(0) if need_b else None
+            return gx, gw, gb, None, None
+        stride, padding, dilation, groups = ctx.geometry
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad.to(x_fq.dtype), x_fq, w_fq, list(ctx.bias_shape) if need_b else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, [need_x, need_w, need_b])
+        return gx, gw, gb, None, None
+
+
+def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] = None, *, codes_from: torch.Tensor,
+           weight: torch.Tensor, input_quantizer, weight_quantizer, on_grid: bool = False) -> torch.Tensor:
+    """``F.linear(x_fq, w_fq, bias)`` whose value is the converted op's (see the module docstring)."""
+    if not _use_codes(input_quantizer, weight_quantizer, on_grid):
+        return F.linear(x_fq, w_fq, bias)
+    k = x_fq.shape[-1]
+    xq, mult = input_codes(codes_from, input_quantizer, 1)
+    wq, w_step = weight_quantizer.codes(weight)
+    from ..ops import reference
+    y = reference.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
+                                    None if bias is None else bias.detach(), x_fq.dtype,
+                                    P.weight_qrange(weight_quantizer.spec))
+    y = y.reshape(*x_fq.shape[:-1], wq.shape[0])
+    return _ExactForward.apply(x_fq, w_fq, bias, y, None)
+
+
+def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer, weight_quantizer,
+          on_grid):
+    conv = F.conv1d if w_fq.dim() == 3 else F.conv2d
+    if isinstance(padding, str) or not _use_codes(input_quantizer, weight_quantizer, on_grid):
+        return conv(x_fq, w_fq, bias, stride, padding, dilation, groups)
+    unbatched = x_fq.dim() == w_fq.dim() - 1
+    src = codes_from.unsqueeze(0) if unbatched else codes_from
+    xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1)
+    wq, w_step = weight_quantizer.codes(weight)
+    from ..ops import reference
+    y = reference.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1),
+                                  None if bias is None else bias.detach(), stride, padding, dilation, groups,
+                                  x_fq.dtype, P.weight_qrange(weight_quantizer.spec))
+    y = y.squeeze(0) if unbatched else y
+    if unbatched:  # convolution_backward needs a batch dim: the float call's autograd, the codes' value
+        return P.straight_through(conv(x_fq, w_fq, bias, stride, padding, dilation, groups), y)
+    n = w_fq.dim() - 2
+    geometry = (_ints(stride, n), _ints(padding, n), _ints(dilation, n), groups)
+    return _ExactForward.apply(x_fq, w_fq, bias, y, geometry)
+
+
+def _ints(v, n: int) -> list:
+    return list(v) if isinstance(v, (tuple, list)) else [v] * n
+
+
+def conv1d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
+           weight_quantizer, on_grid: bool = False):
+    """``F.conv1d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
+    return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
+                 weight_quantizer, on_grid)
+
+
+def conv2d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
+           weight_quantizer, on_grid: bool = False):
+    """``F.conv2d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
+    return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
+                 weight_quantizer, on_grid)
+
+
+EXACT_LAYERS = {"linear": linear, "conv1d": conv1d, "conv2d": conv2d}
