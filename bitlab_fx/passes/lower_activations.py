@@ -20,9 +20,9 @@ from ..quant.fake_quant import ActivationFakeQuant
 from ._common import unique_name
 
 
-def _static_multiplier(fq: ActivationFakeQuant, where: str) -> torch.Tensor:
+def _static_multiplier(fq: ActivationFakeQuant, where: str, warn: bool = True) -> torch.Tensor:
     """The frozen multiplier of a static quantizer (a warning when it never saw data: its range is empty)."""
-    if float(fq.running_amax) == 0.0:
+    if warn and float(fq.running_amax) == 0.0:
         warnings.warn(f"bitlab_fx {where}: the static activation quantizer of {fq.layer!r} (rule {fq.rule}) never saw "
                       "data, so it has no range and will clamp everything to zero: before bfx.convert, train the "
                       "prepared model, or run a few calibration batches through it inside `with bfx.calibrate(model):`",

@@ -55,7 +55,8 @@ def _fused_activation(gm: fx.GraphModule, x_node, meta: LayerMeta):
         return "none", None, x_node
     if codes.quantizer.spec.dynamic:
         return codes.quantizer.spec.granularity, None, codes.source
-    return "per_tensor", _static_multiplier(codes.quantizer, "convert"), codes.source
+    # an on-grid quantizer stays in the graph and is lowered (and warned about) by lower_activations
+    return "per_tensor", _static_multiplier(codes.quantizer, "convert", warn=not codes.on_grid), codes.source
 
 
 def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:

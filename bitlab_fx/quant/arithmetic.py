@@ -6,7 +6,7 @@ Triton kernels) goes through these functions, so a converted model reproduces it
 
     acc[m, n]  = sum_k xq[m, k] * wq[n, k]                      exact (an integer)
     y[m, n]    = fp32(acc) * w_step[n] / x_mult[m]               fp32, left to right
-    y[m, n]    = sum_g(fp32(acc[m, n, g]) * w_step[n, g]) / x_mult[m]     (per-group weights)
+    y[m, n]    = sum_g(fp32(acc[m, n, g]) * w_step[n, g]) / x_mult[m]     (per-group, g left to right)
     y          = y + bias, then cast to the input dtype
 
 ``xq = clamp(round(x * x_mult), -128, 127)`` (round half to even) with ``x_mult`` the activation
@@ -70,8 +70,12 @@ def rescale_linear(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor
     """``fp32(acc) * w_step / x_mult`` (``acc [M, N]``, ``w_step [N]`` or ``[1]``), or the per-group sum
     ``sum_g(fp32(acc) * w_step) / x_mult`` (``acc [M, N, G]``, ``w_step [N, G]``); ``x_mult [M, 1]`` or ``[1, 1]``."""
     ws = w_step.float()
-    if ws.dim() == 2:
-        return (acc.float() * ws).sum(-1) / x_mult
+    if ws.dim() == 2:  # summed left to right, as the kernels do (torch's sum(-1) would pick its own order)
+        products = acc.float() * ws
+        y = products[..., 0]
+        for g in range(1, products.shape[-1]):
+            y = y + products[..., g]
+        return y / x_mult
     return acc.float() * ws / x_mult
 
 
