@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ..quant import arithmetic as A
 from ..quant.packing import unpack_int4, unpack_ternary
-from ..quant.primitives import EPS
 
 ACT_MODES = ("per_token", "per_tensor", "none")
 
@@ -31,17 +30,17 @@ def act_multiplier(x2: torch.Tensor, act: str, act_scale: Optional[torch.Tensor]
     if act_scale is not None:
         return act_scale.float().reshape(bshape)
     if x2.numel() == 0:
-        return x2.new_full(bshape, 127.0 / EPS)
+        return x2.new_full(bshape, 127.0 / A.EPS)
     if act == "per_token":
         dims = tuple(range(x2.dim() - token_dims, x2.dim()))
         amax = x2.abs().amax(dim=dims, keepdim=True)
     else:
         amax = x2.abs().amax().reshape(bshape)
-    return 127.0 / amax.clamp(min=EPS)
+    return A.multiplier(amax, 127)
 
 
 def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x2 * s), -128, 127)
+    return A.int8_codes(x2, s)
 
 
 def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,

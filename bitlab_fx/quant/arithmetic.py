@@ -24,6 +24,33 @@ import torch.nn.functional as F
 
 FP32_EXACT = 2 ** 24  # every integer of magnitude up to this is exact in fp32
 X_CODE_MAX = 128  # |xq| <= 128 for int8 activations
+EPS = 1e-5  # guards every max/mean that could be zero (all-zero rows give scale EPS, never NaN)
+
+
+# -- codes: the one definition of each quantity ------------------------------------------------------
+
+def multiplier(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The activation multiplier ``qmax / max(amax, EPS)`` in fp32. Written as torch evaluates it
+    (``qmax / t`` is ``t.reciprocal() * qmax``), which the C and Triton kernels reproduce."""
+    return qmax / amax.float().clamp(min=EPS)
+
+
+def codes(x: torch.Tensor, mult: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Activation codes ``clamp(round(x * mult), qmin, qmax)`` (fp32 whole numbers; round half to even)."""
+    return torch.clamp(torch.round(x * mult), qmin, qmax)
+
+
+def int8_codes(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """The int8 codes every bitlab op computes from its input: :func:`codes` on ``[-128, 127]``."""
+    return codes(x, mult, -128, 127)
+
+
+def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Weight codes ``clamp(round(w / step), -qmax, qmax)`` (a division by the step, not a multiplication)."""
+    return torch.clamp(torch.round(w / step), -qmax, qmax)
+
+
+# -- integer products and the rescale ----------------------------------------------------------------
 
 
 def exact_chunk(max_abs_w: int, max_abs_x: int = X_CODE_MAX) -> int:

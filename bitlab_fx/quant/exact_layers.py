@@ -44,7 +44,7 @@ def input_codes(x: torch.Tensor, quantizer, token_dims: int):
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)
-        return torch.clamp(torch.round(xf * mult), -128, 127), mult
+        return A.int8_codes(xf, mult), mult
 
 
 class _ExactForward(torch.autograd.Function):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import IntActivation, IntBias, IntWeight, TernaryWeight
+from . import arithmetic as A
 from . import primitives as P
 
 
@@ -127,7 +128,7 @@ class ActivationFakeQuant(_FakeQuant):
             self._observe(x)
         if self.spec.learned:
             return 1.0 / P.learned_step(self.scale.detach().float())
-        return self.spec.qmax / self.running_amax.float().clamp(min=P.EPS)
+        return A.multiplier(self.running_amax, self.spec.qmax)
 
     def code_multiplier(self, xf: torch.Tensor, token_dims: int) -> torch.Tensor:
         """The multiplier a converted op uses for the fp32 input ``xf`` of a layer with ``token_dims``

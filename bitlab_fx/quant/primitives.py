@@ -6,6 +6,7 @@ Conventions (used by every kernel too, so converted models reproduce prepared on
 - activations: ``xq = clamp(round(x * s), qmin, qmax)``; ``s`` is the quantization *multiplier*
   (``127 / max|x|`` for int8), so ``x ≈ xq / s``.
 - all scale math runs in fp32 whatever the input dtype; ``torch.round`` rounds half to even.
+- the codes themselves (multiplier, rounding, clamping) are defined once, in :mod:`.arithmetic`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..config import IntActivation, IntWeight, PerGroup, TernaryWeight
+from . import arithmetic as A
 
-EPS = 1e-5  # guards every max/mean that could be zero (all-zero rows give scale EPS, never NaN)
+EPS = A.EPS
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -96,7 +98,7 @@ def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
     g = weight_scale(w, spec) if scale is None else learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity))
     q = weight_qrange(spec)
     groups = weight_groups(w.detach().float(), spec.granularity)
-    wq = torch.clamp(torch.round(groups / _expand_scale(g, spec.granularity)), -q, q)
+    wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), q)
     return wq.reshape(w.shape).to(torch.int8), g
 
 
@@ -168,7 +170,7 @@ def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int)
             amax = activation_amax(xf, spec, tuple(range(x.dim() - token_dims, x.dim())))
         else:
             amax = activation_amax(xf, spec) if xf.numel() else xf.new_ones(())
-        return spec.qmax / amax.clamp(min=EPS)
+        return A.multiplier(amax, spec.qmax)
 
 
 def fake_quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:
@@ -179,7 +181,7 @@ def fake_quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivati
 def quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:
     """The integer activation codes as an fp32 tensor of whole numbers (no gradient)."""
     with torch.no_grad():
-        return torch.clamp(torch.round(x.detach().float() * s), spec.qmin, spec.qmax)
+        return A.codes(x.detach().float(), s, spec.qmin, spec.qmax)
 
 
 def quantize_bias(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
