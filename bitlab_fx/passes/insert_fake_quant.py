@@ -118,9 +118,10 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
     if codes is None:
         return
     w_fq = node.args[1]
-    with gm.graph.inserting_before(node):
-        input_quantizer = gm.graph.get_attr(codes.quantizer_node.target)
-        weight_quantizer = gm.graph.get_attr(w_fq.target)
+    base = meta.fqn.replace(".", "_") or "layer"
+    with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
+        input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")
+        weight_quantizer = gm.graph.create_node("get_attr", w_fq.target, name=f"{base}_weight_quantizer")
     node.target = EXACT_LAYERS[meta.op]
     node.kwargs = {**node.kwargs, "codes_from": codes.source, "weight": w_fq.args[0],
                    "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid}
