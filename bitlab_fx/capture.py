@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .errors import CaptureError, ConfigError
+from .layer_kinds import LAYER_KINDS
 from .passes._common import is_hf_conv1d
 from .passes._modes import follow_mode
 
@@ -29,9 +30,9 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_hf_conv1d(m):  # HF GPT-2 Conv1D: one node, normalize reads its [in, out] weight transposed
             return True
-        # subclasses of nn.Linear/nn.Conv2d that keep their forward stay one node, like the originals
-        for cls in (nn.Linear, nn.Conv2d):
-            if isinstance(m, cls) and type(m).forward is cls.forward:
+        # subclasses of a quantizable layer type that keep its forward stay one node, like the originals
+        for kind in LAYER_KINDS.values():
+            if isinstance(m, kind.module) and type(m).forward is kind.module.forward:
                 return True
         return super().is_leaf_module(m, qualname)
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import BitlabError, ConfigError, ConvertError
 from .mapping import QConfigMapping
+from .nn.quantized import _QuantizedBase, upgrade_legacy_keys
 from .passes._common import bitlab_meta, stage_of
 from .quant.packing import FORMAT_VERSION
 
@@ -139,6 +140,9 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
     state: Dict[str, Any] = dict(_safetensors().torch.load_file(path))
     state.update({alias: state[key] for alias, key in header["aliases"].items()})
     state.update(header["extra_states"])
+    for name, module in converted.named_modules():  # files written before a key was renamed still load
+        if isinstance(module, _QuantizedBase):
+            upgrade_legacy_keys(state, f"{name}." if name else "")
     _check_shapes(converted, state, path)
     converted.load_state_dict(state, strict=True)
     return converted

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-import torch
 from tabulate import tabulate
 from torch import fx, nn
 
@@ -20,7 +19,7 @@ from .errors import ConfigError
 from .nn.quantized import _QuantizedBase
 from .passes._common import META, STAGE, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
 from .quant import primitives as P
-from .quant.packing import padded_k
+from .quant.formats import converted_weight_bytes
 
 COLUMNS = ["layer", "type", "weight", "w_granularity", "activation", "rule", "params", "bytes_fp32", "bytes_quant",
            "zeros"]
@@ -36,13 +35,6 @@ def _act_label(spec) -> str:
     if spec is None:
         return "float"
     return f"{spec.format} {spec.granularity}{'' if spec.dynamic else ' static'}{' learned' if spec.learned else ''}"
-
-
-def _projected_bytes(weight: torch.Tensor, spec) -> int:
-    """Bytes the converted weight and its scale will take."""
-    n, k = weight.shape[0], math.prod(weight.shape[1:])
-    data = n * padded_k(k) // 4 if spec.format == "ternary" else (n * ((k + 1) // 2) if spec.bits <= 4 else n * k)
-    return data + 4 * math.prod(P.scale_shape(weight.shape, spec.granularity))
 
 
 def _nbytes(t) -> int:
@@ -71,7 +63,7 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
         wq, _ = P.quantize_weight(weight, cfg.weight, wfq.step(weight) if getattr(wfq, "spec", None) is cfg.weight
                                   and cfg.weight.learned else None)
         row.update(weight=cfg.weight.format, w_granularity=str(cfg.weight.granularity),
-                   bytes_quant=_projected_bytes(weight, cfg.weight) + _nbytes(bias),
+                   bytes_quant=converted_weight_bytes(tuple(weight.shape), cfg.weight) + _nbytes(bias),
                    zeros=f"{(wq == 0).float().mean().item():.1%}")
     if cfg is not None:
         row["activation"] = meta.input_from or _act_label(cfg.input)

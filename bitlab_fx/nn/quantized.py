@@ -17,7 +17,8 @@ from torch import nn
 from .. import ops  # noqa: F401  (defines torch.ops.bitlab)
 from ..errors import ConvertError
 from ..quant import primitives as P
-from ..quant.packing import FORMAT_VERSION, pack_int4, pack_ternary, unpack_int4, unpack_ternary
+from ..quant.formats import WEIGHT_FORMATS, WeightFormat, format_of
+from ..quant.packing import FORMAT_VERSION
 
 
 def _check_finite(weight: torch.Tensor, name: str) -> None:
@@ -28,18 +29,41 @@ def _check_finite(weight: torch.Tensor, name: str) -> None:
                            "or exclude the layer with set_module_name(name, None)")
 
 
+# state_dict keys of files written before the static multiplier had its own name (same packed format)
+LEGACY_KEYS = {"act_scale_static": "act_multiplier"}
+
+
+def upgrade_legacy_keys(state: dict, prefix: str) -> None:
+    """Rename a converted layer's old state_dict keys (at ``prefix``) in place, so older files still load."""
+    for old, new in LEGACY_KEYS.items():
+        if prefix + old in state and prefix + new not in state:
+            state[prefix + new] = state.pop(prefix + old)
+
+
+_OWN = object()  # op_call default: this layer's own bias / activation mode / static multiplier
+
+
 class _QuantizedBase(nn.Module):
-    """Common state: the weight format, the activation mode and a format version in the state_dict."""
+    """Common state: the weight format, the activation mode and a format version in the state_dict.
+
+    ``op_call`` is the one place that says which ``torch.ops.bitlab`` op runs this layer with which
+    arguments: ``forward`` calls it on tensors, and ``convert`` emits it into the graph on ``get_attr``
+    nodes, so calling a converted layer directly is exactly the computation its graph node runs."""
 
     weight_format: str  # "ternary" | "int4" (2..4-bit weights, two per byte) | "int8" (5..8-bit weights)
 
-    def _init_common(self, spec, act: str, act_scale: Optional[torch.Tensor], name: str, rule: str):
+    def _init_common(self, spec, act: str, act_multiplier: Optional[torch.Tensor], name: str, rule: str):
         self.spec = spec
         self.act = act
         self.name = name
         self.rule = rule
-        self.weight_format = "ternary" if spec.format == "ternary" else ("int4" if spec.bits <= 4 else "int8")
-        self.register_buffer("act_scale", act_scale)
+        self.weight_format = format_of(spec).name
+        # the static activation multiplier (``xq = round(x * act_multiplier)``; act="per_tensor"), or None
+        self.register_buffer("act_multiplier", act_multiplier)
+
+    @property
+    def format(self) -> WeightFormat:
+        return format_of(self.spec)
 
     def _store_weight(self, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None):
         _check_finite(weight, self.name)
@@ -47,22 +71,36 @@ class _QuantizedBase(nn.Module):
         self.register_buffer("weight_scale", g)
         flat = wq.reshape(wq.shape[0], -1)
         self.zero_fraction = float((flat == 0).float().mean()) if flat.numel() else 0.0
-        if self.weight_format in ("ternary", "int4"):
-            self.register_buffer("packed_weight", pack_ternary(flat) if self.weight_format == "ternary" else pack_int4(flat))
-        else:
-            self.register_buffer("qweight", wq.contiguous())
+        self.register_buffer(self.format.buffer, self.format.store(flat if self.format.packed else wq))
 
     @property
     def stored_weight(self) -> torch.Tensor:
-        return self.qweight if self.weight_format == "int8" else self.packed_weight
+        return getattr(self, self.format.buffer)
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight as int8 with the original shape (unpacked: for inspection and tests)."""
-        if self.weight_format == "int8":
-            return self.qweight
         k = math.prod(self.weight_shape[1:])
-        unpack = unpack_ternary if self.weight_format == "ternary" else unpack_int4
-        return unpack(self.packed_weight, k).reshape(self.weight_shape)
+        return self.format.load(self.stored_weight, k).reshape(self.weight_shape)
+
+    def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN):
+        """``(op, args)`` of this layer on input ``x``. ``read(name)`` fetches a buffer (default: the tensor;
+        ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier`` override
+        this layer's own for another call of a shared weight."""
+        read = read or (lambda name: getattr(self, name))
+        bias = (read("bias") if self.bias is not None else None) if bias is _OWN else bias
+        act = self.act if act is _OWN else act
+        if act_multiplier is _OWN:
+            act_multiplier = read("act_multiplier") if self.act_multiplier is not None else None
+        head = (x, read(self.format.buffer), read("weight_scale"), bias)
+        return self._op_and_args(head, act, act_multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op, args = self.op_call(x)
+        return op(*args)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_legacy_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):
         return {"format_version": FORMAT_VERSION, "weight_format": self.weight_format,
@@ -84,7 +122,7 @@ class _QuantizedBase(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales:
         # they stay fp32 (so converted == prepared holds in any dtype); only their device follows.
-        scales = {k: v for k, v in self._buffers.items() if v is not None and (k == "weight_scale" or k.startswith("act_scale"))}
+        scales = {k: v for k, v in self._buffers.items() if v is not None and (k == "weight_scale" or k.startswith("act_multiplier"))}
         super()._apply(fn, recurse)
         for k, old in scales.items():
             new = self._buffers[k]
@@ -101,23 +139,18 @@ class QuantizedLinear(_QuantizedBase):
     """A converted linear layer: ``y = bitlab.ternary_linear(x, packed_weight, weight_scale, bias)``."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, act: str = "per_token",
-                 act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
                  weight_scale: Optional[torch.Tensor] = None):
         super().__init__()
-        self._init_common(spec, act, act_scale, name, rule)
+        self._init_common(spec, act, act_multiplier, name, rule)
         self.out_features, self.in_features = weight.shape
         self.weight_shape: Tuple[int, ...] = tuple(weight.shape)
         self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_format == "ternary":
-            return torch.ops.bitlab.ternary_linear(x, self.packed_weight, self.weight_scale, self.bias, self.act,
-                                                   self.act_scale, self.in_features)
-        if self.weight_format == "int4":
-            return torch.ops.bitlab.int4_linear(x, self.packed_weight, self.weight_scale, self.bias, self.act,
-                                                self.act_scale, self.in_features)
-        return torch.ops.bitlab.int8_linear(x, self.qweight, self.weight_scale, self.bias, self.act, self.act_scale)
+    def _op_and_args(self, head: tuple, act: str, act_multiplier):
+        tail = (self.in_features,) if self.format.packed else ()
+        return self.format.op("linear"), head + (act, act_multiplier) + tail
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -128,10 +161,10 @@ class QuantizedConv2d(_QuantizedBase):
     """A converted conv2d layer (``bitlab.ternary_conv2d`` / ``bitlab.int8_conv2d``)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
-                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 act: str = "per_token", act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
                  weight_scale: Optional[torch.Tensor] = None):
         super().__init__()
-        self._init_common(spec, act, act_scale, name, rule)
+        self._init_common(spec, act, act_multiplier, name, rule)
         self.weight_shape = tuple(weight.shape)
         self.out_channels = weight.shape[0]
         self.in_channels = weight.shape[1] * groups
@@ -139,16 +172,13 @@ class QuantizedConv2d(_QuantizedBase):
         self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def op_args(self) -> tuple:
-        """Arguments after (x, weight, weight_scale, bias) of this layer's op."""
-        geometry = (self.stride, self.padding, self.dilation, self.groups, self.act)
-        if self.weight_format != "int8":  # packed formats need the unpacked shape
-            return (list(self.weight_shape),) + geometry
-        return geometry
+    def _geometry(self) -> tuple:
+        """Arguments after (x, weight, weight_scale, bias) and before the activation mode."""
+        geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return ((list(self.weight_shape),) if self.format.packed else ()) + geometry  # packed: the unpacked shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_op(self.weight_format)(x, self.stored_weight, self.weight_scale, self.bias, *self.op_args(),
-                                             self.act_scale)
+    def _op_and_args(self, head: tuple, act: str, act_multiplier):
+        return self.format.op("conv2d"), head + self._geometry() + (act, act_multiplier)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_shape[2:])}, "
@@ -156,13 +186,9 @@ class QuantizedConv2d(_QuantizedBase):
                 f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
 
 
-_CONV2D_OPS = {"ternary": torch.ops.bitlab.ternary_conv2d, "int4": torch.ops.bitlab.int4_conv2d,
-               "int8": torch.ops.bitlab.int8_conv2d}
-
-
 def conv2d_op(weight_format: str):
     """The ``torch.ops.bitlab`` conv2d op of a weight format ("ternary" | "int4" | "int8")."""
-    return _CONV2D_OPS[weight_format]
+    return WEIGHT_FORMATS[weight_format].op("conv2d")
 
 
 def conv1d_as_conv2d(weight_format: str, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
@@ -179,19 +205,18 @@ class QuantizedConv1d(QuantizedConv2d):
     (:func:`conv1d_as_conv2d`), so it shares the conv2d kernels and packed format."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
-                 act: str = "per_token", act_scale: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
+                 act: str = "per_token", act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
                  weight_scale: Optional[torch.Tensor] = None):
         (s,), (p,), (d,) = tuple(stride), tuple(padding), tuple(dilation)
-        super().__init__(weight.unsqueeze(2), bias, spec, (1, s), (0, p), (1, d), groups, act, act_scale, name, rule,
+        super().__init__(weight.unsqueeze(2), bias, spec, (1, s), (0, p), (1, d), groups, act, act_multiplier, name, rule,
                          weight_scale)
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight as int8 ``[out, in/groups, k]``."""
         return super().int_weight().squeeze(2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv1d_as_conv2d(self.weight_format, x, self.stored_weight, self.weight_scale, self.bias,
-                                *self.op_args(), self.act_scale)
+    def _op_and_args(self, head: tuple, act: str, act_multiplier):
+        return conv1d_as_conv2d, (self.weight_format,) + head + self._geometry() + (act, act_multiplier)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.weight_shape[3]},), "

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional
 
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import QuantConfig
+from ..layer_kinds import LAYER_KINDS
 from ..mapping import Rule
 
 META = "bitlab"
@@ -36,7 +36,7 @@ class LayerMeta:
     @property
     def token_dims(self) -> int:
         """Trailing dims of one token: a row for linear layers, one sample ``[C, L]``/``[C, H, W]`` for convs."""
-        return 1 if self.op == "linear" else CONV_DIMS[self.op] + 1
+        return LAYER_KINDS[self.op].token_dims
 
 
 def layer_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
@@ -88,10 +88,11 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-FUNCTIONALS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
-MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
-CONV_DIMS = {"conv1d": 1, "conv2d": 2}  # spatial dims of each conv op
-CONV_FUNCTIONALS = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+# views of the one table of layer kinds (bitlab_fx/layer_kinds.py)
+FUNCTIONALS = {k.functional: k.name for k in LAYER_KINDS.values()}
+MODULES = {k.module: k.name for k in LAYER_KINDS.values()}
+CONV_DIMS = {k.name: k.spatial_dims for k in LAYER_KINDS.values() if k.spatial_dims}  # spatial dims of each conv op
+CONV_FUNCTIONALS = {k.name: k.functional for k in LAYER_KINDS.values() if k.spatial_dims}
 
 
 def ntuple(v, n: int) -> tuple:

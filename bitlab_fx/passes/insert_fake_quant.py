@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..config import PerGroup, QuantConfig
 from ..errors import ConfigError
 from ..mapping import QConfigMapping, Rule
-from ..quant.exact_layers import EXACT_LAYERS
+from ..layer_kinds import LAYER_KINDS
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from ._common import LayerMeta, layer_nodes, layer_weight, unique_name
 from .layer_input import layer_input_codes
@@ -122,7 +122,7 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
     with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
         input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")
         weight_quantizer = gm.graph.create_node("get_attr", w_fq.target, name=f"{base}_weight_quantizer")
-    node.target = EXACT_LAYERS[meta.op]
+    node.target = LAYER_KINDS[meta.op].exact
     node.kwargs = {**node.kwargs, "codes_from": codes.source, "weight": w_fq.args[0],
                    "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid}
 

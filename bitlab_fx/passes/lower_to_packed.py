@@ -21,27 +21,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch import fx
 
 from ..errors import ConvertError
-from ..nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, _QuantizedBase, conv1d_as_conv2d
+from ..layer_kinds import LAYER_KINDS
+from ..nn.quantized import _QuantizedBase
 from ..quant.fake_quant import BiasFakeQuant, WeightFakeQuant
 from .layer_input import layer_input_codes
 from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
-
-_OPS = {
-    ("linear", "ternary"): torch.ops.bitlab.ternary_linear.default,
-    ("linear", "int8"): torch.ops.bitlab.int8_linear.default,
-    ("conv2d", "ternary"): torch.ops.bitlab.ternary_conv2d.default,
-    ("conv2d", "int8"): torch.ops.bitlab.int8_conv2d.default,
-    ("linear", "int4"): torch.ops.bitlab.int4_linear.default,
-    ("conv2d", "int4"): torch.ops.bitlab.int4_conv2d.default,
-}
-
 
 def _module_at(gm: fx.GraphModule, node) -> Optional[torch.nn.Module]:
     return gm.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
@@ -78,17 +69,16 @@ def _layer_bias(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight: torc
         return bfq.eval()(bias, weight)
 
 
-def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: WeightFakeQuant, act: str):
+def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: WeightFakeQuant, act: str,
+                     act_multiplier: Optional[torch.Tensor]):
     weight = layer_weight(gm, meta)
     bias = _layer_bias(gm, node, meta, weight)
     spec = wfq.spec
     g = wfq.step(weight) if spec.learned else None  # a learned step is packed as trained
-    if meta.op == "linear":
-        return QuantizedLinear(weight, bias, spec, act, None, name=meta.fqn, rule=str(meta.rule), weight_scale=g)
-    stride, padding, dilation, groups = node.args[3:7]
-    cls = QuantizedConv1d if meta.op == "conv1d" else QuantizedConv2d
-    return cls(weight, bias, spec, stride, padding, dilation, groups, act, None,
-               name=meta.fqn, rule=str(meta.rule), weight_scale=g)
+    cls = LAYER_KINDS[meta.op].container
+    geometry = tuple(node.args[3:7]) if meta.op != "linear" else ()  # stride, padding, dilation, groups
+    return cls(weight, bias, spec, *geometry, act=act, act_multiplier=act_multiplier, name=meta.fqn,
+               rule=str(meta.rule), weight_scale=g)
 
 
 def _bias_arg(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, stored: Optional[str], get):
@@ -100,6 +90,19 @@ def _bias_arg(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, stored: Option
         return get("bias")
     old = node.args[2]
     return old.args[0] if _module_at(gm, old) is not None else old  # an IntBias fq(bias, weight): its float bias
+
+
+def _multiplier_arg(container, multiplier: Optional[torch.Tensor], get):
+    """The static multiplier of this call: the container's own (stored when it was built), or, for another call
+    of a shared weight behind another quantizer, a buffer of its own."""
+    if multiplier is None:
+        return None
+    own = container.act_multiplier
+    if own is not None and own.shape == multiplier.shape and torch.equal(own, multiplier):
+        return get("act_multiplier")
+    name = unique_name(container, "act_multiplier")
+    container.register_buffer(name, multiplier)
+    return get(name)
 
 
 def _erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
@@ -189,9 +192,9 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         if not isinstance(wfq, WeightFakeQuant):
             continue  # float layer, or weight left float
         x_node, w_node = node.args[0], node.args[1]
-        act, act_scale, x_in = _fused_activation(gm, x_node, meta)
+        act, multiplier, x_in = _fused_activation(gm, x_node, meta)
         if meta.weight not in containers:
-            container = _build_container(gm, node, meta, wfq, act)
+            container = _build_container(gm, node, meta, wfq, act, multiplier)
             containers[meta.weight] = _container_path(gm, meta)
             container_bias[meta.weight] = meta.bias
             if isinstance(meta.object_type, type):
@@ -204,23 +207,9 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 n = gm.graph.get_attr(f"{path}.{name}")
                 own.add(n)
                 return n
-            scale_node = None
-            if act_scale is not None:
-                scale_name = unique_name(container, "act_scale_static")
-                container.register_buffer(scale_name, act_scale)
-                scale_node = get(scale_name)
-            fmt = container.weight_format
-            args = (x_in, get("qweight" if fmt == "int8" else "packed_weight"), get("weight_scale"),
-                    _bias_arg(gm, node, meta, container_bias[meta.weight], get))
-            if meta.op != "linear":
-                args = args + tuple(container.op_args()[:-1])
-            args = args + (act, scale_node)
-            if meta.op == "linear" and fmt in ("ternary", "int4"):
-                args = args + (container.in_features,)
-            if meta.op == "conv1d":  # the conv2d op on a height-1 image
-                new = gm.graph.call_function(conv1d_as_conv2d, (fmt,) + args)
-            else:
-                new = gm.graph.call_function(_OPS[(meta.op, fmt)], args)
+            op, args = container.op_call(x_in, get, bias=_bias_arg(gm, node, meta, container_bias[meta.weight], get),
+                                         act=act, act_multiplier=_multiplier_arg(container, multiplier, get))
+            new = gm.graph.call_function(op, args)
         new.meta.update(node.meta)
         # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from
         new.meta[META] = dataclasses.replace(meta, container=path)

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..layer_kinds import BY_ATEN
 from ._common import CONV_DIMS, META, LayerMeta, is_hf_conv1d, ntuple
 from ._modes import AttentionDropout, ModeBatchNorm, replace_with_module
 from .normalize import _module_kind, resolve_padding
 
 aten = torch.ops.aten
-_LAYERS = {aten.linear.default: (F.linear, "linear"), aten.conv1d.default: (F.conv1d, "conv1d"),
-           aten.conv2d.default: (F.conv2d, "conv2d"), aten.conv1d.padding: (F.conv1d, "conv1d"),
-           aten.conv2d.padding: (F.conv2d, "conv2d")}  # .padding: string padding ("same"/"valid")
+# aten overload -> (functional, op), from the table of layer kinds (.padding overloads: "same"/"valid" padding)
+_LAYERS = {overload: (kind.functional, kind.name) for overload, kind in BY_ATEN.items()}
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = (1, 0, 1, 1)
 

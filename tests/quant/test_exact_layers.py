@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitlab_fx as bfx
+from bitlab_fx.layer_kinds import LAYER_KINDS
 from bitlab_fx.ops import cpu
 from bitlab_fx.quant import exact_layers
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
@@ -173,7 +174,7 @@ def test_exact_layer_gradients_equal_the_float_fake_quant_call(kind, learned):
     afq.train()(x)  # initialises a learned step
     params = [x, w, b] + list(afq.parameters()) + list(wfq.parameters())
     float_call = {"linear": F.linear, "conv2d": F.conv2d, "conv1d": F.conv1d}[kind]
-    exact_call = exact_layers.EXACT_LAYERS[kind]
+    exact_call = LAYER_KINDS[kind].exact
     afq.eval()
     want = _grads(lambda: float_call(afq(x), wfq(w), b), *params)
     got = _grads(lambda: exact_call(afq(x), wfq(w), b, codes_from=x, weight=w, input_quantizer=afq,
