@@ -17,15 +17,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from .capture import check_example_inputs, first_line, trace_export, trace_fx
+from .capture import check_example_inputs
 from .errors import CaptureError, ConfigError, ConvertError
-from .mapping import QConfigMapping, as_mapping
-from .partial import short_reason, convert_partial, plan_partial, prepare_partial, record_calls
-from .passes._common import ROOT_ATTR, STAGE, stage_of
-from .passes.insert_fake_quant import insert_fake_quant
-from .passes.lower_to_packed import lower_to_packed
-from .passes.normalize import normalize
-from .passes.normalize_export import normalize_export
+from .mapping import as_mapping
+from .partial import convert_partial
+from .passes._common import ROOT_ATTR, stage_of
+from .passes.pipeline import convert_graph
+from .pipeline import capture_export, capture_fx
 from .quant.fake_quant import FAKE_QUANT_TYPES, set_fake_quant_enabled, set_observer
 
 FRONTENDS = ("fx", "fx_whole", "export")
@@ -67,10 +65,10 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
     mapping = as_mapping(qconfig)
     was_training = model.training
     if frontend == "export":  # export shares tensors: copy first
-        gm = _capture_export(copy.deepcopy(model), mapping, example_inputs, dynamic_shapes, example_kwargs)
+        gm = capture_export(copy.deepcopy(model), mapping, example_inputs, dynamic_shapes, example_kwargs)
     else:
-        gm = _capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx",
-                         example_kwargs=example_kwargs)
+        gm = capture_fx(copy.deepcopy(model), mapping, example_inputs, partial=frontend == "fx",
+                        example_kwargs=example_kwargs)
     gm.train(was_training)
     if example_inputs is not None:
         _check_runs(gm, example_inputs, example_kwargs)
@@ -116,38 +114,6 @@ def _check_no_quantized_parts(model: nn.Module) -> None:
                           "is, and convert each prepared block separately (block = bfx.convert(block))")
 
 
-def _capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool,
-                example_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """Whole-model fx trace; when it fails and ``partial``, the model with its traceable parts prepared."""
-    try:
-        gm = trace_fx(model, example_inputs, none_defaults=True, example_kwargs=example_kwargs)
-    except CaptureError as e:
-        if not partial:
-            raise
-        was_training = model.training
-        calls = record_calls(model.eval(), example_inputs, example_kwargs)
-        plan = plan_partial(model, calls)
-        model.train(was_training)
-        if not plan.graphs and not plan.layers:
-            raise
-        return prepare_partial(model, mapping, plan, short_reason(first_line(e.__cause__ or e)))
-    gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": "fx"}
-    gm = normalize(gm)
-    gm = insert_fake_quant(gm, mapping)
-    gm.meta[STAGE]["stage"] = "prepared"
-    return gm
-
-
-def _capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, dynamic_shapes,
-                    example_kwargs: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
-    gm = trace_export(model, example_inputs, dynamic_shapes, example_kwargs)
-    gm.meta[STAGE] = {"stage": "capturing", "qconfig": mapping, "frontend": "export"}
-    gm = normalize_export(gm, model)
-    gm = insert_fake_quant(gm, mapping)
-    gm.meta[STAGE]["stage"] = "prepared"
-    return gm
-
-
 def _check_runs(gm: fx.GraphModule, example_inputs, example_kwargs: Optional[Dict[str, Any]] = None) -> None:
     if not isinstance(example_inputs, tuple):
         raise ConfigError(f"example_inputs must be a tuple of model inputs, e.g. (x,); got {type(example_inputs).__name__}")
@@ -187,9 +153,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
             gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
         return gm
-    gm = lower_to_packed(gm)
-    gm.meta[STAGE]["stage"] = "converted"
-    return gm
+    return convert_graph(gm)
 
 
 class _SavePretrainedUnsupported:

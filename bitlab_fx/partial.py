@@ -32,10 +32,17 @@ from torch.utils._pytree import tree_flatten
 from .capture import first_line, trace_fx
 from .errors import CaptureError
 from .mapping import QConfigMapping
-from .passes._common import CONV_DIMS, CONV_FUNCTIONALS, META, ROOT_ATTR, STAGE, LayerMeta, layer_nodes, set_submodule
-from .passes.insert_fake_quant import insert_fake_quant
-from .passes.lower_to_packed import lower_to_packed
+from .passes._common import (
+    CONV_DIMS,
+    CONV_FUNCTIONALS,
+    META,
+    ROOT_ATTR,
+    LayerMeta,
+    layer_nodes,
+    set_submodule,
+)
 from .passes.normalize import _explicit_padding, _module_kind, conv_call_args, normalize
+from .passes.pipeline import convert_graph, prepare_graph
 from .quant.fake_quant import FAKE_QUANT_TYPES
 
 
@@ -184,16 +191,13 @@ class ScopedMapping:
 
 
 def _prepare_part(gm: fx.GraphModule, mapping: ScopedMapping, normalized: bool) -> fx.GraphModule:
-    gm.meta[STAGE] = {"stage": "capturing", "prefix": mapping.prefix, "frontend": "fx"}
+    record = {"prefix": mapping.prefix, "frontend": "fx"}
     if mapping.object_type is not None:
-        gm.meta[STAGE]["layer_type"] = mapping.object_type.__name__
-    if not normalized:
-        gm = normalize(gm)
-    gm = insert_fake_quant(gm, mapping)
+        record["layer_type"] = mapping.object_type.__name__
+    gm = prepare_graph(gm, mapping, record, normalizer=None if normalized else normalize)
     for m in gm.modules():
         if isinstance(m, FAKE_QUANT_TYPES):
             m.layer = qualify(mapping.prefix, m.layer)
-    gm.meta[STAGE]["stage"] = "prepared"
     return gm
 
 
@@ -228,8 +232,7 @@ def convert_partial(model: nn.Module) -> nn.Module:
         gm = model.get_submodule(path)
         dtype = getattr(gm, "weight", None)
         dtype = dtype.dtype if torch.is_tensor(dtype) else None
-        lower_to_packed(gm)
-        gm.meta[STAGE]["stage"] = "converted"
+        convert_graph(gm)
         if dtype is not None and not hasattr(gm, "weight"):
             # eager parents often read layer.weight.dtype/.device (HF ViT, T5): keep an empty stand-in
             gm.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)

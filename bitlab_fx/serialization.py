@@ -26,10 +26,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .api import convert
+from .capture import check_example_inputs
 from .errors import BitlabError, ConfigError, ConvertError
 from .mapping import QConfigMapping
 from .nn.quantized import _QuantizedBase, upgrade_legacy_keys
 from .passes._common import bitlab_meta, stage_of
+from .pipeline import capture_fx
 from .quant.packing import FORMAT_VERSION
 
 FILE_FORMAT = "bitlab_fx.quantized"
@@ -117,8 +120,6 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
 
     ``example_inputs``/``example_kwargs`` are only needed if they were used to prepare the saved model and changed
     what traced (e.g. a ``mask`` given in ``example_kwargs`` is traced as an input, not as None)."""
-    from .api import _capture_fx, convert  # api imports this module's users; import late to keep layers simple
-    from .capture import check_example_inputs
 
     if stage_of(model) is not None:
         raise ConfigError(f"load_quantized: the {type(model).__name__} is already {stage_of(model)} by bitlab_fx; "
@@ -127,7 +128,7 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
     header = read_header(path)
     mapping = QConfigMapping.from_dict(header["mapping"])
     with torch.no_grad():
-        prepared = _capture_fx(model, mapping, example_inputs, partial=True, example_kwargs=example_kwargs)
+        prepared = capture_fx(model, mapping, example_inputs, partial=True, example_kwargs=example_kwargs)
     parts = bitlab_meta(prepared).get("parts")
     if parts != header.get("parts"):
         def describe(p):

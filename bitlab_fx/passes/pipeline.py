@@ -1,0 +1,35 @@
+"""The passes in order, for one captured graph: the only place that runs them.
+
+``prepare_graph``: record -> normalize (fx or export form) -> insert fake quant -> stage "prepared".
+``convert_graph``: lower to packed ops -> stage "converted". The whole-model and partial flows
+(``bitlab_fx.pipeline``, ``bitlab_fx.partial``) call these for every graph they prepare or convert.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from torch import fx
+
+from ._common import STAGE
+from .insert_fake_quant import insert_fake_quant
+from .lower_to_packed import lower_to_packed
+from .normalize import normalize
+
+
+def prepare_graph(gm: fx.GraphModule, mapping: Any, record: Dict[str, Any],
+                  normalizer: Optional[Callable[[fx.GraphModule], fx.GraphModule]] = normalize) -> fx.GraphModule:
+    """Normalize ``gm`` (``normalizer``; None when it is already in normalized form) and insert the fake quant
+    the mapping asks for; ``record`` (frontend, prefix...) becomes ``gm.meta["bitlab_fx"]``."""
+    gm.meta[STAGE] = {"stage": "capturing", **record}
+    if normalizer is not None:
+        gm = normalizer(gm)
+    gm = insert_fake_quant(gm, mapping)
+    gm.meta[STAGE]["stage"] = "prepared"
+    return gm
+
+
+def convert_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lower the fake-quantized layers of a prepared graph to packed ``torch.ops.bitlab`` calls, in place."""
+    gm = lower_to_packed(gm)
+    gm.meta[STAGE]["stage"] = "converted"
+    return gm
