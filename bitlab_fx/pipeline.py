@@ -11,7 +11,8 @@ from torch import fx, nn
 from .capture import first_line, trace_export, trace_fx
 from .errors import CaptureError
 from .mapping import QConfigMapping
-from .partial import plan_partial, prepare_partial, record_calls, short_reason
+from .capture.partial import plan_partial, record_calls, short_reason
+from .partial import prepare_partial
 from .passes.normalize_export import normalize_export
 from .passes.pipeline import prepare_graph
 

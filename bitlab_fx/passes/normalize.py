@@ -19,7 +19,7 @@ from ._common import CONV_DIMS, CONV_FUNCTIONALS, FUNCTIONALS, META, MODULES, La
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
 
-def _explicit_padding(conv: nn.Module) -> Optional[Tuple[int, ...]]:
+def explicit_padding(conv: nn.Module) -> Optional[Tuple[int, ...]]:
     """A conv module's ``padding`` as one int per spatial dim; None when it cannot be (even kernel spans with
     padding='same')."""
     return resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
@@ -50,7 +50,7 @@ def _module_call_to_functional(gm: fx.GraphModule, node: fx.Node, module: nn.Mod
     if kind in CONV_DIMS:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
-        padding = _explicit_padding(module)
+        padding = explicit_padding(module)
         if padding is None:
             return "padding='same' with an even kernel span is not supported"
     graph = gm.graph
@@ -96,7 +96,7 @@ def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
     return LayerMeta(fqn=fqn, object_type=node.target, op=kind, weight=w.target, bias=None if b is None else b.target)
 
 
-def _module_kind(module: nn.Module) -> Optional[str]:
+def module_kind(module: nn.Module) -> Optional[str]:
     """"linear"/"conv1d"/"conv2d" for nn.Linear/nn.Conv1d/nn.Conv2d and subclasses that keep their forward;
     "conv1d_hf" for HF Conv1D (a linear layer)."""
     if is_hf_conv1d(module):
@@ -113,7 +113,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            kind = _module_kind(module)
+            kind = module_kind(module)
             if kind is not None:
                 reason = _module_call_to_functional(gm, node, module, kind)
                 if reason:

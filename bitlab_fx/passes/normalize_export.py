@@ -19,8 +19,8 @@ from torch import fx, nn
 
 from ..layer_kinds import BY_ATEN
 from ._common import CONV_DIMS, META, LayerMeta, is_hf_conv1d, ntuple
-from ._modes import AttentionDropout, ModeBatchNorm, replace_with_module
-from .normalize import _module_kind, resolve_padding
+from ..capture.modes import AttentionDropout, ModeBatchNorm, replace_with_module
+from .normalize import module_kind, resolve_padding
 
 aten = torch.ops.aten
 # aten overload -> (functional, op), from the table of layer kinds (.padding overloads: "same"/"valid" padding)
@@ -47,7 +47,7 @@ def _owner(node: fx.Node, model: nn.Module, weight: str) -> Optional[str]:
     if found is None:
         return None
     path, module = found
-    return path if weight == f"{path}.weight" and _module_kind(module) in ("linear", *CONV_DIMS) else None
+    return path if weight == f"{path}.weight" and module_kind(module) in ("linear", *CONV_DIMS) else None
 
 
 def _layer_meta(node: fx.Node, model: nn.Module, op: str, func) -> Optional[LayerMeta]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import unique_name
+from ..passes._common import unique_name
 
 aten = torch.ops.aten
 
