@@ -36,7 +36,8 @@ from .pipeline import capture_fx
 from .quant.packing import FORMAT_VERSION
 
 FILE_FORMAT = "bitlab_fx.quantized"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: a converted layer's static multiplier is "act_multiplier" (was "act_scale_static")
+READABLE_FILE_VERSIONS = (1, 2)  # version 1 files load: their keys are renamed (nn.quantized.upgrade_legacy_keys)
 _HEADER_KEY = "bitlab_fx"
 _EXTRA = "_extra_state"
 
@@ -92,7 +93,7 @@ def read_header(path: str) -> dict:
     header = json.loads(raw) if raw else {}
     if header.get("format") != FILE_FORMAT:
         raise ConvertError(f"load_quantized: {path!r} was not written by bfx.save_quantized (no bitlab_fx header)")
-    if header.get("file_version") != FILE_VERSION or header.get("packing_version") != FORMAT_VERSION:
+    if header.get("file_version") not in READABLE_FILE_VERSIONS or header.get("packing_version") != FORMAT_VERSION:
         raise ConvertError(f"load_quantized: {path!r} has file format {header.get('file_version')} / packing format "
                            f"{header.get('packing_version')}, this bitlab_fx reads {FILE_VERSION} / {FORMAT_VERSION}; "
                            "re-run bfx.save_quantized with this version (or install the bitlab_fx that wrote it)")

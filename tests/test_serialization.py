@@ -43,9 +43,31 @@ def test_round_trip_whole_graph_and_file_holds_packed_weights(tmp_path):
         keys = set(f.keys())
         header = json.loads(f.metadata()["bitlab_fx"])
     assert "0.packed_weight" in keys and "0.weight" not in keys
-    assert header["file_version"] == 1 and header["mapping"]["has_global"]
+    assert header["file_version"] == 2 and header["mapping"]["has_global"]
     loaded = bfx.load_quantized(mlp((256, 256, 10)), path)
     x = torch.randn(4, 256)
+    assert torch.equal(loaded(x), cm(x))
+
+
+def test_version_1_files_with_static_multipliers_still_load(tmp_path):
+    """Files written before the static multiplier was renamed (file version 1: ``<layer>.act_scale_static``)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    static = bfx.QuantConfig(weight="ternary", input=bfx.IntActivation(dynamic=False, granularity="per_tensor"))
+    pm = bfx.prepare_qat(mlp((32, 32, 4)), static)
+    pm.train()(torch.randn(16, 32))
+    cm = bfx.convert(pm.eval())
+    path, old_path = str(tmp_path / "q.safetensors"), str(tmp_path / "old.safetensors")
+    bfx.save_quantized(cm, path)
+    with safe_open(path, "pt") as f:
+        tensors = {k.replace("act_multiplier", "act_scale_static"): f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["bitlab_fx"])
+    assert "0.act_scale_static" in tensors
+    save_file(tensors, old_path, metadata={"bitlab_fx": json.dumps({**header, "file_version": 1})})
+    loaded = bfx.load_quantized(mlp((32, 32, 4)), old_path)
+    x = torch.randn(5, 32)
     assert torch.equal(loaded(x), cm(x))
 
 

@@ -2,6 +2,12 @@
 
 The body of each op is the reference implementation, used on any device that has no faster kernel
 registered (``cpu/`` registers the CPU one, ``cuda/`` the CUDA one).
+
+What the arguments are: ``weight_scale`` is the weight *step* (``W ≈ wq * weight_scale``); ``act_scale`` is
+the static activation *multiplier* (``xq = round(x * act_scale)``; a converted layer keeps it in its
+``act_multiplier`` buffer), or None for a dynamic one computed from ``x``. The schema keeps the name
+``act_scale``: exported ``.pt2`` programs and torch.compile's on-disk caches refer to the ops' arguments by
+name, so renaming it would break them.
 """
 from __future__ import annotations
 
