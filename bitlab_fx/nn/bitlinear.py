@@ -66,6 +66,9 @@ class BitLinear(nn.Linear):
         self.weight_fq = WeightFakeQuant(self.quant_config.weight_spec, layer="BitLinear")
         a = self.quant_config.activation_spec
         self.input_fq = None if a is None else ActivationFakeQuant(a, token_dims=1, layer="BitLinear")
+        self.weight_fq.hand_over = True  # the exact layer call reuses their codes
+        if self.input_fq is not None:
+            self.input_fq.hand_over = True
         self.act = "none" if a is None else a.granularity
         self.deployed: Optional[QuantizedLinear] = None
         self._qweight_key = None

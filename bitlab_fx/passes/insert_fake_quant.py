@@ -118,6 +118,8 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
     if codes is None:
         return
     w_fq = node.args[1]
+    gm.get_submodule(w_fq.target).hand_over = True  # the layer reuses the codes its quantizers just computed
+    codes.quantizer.hand_over = codes.quantizer.hand_over or not codes.on_grid
     base = meta.fqn.replace(".", "_") or "layer"
     with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
         input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")

@@ -93,6 +93,13 @@ def int_conv(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, grou
     return conv(xq.double(), wq.double(), None, stride, padding, dilation, groups)
 
 
+def _scaled(acc: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
+    """``fp32(acc) * w_step``, in place when ``acc`` is already an fp32 temporary (same values, no allocation)."""
+    if acc.dtype == torch.float32 and not acc.requires_grad and acc.shape == torch.broadcast_shapes(acc.shape, w_step.shape):
+        return acc.mul_(w_step)
+    return acc.float() * w_step
+
+
 def rescale_linear(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor) -> torch.Tensor:
     """``fp32(acc) * w_step / x_mult`` (``acc [M, N]``, ``w_step [N]`` or ``[1]``), or the per-group sum
     ``sum_g(fp32(acc) * w_step) / x_mult`` (``acc [M, N, G]``, ``w_step [N, G]``); ``x_mult [M, 1]`` or ``[1, 1]``."""
@@ -103,13 +110,13 @@ def rescale_linear(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor
         for g in range(1, products.shape[-1]):
             y = y + products[..., g]
         return y / x_mult
-    return acc.float() * ws / x_mult
+    return _scaled(acc, ws).div_(x_mult)
 
 
 def rescale_conv(acc: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor) -> torch.Tensor:
     """``fp32(acc) * w_step[c] / x_mult[b]`` for a conv output ``[B, C, ...]`` (``x_mult`` shaped to broadcast)."""
     shape = [1, -1] + [1] * (acc.dim() - 2)
-    return acc.float() * w_step.float().reshape(shape) / x_mult
+    return _scaled(acc, w_step.float().reshape(shape)).div_(x_mult)
 
 
 def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -117,5 +124,5 @@ def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int, dt
     if bias is not None:
         shape: List[int] = [1] * y.dim()
         shape[channel_dim] = -1
-        y = y + bias.float().reshape(shape)
+        y = y.add_(bias.float().reshape(shape)) if y.dtype == torch.float32 else y + bias.float().reshape(shape)
     return y.to(dtype)

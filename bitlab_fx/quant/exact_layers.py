@@ -40,7 +40,11 @@ def _use_codes(input_quantizer, weight_quantizer, on_grid: bool) -> bool:
 
 def input_codes(x: torch.Tensor, quantizer, token_dims: int):
     """The int8 codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op
-    computes them: ``clamp(round(x * mult), -128, 127)``. The multiplier broadcasts against ``x``."""
+    computes them: ``clamp(round(x * mult), -128, 127)``. The multiplier broadcasts against ``x``. (The
+    quantizer's own int8 codes of ``x``, when it just computed them: the same numbers.)"""
+    kept = quantizer.take_codes(x)
+    if kept is not None:
+        return kept
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)

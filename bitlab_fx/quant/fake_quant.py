@@ -16,7 +16,27 @@ from . import arithmetic as A
 from . import primitives as P
 
 
-class _FakeQuant(nn.Module):
+class _CodesHandOver:
+    """The codes a quantizer just computed, kept for the exact layer call right after it (``exact_layers``), so
+    the layer does not quantize the same tensor again. Only while ``hand_over`` is set (by ``prepare_qat`` on
+    quantizers that feed an exact layer), only in eager mode, and taken (dropped) by the first reader; valid
+    only for the very tensor (same object, same version) they were computed from."""
+
+    def _keep_codes(self, source: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        if self.hand_over and not torch.compiler.is_compiling():
+            self.__dict__["_codes"] = (source, source._version, codes, scale)
+
+    def take_codes(self, source: torch.Tensor):
+        """``(codes, scale)`` computed from ``source`` by the last forward, or None (then compute them)."""
+        if torch.compiler.is_compiling():
+            return None
+        kept = self.__dict__.pop("_codes", None)
+        if kept is None or kept[0] is not source or kept[1] != source._version:
+            return None
+        return kept[2], kept[3]
+
+
+class _FakeQuant(_CodesHandOver, nn.Module):
     """What every fake quantizer has: ``enabled`` and the float/quantized blend ``mix`` used by warm-up.
 
     ``mix = 1`` (default) is plain fake quantization; ``0 < mix < 1`` returns
@@ -30,6 +50,7 @@ class _FakeQuant(nn.Module):
         self.rule = rule
         self.enabled = True
         self.mix = 1.0
+        self.hand_over = False  # keep the last codes for an exact layer call (see _CodesHandOver)
 
     def _blend(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q if self.mix >= 1.0 else torch.lerp(x, q, self.mix)
@@ -70,15 +91,19 @@ class WeightFakeQuant(_FakeQuant):
         return P.weight_scale(w, self.spec)
 
     def codes(self, w: torch.Tensor):
-        """``(wq, step)``: the integer weight (int8, ``w``'s shape) and its step, exactly what ``convert`` packs."""
-        return P.quantize_weight(w, self.spec, self.scale if self.spec.learned else None)
+        """``(wq, step)``: the integer weight (fp32 whole numbers, ``w``'s shape) and its step, exactly what
+        ``convert`` packs (the ones the last forward computed from ``w``, when it handed them over)."""
+        kept = self.take_codes(w)
+        return kept if kept is not None else P.weight_codes(w, self.spec, self.scale if self.spec.learned else None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self._active():
             return w
         if self.spec.learned:
             return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
-        return self._blend(w, P.fake_quantize_weight(w, self.spec))
+        wq, g = P.weight_codes(w, self.spec)
+        self._keep_codes(w, wq, g)
+        return self._blend(w, P.straight_through(w, P.dequantize_weight(wq, g, self.spec.granularity).to(w.dtype)))
 
 
 class ActivationFakeQuant(_FakeQuant):
@@ -165,7 +190,10 @@ class ActivationFakeQuant(_FakeQuant):
         if self.spec.learned:
             self.multiplier(x)  # observes the first batches (initialisation)
             return self._blend(x, P.lsq_fake_quantize_activation(x, self.scale, self.spec))
-        return self._blend(x, P.fake_quantize_activation(x, self.multiplier(x), self.spec))
+        s = self.multiplier(x)
+        q = P.quantize_activation(x, s, self.spec)
+        self._keep_codes(x, q, s)
+        return self._blend(x, P.straight_through(x, (q / s).to(x.dtype)))
 
 
 class BiasFakeQuant(_FakeQuant):

@@ -91,22 +91,34 @@ def _expand_scale(g: torch.Tensor, granularity) -> torch.Tensor:
     return g.unsqueeze(-1)
 
 
+def weight_codes(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
+                 scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights as fp32 whole numbers (``w``'s shape) and their fp32 step ``g``
+    (``scale`` if given: a learned step, see :func:`lsq_fake_quantize_weight`). No gradient."""
+    with torch.no_grad():
+        g = weight_scale(w, spec) if scale is None else \
+            learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity))
+        groups = weight_groups(w.detach().float(), spec.granularity)
+        wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), weight_qrange(spec))
+        return wq.reshape(w.shape), g
+
+
 def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
                     scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights (int8 tensor, same shape as ``w``) and their fp32 scale ``g``
-    (``scale`` if given: a learned step, see :func:`lsq_fake_quantize_weight`)."""
-    g = weight_scale(w, spec) if scale is None else learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity))
-    q = weight_qrange(spec)
-    groups = weight_groups(w.detach().float(), spec.granularity)
-    wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), q)
-    return wq.reshape(w.shape).to(torch.int8), g
+    """Integer weights (int8 tensor, same shape as ``w``) and their fp32 step ``g``: :func:`weight_codes`."""
+    wq, g = weight_codes(w, spec, scale)
+    return wq.to(torch.int8), g
+
+
+def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
+    """``wq * g`` (fp32, ``wq``'s shape) for codes ``wq`` and steps ``g`` of ``granularity``."""
+    return (weight_groups(wq.float(), granularity) * _expand_scale(g, granularity)).reshape(wq.shape)
 
 
 def fake_quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
     """``Wq * g`` in ``w``'s dtype with a straight-through gradient to ``w``."""
-    wq, g = quantize_weight(w, spec)
-    deq = weight_groups(wq.float(), spec.granularity) * _expand_scale(g, spec.granularity)
-    return straight_through(w, deq.reshape(w.shape).to(w.dtype))
+    wq, g = weight_codes(w, spec)
+    return straight_through(w, dequantize_weight(wq, g, spec.granularity).to(w.dtype))
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:

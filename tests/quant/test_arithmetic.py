@@ -146,7 +146,7 @@ def test_weight_codes_agree_on_rounding_ties(amax, halves, learned):
     codes, g = wfq.codes(w)
     fake_quant_codes = torch.round(wfq(w) / step)
     packed = QuantizedLinear(w, None, spec, weight_scale=g if learned else None).int_weight().float()
-    for c in (codes.float(), fake_quant_codes, packed):
+    for c in (codes, fake_quant_codes, packed):
         assert torch.equal(c, want)
     if learned:  # LSQ's forward (round of clamp) too
         assert torch.equal(torch.round(P.lsq_fake_quantize_weight(w, wfq.scale, spec) / step), want)

@@ -73,7 +73,7 @@ def _assert_converted_equals_prepared(prepared, x):
         if isinstance(m, WeightFakeQuant):
             layer = converted.get_submodule(m.layer)
             w = prepared.get_parameter(f"{m.layer}.weight")
-            assert torch.equal(layer.int_weight().reshape(w.shape), m.codes(w)[0]), name
+            assert torch.equal(layer.int_weight().reshape(w.shape).float(), m.codes(w)[0]), name
     return converted
 
 
