@@ -6,8 +6,8 @@ untraceable parents stay ordinary modules, and a supported layer whose parent do
 its own tiny prepared graph. Mapping rules see the original fully-qualified names
 (``model.layers.0.self_attn.q_proj``). The root records what happened in ``model._bitlab_fx``::
 
-    {"stage": "prepared" | "converted", "qconfig": QConfigMapping, "frontend": "fx",
-     "parts": {path: "graph" | "layer"}, "untraced": {path: first line of why}, "float_layers": {path: rule}}
+    Record(stage="prepared" | "converted", qconfig=QConfigMapping, frontend="fx",
+           parts={path: "graph" | "layer"}, untraced={path: first line of why}, float_layers={path: rule})
 
 >>> import torch, bitlab_fx as bfx
 >>> class Gate(torch.nn.Module):          # data-dependent control flow: torch.fx cannot trace it
@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .capture.partial import Plan, layer_graph, qualify
 from .mapping import QConfigMapping
-from .passes._common import META, ROOT_ATTR, layer_nodes, set_submodule
+from .passes._common import META, ROOT_ATTR, Record, bitlab_meta, layer_nodes, set_submodule
 from .passes.normalize import normalize
 from .passes.pipeline import convert_graph, prepare_graph
 from .quant.fake_quant import FAKE_QUANT_TYPES
@@ -87,15 +87,15 @@ def prepare_partial(model: nn.Module, mapping: QConfigMapping, plan: Plan, root_
         parts[path] = "layer"
     mapping.warn_unused(used)
     untraced = {"": root_reason, **plan.untraced}
-    setattr(model, ROOT_ATTR, {"stage": "prepared", "qconfig": mapping, "frontend": "fx", "parts": parts,
-                               "untraced": untraced, "float_layers": float_layers})
+    setattr(model, ROOT_ATTR, Record(stage="prepared", qconfig=mapping, frontend="fx", parts=parts,
+                                     untraced=untraced, float_layers=float_layers))
     return model
 
 
 def convert_partial(model: nn.Module) -> nn.Module:
     """Lower every prepared part of a partially traced model, in place."""
-    record = getattr(model, ROOT_ATTR)
-    for path in record["parts"]:
+    record = bitlab_meta(model)
+    for path in record.parts:
         gm = model.get_submodule(path)
         dtype = getattr(gm, "weight", None)
         dtype = dtype.dtype if torch.is_tensor(dtype) else None
@@ -107,5 +107,5 @@ def convert_partial(model: nn.Module) -> nn.Module:
             meta = node.meta[META]
             if meta.container is not None:
                 gm.get_submodule(meta.container).name = qualify(path, meta.fqn)
-    record["stage"] = "converted"
+    record.stage = "converted"
     return model

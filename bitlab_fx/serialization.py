@@ -74,13 +74,13 @@ def save_quantized(model: nn.Module, path: str) -> None:
         state = {"prepared": "only prepared", None: "a float model (not prepared)"}.get(stage_of(model), stage_of(model))
         raise ConvertError(f"save_quantized: the {type(model).__name__} is {state}, not converted; call "
                            "model = bfx.convert(model) first (or torch.save a prepared model's state_dict)")
-    if record.get("frontend") == "export":
+    if record.frontend == "export":
         raise ConvertError("save_quantized: models prepared with frontend='export' are saved with "
                            "torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')")
     tensors, aliases, extras = _split_state(model)
     header = {"format": FILE_FORMAT, "file_version": FILE_VERSION, "packing_version": FORMAT_VERSION,
               "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-              "mapping": record["qconfig"].to_dict(), "parts": record.get("parts"),
+              "mapping": record.qconfig.to_dict(), "parts": record.parts,
               "aliases": aliases, "extra_states": extras}
     _safetensors().torch.save_file(tensors, path, metadata={_HEADER_KEY: json.dumps(header)})
 
@@ -130,7 +130,7 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
     mapping = QConfigMapping.from_dict(header["mapping"])
     with torch.no_grad():
         prepared = capture_fx(model, mapping, example_inputs, partial=True, example_kwargs=example_kwargs)
-    parts = bitlab_meta(prepared).get("parts")
+    parts = bitlab_meta(prepared).parts
     if parts != header.get("parts"):
         def describe(p):
             return f"parts {p}" if p else "one whole graph"

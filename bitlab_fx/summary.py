@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from .errors import ConfigError
 from .nn.quantized import _QuantizedBase
-from .passes._common import META, STAGE, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
+from .passes._common import META, RECORD_KEY, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
 from .quant import primitives as P
 from .quant.formats import converted_weight_bytes
 
@@ -127,7 +127,7 @@ def summary(model: nn.Module) -> Summary:
     quantization, the mapping rule that matched, parameter count, bytes in fp32 and quantized
     (projected for prepared models, measured for converted ones) and the share of zero ternary weights."""
     stage = stage_of(model)
-    if stage is not None and not isinstance(model, fx.GraphModule) and "parts" in bitlab_meta(model):
+    if stage is not None and not isinstance(model, fx.GraphModule) and bitlab_meta(model).parts is not None:
         return _partial_summary(model, bitlab_meta(model))
     if stage is None or not isinstance(model, fx.GraphModule):
         raise ConfigError(f"summary: the {type(model).__name__} was not prepared by bfx.prepare_qat; "
@@ -140,7 +140,7 @@ def summary(model: nn.Module) -> Summary:
             continue
         seen.add(key)
         rows.append(_row(model, node, meta))
-    return Summary(stage, rows, dict(model.meta[STAGE].get("skipped", {})))
+    return Summary(stage, rows, dict(model.meta[RECORD_KEY].skipped))
 
 
 def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
@@ -156,9 +156,9 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
     from .partial import qualify
 
     rows, skipped = {}, {}
-    for path in record["parts"]:
+    for path in record.parts:
         gm = model.get_submodule(path)
-        layer_type = gm.meta[STAGE].get("layer_type")
+        layer_type = gm.meta[RECORD_KEY].layer_type
         seen = set()
         for node in layer_nodes(gm):
             meta = node.meta[META]
@@ -167,11 +167,11 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
                 row = _row(gm, node, meta)
                 row.update(layer=qualify(path, meta.fqn), type=layer_type or row["type"])
                 rows[row["layer"]] = row
-        skipped.update({qualify(path, k): v for k, v in gm.meta[STAGE].get("skipped", {}).items()})
-    for path, rule in record["float_layers"].items():
+        skipped.update({qualify(path, k): v for k, v in gm.meta[RECORD_KEY].skipped.items()})
+    for path, rule in record.float_layers.items():
         rows[path] = _float_row(model, path, rule)
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
-    eager = {qualify(path, name): list(p.shape) for path in record["untraced"]
+    eager = {qualify(path, name): list(p.shape) for path in record.untraced
              for name, p in model.get_submodule(path).named_parameters(recurse=False) if p.dim() >= 2}
-    return Summary(record["stage"], ordered, skipped, dict(record["parts"]), dict(record["untraced"]), eager)
+    return Summary(record.stage, ordered, skipped, dict(record.parts), dict(record.untraced), eager)

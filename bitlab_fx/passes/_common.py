@@ -1,8 +1,9 @@
-"""What passes share: the per-layer record kept in ``node.meta["bitlab"]`` and small graph helpers."""
+"""What passes share: the per-layer record kept in ``node.meta["bitlab"]``, the per-model :class:`Record`,
+and small graph helpers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from torch import fx, nn
 
@@ -10,11 +11,25 @@ from ..config import QuantConfig
 from ..layer_kinds import LAYER_KINDS
 from ..mapping import Rule
 
-META = "bitlab"
-STAGE = "bitlab_fx"  # key in GraphModule.meta: {"stage": "prepared" | "converted", ...}
-# A partially traced model (not a GraphModule) keeps the same dict as an attribute of its root module,
-# with "parts" ({path: "graph" | "layer"}) and "untraced" ({path: first line of why}) added.
-ROOT_ATTR = "_bitlab_fx"
+META = "bitlab"  # key in node.meta: the LayerMeta of a layer call
+RECORD_KEY = "bitlab_fx"  # key in GraphModule.meta: the model's Record
+ROOT_ATTR = "_bitlab_fx"  # attribute of a partially traced model's root module: its Record
+
+
+@dataclass
+class Record:
+    """What bitlab_fx records on a model it prepared or converted: ``gm.meta["bitlab_fx"]`` of a graph, or the
+    ``_bitlab_fx`` attribute of a partially traced model's root."""
+
+    stage: str  # "capturing" | "prepared" | "converted"
+    frontend: str = "fx"  # "fx" | "export"
+    qconfig: Any = None  # the QConfigMapping (whole models and the root of partial ones)
+    prefix: str = ""  # a traced part of a partial model: its path in the model
+    layer_type: Optional[str] = None  # a lone layer prepared as its own graph: its type name
+    skipped: Dict[str, str] = field(default_factory=dict)  # layer calls left float, unsupported: why
+    parts: Optional[Dict[str, str]] = None  # partial root: path -> "graph" | "layer"
+    untraced: Dict[str, str] = field(default_factory=dict)  # partial root: module path -> first line of why
+    float_layers: Dict[str, str] = field(default_factory=dict)  # partial root: lone layers kept float -> rule
 
 
 @dataclass
@@ -46,18 +61,31 @@ def layer_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
             yield node
 
 
-def bitlab_meta(model: nn.Module) -> Optional[dict]:
-    """The bitlab_fx record of a prepared/converted model: ``gm.meta["bitlab_fx"]`` or the root attribute."""
+def _as_record(value) -> Optional[Record]:
+    if isinstance(value, dict) and "stage" in value:  # a model pickled when the record was a plain dict
+        return Record(**{k: v for k, v in value.items() if k in Record.__dataclass_fields__})
+    return value if isinstance(value, Record) else None
+
+
+def bitlab_meta(model: nn.Module) -> Optional[Record]:
+    """The :class:`Record` of a prepared/converted model (``gm.meta["bitlab_fx"]`` or the root attribute), or None."""
     meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and isinstance(meta.get(STAGE), dict):
-        return meta[STAGE]
-    record = model.__dict__.get(ROOT_ATTR) if isinstance(model, nn.Module) else None
-    return record if isinstance(record, dict) else None
+    if isinstance(meta, dict) and RECORD_KEY in meta:
+        record = _as_record(meta[RECORD_KEY])
+        if record is not None:
+            meta[RECORD_KEY] = record
+            return record
+    if isinstance(model, nn.Module) and ROOT_ATTR in model.__dict__:
+        record = _as_record(model.__dict__[ROOT_ATTR])
+        if record is not None:
+            model.__dict__[ROOT_ATTR] = record
+            return record
+    return None
 
 
 def stage_of(model: nn.Module) -> Optional[str]:
-    meta = bitlab_meta(model)
-    return None if meta is None else meta.get("stage")
+    record = bitlab_meta(model)
+    return None if record is None else record.stage
 
 
 def layer_weight(gm: nn.Module, meta: LayerMeta):

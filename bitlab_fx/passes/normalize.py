@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._common import CONV_DIMS, CONV_FUNCTIONALS, FUNCTIONALS, META, MODULES, LayerMeta, is_hf_conv1d, ntuple
+from ._common import (CONV_DIMS, CONV_FUNCTIONALS, FUNCTIONALS, META, MODULES, RECORD_KEY, LayerMeta, Record,
+                      is_hf_conv1d, ntuple)
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
@@ -109,7 +110,7 @@ def module_kind(module: nn.Module) -> Optional[str]:
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite supported layers to functional form; record unsupported ones in ``gm.meta``."""
-    skipped = gm.meta.setdefault("bitlab_fx", {}).setdefault("skipped", {})
+    skipped = gm.meta.setdefault(RECORD_KEY, Record(stage="capturing")).skipped
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)

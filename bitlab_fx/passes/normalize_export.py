@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..layer_kinds import BY_ATEN
-from ._common import CONV_DIMS, META, LayerMeta, is_hf_conv1d, ntuple
+from ._common import CONV_DIMS, META, RECORD_KEY, LayerMeta, Record, is_hf_conv1d, ntuple
 from ..capture.modes import AttentionDropout, ModeBatchNorm, replace_with_module
 from .normalize import module_kind, resolve_padding
 
@@ -158,7 +158,7 @@ def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def normalize_export(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """Rewrite aten layer calls of an exported graph to functional form with LayerMeta (``model``: the float model)."""
-    skipped = gm.meta.setdefault("bitlab_fx", {}).setdefault("skipped", {})
+    skipped = gm.meta.setdefault(RECORD_KEY, Record(stage="capturing")).skipped
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import fx
 
-from ._common import STAGE
+from ._common import RECORD_KEY, Record
 from .insert_fake_quant import insert_fake_quant
 from .lower_to_packed import lower_to_packed
 from .normalize import normalize
@@ -19,17 +19,17 @@ from .normalize import normalize
 def prepare_graph(gm: fx.GraphModule, mapping: Any, record: Dict[str, Any],
                   normalizer: Optional[Callable[[fx.GraphModule], fx.GraphModule]] = normalize) -> fx.GraphModule:
     """Normalize ``gm`` (``normalizer``; None when it is already in normalized form) and insert the fake quant
-    the mapping asks for; ``record`` (frontend, prefix...) becomes ``gm.meta["bitlab_fx"]``."""
-    gm.meta[STAGE] = {"stage": "capturing", **record}
+    the mapping asks for; ``record`` (fields of :class:`Record`: frontend, prefix...) becomes ``gm.meta["bitlab_fx"]``."""
+    gm.meta[RECORD_KEY] = Record(stage="capturing", **record)
     if normalizer is not None:
         gm = normalizer(gm)
     gm = insert_fake_quant(gm, mapping)
-    gm.meta[STAGE]["stage"] = "prepared"
+    gm.meta[RECORD_KEY].stage = "prepared"
     return gm
 
 
 def convert_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """Lower the fake-quantized layers of a prepared graph to packed ``torch.ops.bitlab`` calls, in place."""
     gm = lower_to_packed(gm)
-    gm.meta[STAGE]["stage"] = "converted"
+    gm.meta[RECORD_KEY].stage = "converted"
     return gm
