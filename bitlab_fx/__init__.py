@@ -14,7 +14,7 @@ from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from .recipes import QuantWarmup
-from .seed import BitQuantConfig
+from .bitlab import BitQuantConfig
 from .serialization import load_quantized, save_quantized
 from .summary import Summary, summary
 

@@ -77,7 +77,7 @@ def prepare_qat(model: nn.Module, qconfig: Any, example_inputs: Optional[Tuple] 
 
 def _quantized_part(module: nn.Module) -> Optional[str]:
     """Why ``module`` is already quantized by bitlab_fx ("prepared", "converted", a BitLinear), or None."""
-    from .nn.bitlinear import BitLinear
+    from .bitlab import BitLinear
     from .nn.quantized import _QuantizedBase
 
     if isinstance(module, BitLinear):

@@ -1,5 +1,5 @@
-"""Eager layers: the converted-layer containers and the seed-style (BitLab) drop-in layers."""
-from .quantized import QuantizedConv2d, QuantizedLinear
-from .bitlinear import BitLinear
+"""Eager layers: the converted-layer containers, and BitLab's drop-in ``BitLinear`` (from :mod:`bitlab_fx.bitlab`)."""
+from ..bitlab import BitLinear
+from .quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 
-__all__ = ["QuantizedLinear", "QuantizedConv2d", "BitLinear"]
+__all__ = ["BitLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedLinear"]

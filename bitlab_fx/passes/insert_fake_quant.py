@@ -29,7 +29,7 @@ from ..layer_kinds import LAYER_KINDS
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from ._common import LayerMeta, layer_nodes, layer_weight, unique_name
 from .layer_input import layer_input_codes
-from .output_quant import insert_after, insert_output_quant, upstream_quantizer
+from .output_quant import reroute_through, insert_output_quant, upstream_quantizer
 
 
 def check_config_fits(meta: LayerMeta, weight_shape, config: QuantConfig) -> None:
@@ -95,7 +95,7 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
     if config.weight is not None:
         if meta.weight not in weight_fq:
             fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule), weight=weight)
-            weight_fq[meta.weight] = _insert_after(gm, w_node, fq, f"{meta.fqn}_weight_fq")
+            weight_fq[meta.weight] = _call_on(gm, w_node, fq, f"{meta.fqn}_weight_fq")
         new_args[1] = weight_fq[meta.weight]
     in_fq = _input_quantizer(gm, node, meta, new_args)
     if config.bias is not None and node.args[2] is not None:
@@ -108,7 +108,7 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
         gm.graph.erase_node(w_node)
     if config.output is not None:
         out_fq = ActivationFakeQuant(config.output, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
-        insert_after(gm, node, out_fq, f"{meta.fqn}_output_fq")
+        reroute_through(gm, node, out_fq, f"{meta.fqn}_output_fq")
 
 
 def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> None:
@@ -129,8 +129,9 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
                    "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid}
 
 
-def _insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
-    """Insert ``call_module[name](node)`` right after ``node`` (uses are not rerouted)."""
+def _call_on(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
+    """A new ``call_module[name](node)`` right after ``node``; the uses of ``node`` stay as they are (the caller
+    points the layer at it)."""
     name = unique_name(gm, base)
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):

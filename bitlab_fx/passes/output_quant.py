@@ -78,7 +78,7 @@ def _output_rule(mapping: QConfigMapping, node: fx.Node, fqn: Optional[str], typ
     return None
 
 
-def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
+def reroute_through(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
     """Insert ``call_module[name](node)`` right after ``node`` and route every other use of ``node`` through it."""
     users = list(node.users)
     name = unique_name(gm, base)
@@ -104,7 +104,7 @@ def insert_output_quant(gm: fx.GraphModule, mapping: QConfigMapping, used: Set[R
         if rule.config is None:
             continue
         fq = ActivationFakeQuant(rule.config.output, token_dims=1, layer=fqn or node.name, rule=str(rule))
-        insert_after(gm, node, fq, f"{fqn or node.name}_output_fq")
+        reroute_through(gm, node, fq, f"{fqn or node.name}_output_fq")
 
 
 def upstream_quantizer(gm: fx.GraphModule, x) -> Optional[ActivationFakeQuant]:

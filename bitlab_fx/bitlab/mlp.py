@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn.bitlinear import BitLinear
-from ..seed import BitQuantConfig
+from .bitlinear import BitLinear
+from .config import BitQuantConfig
 
 
 def _positive_int(name: str, value) -> None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import IntActivation, QuantConfig, TernaryWeight
-from .errors import ConfigError
+from ..config import IntActivation, QuantConfig, TernaryWeight
+from ..errors import ConfigError
 
 ACTIVATION_DTYPES = ("int8", "float32")
 ACTIVATION_GRANULARITIES = ("per_tensor", "per_token", "per_channel")

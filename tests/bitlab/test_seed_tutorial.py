@@ -16,7 +16,7 @@ from bitlab_fx import BitQuantConfig
 from bitlab_fx.models import AutoBitModel, BitMLPConfig
 from bitlab_fx.nn import BitLinear
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEEDS = ROOT.parent / "shared" / "seeds"
 IMPORTS = {
     "from bitcore.config import BitQuantConfig": "from bitlab_fx import BitQuantConfig",

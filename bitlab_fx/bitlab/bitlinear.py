@@ -40,8 +40,8 @@ from ..quant import exact_layers
 from ..quant import primitives as P
 from ..quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from ..quant.packing import padded_k
-from ..seed import BitQuantConfig
-from .quantized import QuantizedLinear
+from ..nn.quantized import QuantizedLinear
+from .config import BitQuantConfig
 
 
 def _as_bit_config(quant_config) -> BitQuantConfig:
