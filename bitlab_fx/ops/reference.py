@@ -43,18 +43,6 @@ def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return A.int8_codes(x2, s)
 
 
-def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor], dtype: torch.dtype, max_abs_w: int = 127) -> torch.Tensor:
-    """``y [M, N]`` from int8 codes ``xq [M, K]`` (multiplier ``s [M, 1]`` or ``[1, 1]``) and integer weights
-    ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`."""
-    ws = weight_scale.float()
-    if ws.dim() == 2:
-        acc = A.int_matmul_groups(xq, wq, ws.shape[1])
-    else:
-        acc = A.int_matmul(xq, wq, max_abs_w)
-    return A.add_bias(A.rescale_linear(acc, ws, s), bias, -1, dtype)
-
-
 def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                act: str, act_scale: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
     """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer."""
@@ -70,7 +58,7 @@ def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
         y = A.add_bias(x2 @ w.t(), bias, -1, x.dtype)
     else:
         s = act_multiplier(x2, act, act_scale)
-        y = linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w)
+        y = A.linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -80,15 +68,6 @@ def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", a
 
 def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
     return int_linear(x, weight, weight_scale, bias, act, act_scale)
-
-
-def conv_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], stride, padding, dilation, groups: int, dtype: torch.dtype,
-                    max_abs_w: int = 127) -> torch.Tensor:
-    """A conv output from int8 codes ``xq`` (multiplier ``s`` per sample ``[B, 1...]`` or ``[1...]``) and integer
-    weights ``wq`` (one step per output channel): the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`."""
-    acc = A.int_conv(xq, wq, stride, padding, dilation, groups, max_abs_w)
-    return A.add_bias(A.rescale_conv(acc, weight_scale, s), bias, 1, dtype)
 
 
 def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -101,7 +80,7 @@ def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
         y = F.conv2d(xf, wq.float() * ws, None, stride, padding, dilation, groups)
         return A.add_bias(y, bias, 1, x.dtype)
     s = act_multiplier(xf, act, act_scale, token_dims=3)
-    return conv_from_codes(quantize_int8(xf, s), s, wq, weight_scale, bias, stride, padding, dilation, groups,
+    return A.conv_from_codes(quantize_int8(xf, s), s, wq, weight_scale, bias, stride, padding, dilation, groups,
                            x.dtype, max_abs_w)
 
 

@@ -126,3 +126,26 @@ def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int, dt
         shape[channel_dim] = -1
         y = y.add_(bias.float().reshape(shape)) if y.dtype == torch.float32 else y + bias.float().reshape(shape)
     return y.to(dtype)
+
+
+# -- a whole layer from its codes ----------------------------------------------------------------
+
+def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor], dtype: torch.dtype, max_abs_w: int = 127) -> torch.Tensor:
+    """``y [M, N]`` from int8 codes ``xq [M, K]`` (multiplier ``s [M, 1]`` or ``[1, 1]``) and integer weights
+    ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic."""
+    ws = weight_scale.float()
+    if ws.dim() == 2:
+        acc = int_matmul_groups(xq, wq, ws.shape[1])
+    else:
+        acc = int_matmul(xq, wq, max_abs_w)
+    return add_bias(rescale_linear(acc, ws, s), bias, -1, dtype)
+
+
+def conv_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], stride, padding, dilation, groups: int, dtype: torch.dtype,
+                    max_abs_w: int = 127) -> torch.Tensor:
+    """A conv output from int8 codes ``xq`` (multiplier ``s`` per sample ``[B, 1...]`` or ``[1...]``) and integer
+    weights ``wq`` (one step per output channel): the shared arithmetic."""
+    acc = int_conv(xq, wq, stride, padding, dilation, groups, max_abs_w)
+    return add_bias(rescale_conv(acc, weight_scale, s), bias, 1, dtype)

@@ -87,8 +87,7 @@ def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] 
     k = x_fq.shape[-1]
     xq, mult = input_codes(codes_from, input_quantizer, 1)
     wq, w_step = weight_quantizer.codes(weight)
-    from ..ops import reference
-    y = reference.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
+    y = A.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
                                     None if bias is None else bias.detach(), x_fq.dtype,
                                     P.weight_qrange(weight_quantizer.spec))
     y = y.reshape(*x_fq.shape[:-1], wq.shape[0])
@@ -104,8 +103,7 @@ def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weigh
     src = codes_from.unsqueeze(0) if unbatched else codes_from
     xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1)
     wq, w_step = weight_quantizer.codes(weight)
-    from ..ops import reference
-    y = reference.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1),
+    y = A.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1),
                                   None if bias is None else bias.detach(), stride, padding, dilation, groups,
                                   x_fq.dtype, P.weight_qrange(weight_quantizer.spec))
     y = y.squeeze(0) if unbatched else y
