@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import bitlab_fx as bfx
-from conftest import mlp
+from _helpers import mlp
 
 
 def test_convert_of_unprepared_model():

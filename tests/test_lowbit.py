@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitlab_fx as bfx
-from conftest import mlp
+from _helpers import mlp
 
 ACT4 = dict(bits=4, dynamic=False, granularity="per_tensor")
 

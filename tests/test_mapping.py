@@ -2,7 +2,6 @@ import json
 import warnings
 
 import pytest
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import bitlab_fx as bfx
-from conftest import mlp
+from _helpers import mlp
 
 
 def _task(n=512, seed=0):

@@ -7,7 +7,7 @@ from torch import nn
 
 import bitlab_fx as bfx
 from _hf_tiny import build, transformers
-from conftest import mlp
+from _helpers import mlp
 
 
 def _convert(model, ex, head):

@@ -5,7 +5,7 @@ from torch import fx, nn
 
 import bitlab_fx as bfx
 from bitlab_fx.nn.quantized import _QuantizedBase, upgrade_legacy_keys
-from bitlab_fx.passes._common import META, layer_nodes
+from bitlab_fx.passes._common import META
 
 WEIGHTS = {"ternary": bfx.TernaryWeight(), "int4": bfx.IntWeight(4), "int8": bfx.IntWeight(8),
            "int4-group": bfx.IntWeight(4, bfx.PerGroup(16))}

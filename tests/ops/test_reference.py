@@ -68,3 +68,12 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = list(_opcheck_cases())[case]
     torch.library.opcheck(op, args)
+
+
+def test_quantize_dequantize_static_and_dynamic():
+    x = torch.tensor([[-1.0, 0.2, 0.5, 3.0]])
+    y = torch.ops.bitlab.quantize_dequantize(x, torch.tensor([5.0]), 4, False, "per_tensor", 1)
+    torch.testing.assert_close(y, torch.tensor([[0.0, 0.2, 0.4, 3.0]]))  # round(x*5) clamped to 0..15, /5
+    d = torch.ops.bitlab.quantize_dequantize(x, None, 8, True, "per_token", 1)
+    torch.testing.assert_close(d, torch.round(x * 127 / 3) * 3 / 127)
+    torch.library.opcheck(torch.ops.bitlab.quantize_dequantize.default, (torch.randn(3, 4), None, 4, True, "per_token", 1))

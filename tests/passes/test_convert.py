@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import bitlab_fx as bfx
-from conftest import SmallNet, mlp
+from _helpers import mlp
 
 
 def _ops(gm):

@@ -8,7 +8,7 @@ from torch import fx, nn
 import bitlab_fx as bfx
 from bitlab_fx.quant import exact_layers
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from conftest import SmallNet, mlp
+from _helpers import mlp
 
 
 def _fq_nodes(gm):
