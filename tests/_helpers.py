@@ -1,4 +1,5 @@
 """Small models shared by the tests (imported by name, never from conftest: ``from _helpers import mlp``)."""
+import torch.nn.functional as F
 from torch import nn
 
 from _small_net import SmallNet  # noqa: F401  (re-exported: the conv + linear net of the tests)
@@ -12,3 +13,21 @@ def mlp(sizes=(32, 64, 10)):
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class LeNet(nn.Module):
+    """The LeNet-5 of the Brevitas tutorial, plain torch.nn."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 6, 5), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(6, 16, 5), nn.ReLU()
+        self.fc1, self.relu3 = nn.Linear(400, 120), nn.ReLU()
+        self.fc2, self.relu4 = nn.Linear(120, 84), nn.ReLU()
+        self.fc3 = nn.Linear(84, 10, bias=False)
+
+    def forward(self, x):
+        out = F.max_pool2d(self.relu1(self.conv1(x)), 2)
+        out = F.max_pool2d(self.relu2(self.conv2(out)), 2)
+        out = out.reshape(out.shape[0], -1)
+        return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(out)))))

@@ -68,27 +68,6 @@ def test_untraceable_model_names_the_module_and_reason():
     assert "TraceError" in bfx.summary(pm).untraced["inner"]
 
 
-def test_summary_lists_float_weights_that_untraced_modules_use_functionally():
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w_qkv = nn.Parameter(torch.randn(96, 32) * 0.1)  # used with F.linear: invisible without a graph
-            self.norm_scale = nn.Parameter(torch.ones(32))  # a vector, not a weight matrix: not listed
-            self.proj = nn.Linear(32, 32)
-
-        def forward(self, x):
-            if x.sum() > 1e9:  # data-dependent: not traceable
-                x = x * 0
-            q, k, v = torch.nn.functional.linear(x * self.norm_scale, self.w_qkv).chunk(3, -1)
-            return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v))
-
-    pm = bfx.prepare_qat(nn.Sequential(Attn(), nn.Linear(32, 4)), bfx.ternary())
-    s = bfx.summary(pm)
-    assert s.eager_weights == {"0.w_qkv": [96, 32]}
-    assert "float weights of untraced modules (3,072 params, not in the table): 0.w_qkv [96, 32]" in str(s)
-    assert s.totals["quantized"] == 2  # 0.proj and 1, as lone layers
-
-
 def test_bad_qconfig_types():
     with pytest.raises(bfx.ConfigError):
         bfx.prepare_qat(mlp(), None)

@@ -6,27 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitlab_fx as bfx
-from _helpers import mlp
+from _helpers import LeNet, mlp
 
 ACT4 = dict(bits=4, dynamic=False, granularity="per_tensor")
-
-
-class LeNet(nn.Module):
-    """The LeNet-5 of the Brevitas tutorial, plain torch.nn."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.relu1 = nn.Conv2d(3, 6, 5), nn.ReLU()
-        self.conv2, self.relu2 = nn.Conv2d(6, 16, 5), nn.ReLU()
-        self.fc1, self.relu3 = nn.Linear(400, 120), nn.ReLU()
-        self.fc2, self.relu4 = nn.Linear(120, 84), nn.ReLU()
-        self.fc3 = nn.Linear(84, 10, bias=False)
-
-    def forward(self, x):
-        out = F.max_pool2d(self.relu1(self.conv1(x)), 2)
-        out = F.max_pool2d(self.relu2(self.conv2(out)), 2)
-        out = out.reshape(out.shape[0], -1)
-        return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(out)))))
 
 
 def w3a4_mapping():
@@ -103,53 +85,6 @@ def test_int_bias_is_on_the_input_times_weight_step_grid():
     torch.testing.assert_close(cm.fc1.bias, bfq(pm.get_parameter("fc1.bias"), w).detach())
 
 
-@pytest.mark.parametrize("spelling", ["module", "F.relu", "torch.relu", "method"])
-@pytest.mark.parametrize("rule_type", [nn.ReLU, F.relu])
-def test_relu_rules_match_every_spelling_of_relu(spelling, rule_type):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.act = nn.Linear(8, 8), nn.ReLU()
-
-        def forward(self, x):
-            h = self.fc(x)
-            h = {"module": self.act, "F.relu": F.relu, "torch.relu": torch.relu, "method": lambda t: t.relu()}[spelling](h)
-            return h * 2
-
-    qc = bfx.QConfigMapping().set_object_type(rule_type, bfx.QuantConfig(output=bfx.IntActivation(signed=False, **ACT4)))
-    pm = bfx.prepare_qat(Net(), qc)
-    assert len(_fq_names(pm, "ActivationFakeQuant")) == 1
-    pm(torch.randn(64, 8))
-    y = pm.eval()(torch.randn(5, 8)) / 2
-    levels = y * pm.get_submodule(_fq_names(pm, "ActivationFakeQuant")[0]).multiplier(torch.empty(0))
-    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
-    assert levels.min() >= 0 and levels.max() <= 15
-
-
-def test_global_config_with_output_quantizes_layers_not_every_op():
-    cfg = bfx.QuantConfig(weight="int4", output=bfx.IntActivation(signed=True, **ACT4))
-    pm = bfx.prepare_qat(mlp((8, 16, 4)), cfg)
-    assert _fq_names(pm, "ActivationFakeQuant") == ["0_output_fq", "2_output_fq"]  # the two Linears, not the ReLU
-
-
-def test_quant_identity_equivalent_and_module_name_output_rule():
-    model = nn.Sequential(nn.Identity(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    qc = (bfx.QConfigMapping().set_global(bfx.weight_only("int4"))
-          .set_object_type(nn.Identity, bfx.QuantConfig(output=bfx.IntActivation(bits=4, dynamic=False, granularity="per_tensor")))
-          .set_module_name("2", bfx.QuantConfig(output="uint4")))
-    pm = bfx.prepare_qat(model, qc)
-    assert _fq_names(pm, "ActivationFakeQuant") == ["0_output_fq", "2_output_fq"]
-    pm(torch.randn(32, 8))
-    cm = bfx.convert(pm.eval())
-    x = torch.randn(6, 8)
-    torch.testing.assert_close(cm(x), pm(x), rtol=1e-4, atol=1e-5)
-
-
-def test_non_layer_rule_without_output_is_a_clear_error():
-    with pytest.raises(bfx.ConfigError, match=r"not a linear/conv layer.*QuantConfig\(output="):
-        bfx.prepare_qat(mlp(), bfx.QConfigMapping().set_global(bfx.ternary()).set_object_type(nn.ReLU, bfx.ternary()))
-
-
 def test_int_bias_needs_a_static_input_scale():
     cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")  # int8 input is dynamic per token
     with pytest.raises(bfx.ConfigError, match=r"layer '0'.*IntBias needs one static input scale.*dynamic=False"):
@@ -195,12 +130,3 @@ def test_converted_lowbit_model_exports_and_compiles_without_graph_breaks():
     torch.testing.assert_close(torch.compile(cm, fullgraph=True, backend="eager")(x), cm(x))
 
 
-def test_none_rule_for_one_relu_is_used_and_does_not_warn():
-    import warnings
-    out = bfx.QuantConfig(output=bfx.IntActivation(signed=False, **ACT4))
-    qc = (bfx.QConfigMapping().set_global(bfx.int8()).set_object_type(nn.ReLU, out)
-          .set_module_name("relu2", None))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # was: "rule module_name('relu2') matched no layer"
-        pm = bfx.prepare_qat(LeNet(), qc)
-    assert hasattr(pm, "relu1_output_fq") and not hasattr(pm, "relu2_output_fq")
