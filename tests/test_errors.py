@@ -6,17 +6,6 @@ import bitlab_fx as bfx
 from _helpers import mlp
 
 
-def test_convert_of_unprepared_model():
-    with pytest.raises(bfx.ConvertError, match="not prepared with bfx.prepare_qat"):
-        bfx.convert(mlp())
-
-
-def test_convert_twice():
-    cm = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()))
-    with pytest.raises(bfx.ConvertError, match="already converted"):
-        bfx.convert(cm)
-
-
 def test_prepare_twice():
     pm = bfx.prepare_qat(mlp(), bfx.ternary())
     with pytest.raises(bfx.ConfigError, match="already prepared"):
@@ -77,17 +66,3 @@ def test_bad_qconfig_types():
         bfx.prepare_qat(mlp(), bfx.ternary(), frontend="onnx")
     with pytest.raises(bfx.ConfigError, match="torch.nn.Module"):
         bfx.prepare_qat(lambda x: x, bfx.ternary())
-
-
-def test_bias_quant_not_yet_lowered_is_a_clear_error():
-    cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")
-    with pytest.raises(bfx.ConfigError, match="IntBias"):
-        bfx.prepare_qat(mlp(), cfg)
-
-
-def test_op_errors_are_kernel_errors():
-    cm = bfx.convert(bfx.prepare_qat(mlp(), bfx.ternary()))
-    with pytest.raises(bfx.KernelError, match="K=31"):
-        cm(torch.randn(2, 31))
-    with pytest.raises(bfx.KernelError, match="dtype"):
-        cm(torch.ones(2, 32, dtype=torch.int64))

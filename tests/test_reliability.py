@@ -89,6 +89,8 @@ def test_non_finite_weights_at_convert(bad):
 def test_convert_unprepared_converted_or_wrapped_models():
     with pytest.raises(bfx.ConvertError, match="prepare_qat"):
         bfx.convert(nn.Linear(4, 4))
+    with pytest.raises(bfx.ConvertError, match="not prepared with bfx.prepare_qat"):  # (was test_errors.py)
+        bfx.convert(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)))
     _, cm = one_layer()
     with pytest.raises(bfx.ConvertError, match="already converted"):
         bfx.convert(cm)
@@ -161,6 +163,8 @@ def test_wrong_input_dtype_and_scalar_input():
         cm(torch.ones(2, 64, dtype=torch.float64))
     with pytest.raises(bfx.KernelError, match="dtype"):
         cm(torch.ones(2, 64, dtype=torch.int32))
+    with pytest.raises(bfx.KernelError, match="dtype"):
+        cm(torch.ones(2, 64, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- valid but unusual -> right answer
