@@ -1,6 +1,5 @@
 """Where a layer's int8 input codes come from (one decision for prepare and convert)."""
 import pytest
-import torch
 from torch import nn
 
 import bitlab_fx as bfx
