@@ -36,7 +36,8 @@ from .pipeline import capture_fx
 from .quant.packing import FORMAT_VERSION
 
 FILE_FORMAT = "bitlab_fx.quantized"
-FILE_VERSION = 2  # 2: a converted layer's static multiplier is "act_multiplier" (was "act_scale_static")
+FILE_VERSION = 2  # 2: static multipliers are "<layer>.act_multiplier" / "<quantizer>_multiplier" (were
+#                  "<layer>.act_scale_static" / "<quantizer>_scale")
 READABLE_FILE_VERSIONS = (1, 2)  # version 1 files load: their keys are renamed (nn.quantized.upgrade_legacy_keys)
 _HEADER_KEY = "bitlab_fx"
 _EXTRA = "_extra_state"
@@ -114,6 +115,18 @@ def _check_shapes(model: nn.Module, state: Dict[str, Any], path: str) -> None:
                                f"{tuple(value.shape)} in this model; build the float model with the config that was quantized")
 
 
+def _upgrade_version_1(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Version 1 names: a layer's static multiplier ``<layer>.act_scale_static`` (now ``act_multiplier``) and a
+    lowered quantizer's ``<name>_scale`` (now ``<name>_multiplier``): renamed in place."""
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantizedBase):
+            upgrade_legacy_keys(state, f"{name}." if name else "")
+    for key in model.state_dict():
+        old = key[: -len("_multiplier")] + "_scale" if key.endswith("_multiplier") else None
+        if old is not None and key not in state and old in state:
+            state[key] = state.pop(old)
+
+
 def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] = None, *,
                    example_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Rebuild the converted structure on the float ``model`` and load ``path``; returns the converted model
@@ -142,9 +155,8 @@ def load_quantized(model: nn.Module, path: str, example_inputs: Optional[tuple] 
     state: Dict[str, Any] = dict(_safetensors().torch.load_file(path))
     state.update({alias: state[key] for alias, key in header["aliases"].items()})
     state.update(header["extra_states"])
-    for name, module in converted.named_modules():  # files written before a key was renamed still load
-        if isinstance(module, _QuantizedBase):
-            upgrade_legacy_keys(state, f"{name}." if name else "")
+    if header["file_version"] == 1:  # files written before two keys were renamed still load
+        _upgrade_version_1(converted, state)
     _check_shapes(converted, state, path)
     converted.load_state_dict(state, strict=True)
     return converted

@@ -56,15 +56,18 @@ def test_version_1_files_with_static_multipliers_still_load(tmp_path):
 
     torch.manual_seed(0)
     static = bfx.QuantConfig(weight="ternary", input=bfx.IntActivation(dynamic=False, granularity="per_tensor"))
-    pm = bfx.prepare_qat(mlp((32, 32, 4)), static)
+    relu4 = bfx.QuantConfig(output=bfx.IntActivation(4, signed=False, dynamic=False, granularity="per_tensor"))
+    pm = bfx.prepare_qat(mlp((32, 32, 4)), bfx.QConfigMapping().set_global(static).set_object_type(nn.ReLU, relu4))
     pm.train()(torch.randn(16, 32))
     cm = bfx.convert(pm.eval())
     path, old_path = str(tmp_path / "q.safetensors"), str(tmp_path / "old.safetensors")
     bfx.save_quantized(cm, path)
     with safe_open(path, "pt") as f:
-        tensors = {k.replace("act_multiplier", "act_scale_static"): f.get_tensor(k) for k in f.keys()}
+        def old_name(key):
+            return key.replace("act_multiplier", "act_scale_static").replace("_output_multiplier", "_output_scale")
+        tensors = {old_name(k): f.get_tensor(k) for k in f.keys()}
         header = json.loads(f.metadata()["bitlab_fx"])
-    assert "0.act_scale_static" in tensors
+    assert "0.act_scale_static" in tensors and "1_output_scale" in tensors
     save_file(tensors, old_path, metadata={"bitlab_fx": json.dumps({**header, "file_version": 1})})
     loaded = bfx.load_quantized(mlp((32, 32, 4)), old_path)
     x = torch.randn(5, 32)

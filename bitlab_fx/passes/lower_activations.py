@@ -5,7 +5,7 @@ activation quantizer (lower bits, unsigned, outputs of ReLUs, the model input) b
 quantize-dequantize op with its static multiplier stored as a buffer::
 
     relu1_output_fq = call_module[relu1_output_fq](relu1)
-    ->  relu1_output = call_function[bitlab.quantize_dequantize](relu1, get_attr[relu1_output_scale], 4, False, ...)
+    ->  relu1_output = call_function[bitlab.quantize_dequantize](relu1, get_attr[relu1_output_multiplier], 4, False, ...)
 
 The op computes exactly what the fake quantizer computes in eval mode, so converted == prepared.
 """
@@ -39,7 +39,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, fq: ActivationFakeQuant) -> No
     with gm.graph.inserting_before(node):
         scale = None
         if not spec.dynamic:
-            name = unique_name(gm, node.target.replace("_fq", "_scale"))
+            name = unique_name(gm, node.target.replace("_fq", "_multiplier"))
             gm.register_buffer(name, _static_multiplier(fq, f"convert: {node.target}"))
             scale = gm.graph.get_attr(name)
         new = gm.graph.call_function(torch.ops.bitlab.quantize_dequantize.default,
