@@ -58,6 +58,16 @@ def exact_chunk(max_abs_w: int, max_abs_x: int = X_CODE_MAX) -> int:
     return max(1, (FP32_EXACT - 1) // (max_abs_x * max_abs_w))
 
 
+def _no_autocast(fn):
+    """Integer products must not be cast down by an enclosing ``torch.autocast`` (a bf16 result rounds the sum)."""
+    def wrapped(xq, *args, **kwargs):
+        with torch.autocast(xq.device.type, enabled=False):
+            return fn(xq, *args, **kwargs)
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@_no_autocast
 def int_matmul(xq: torch.Tensor, wq: torch.Tensor, max_abs_w: int) -> torch.Tensor:
     """``xq [M, K] @ wq [N, K].T`` for integer-valued tensors, exact: fp32 ``[M, N]`` when ``K`` is short
     enough (:func:`exact_chunk`), else the fp32 products of exact chunks summed in float64."""
@@ -72,6 +82,7 @@ def int_matmul(xq: torch.Tensor, wq: torch.Tensor, max_abs_w: int) -> torch.Tens
     return acc
 
 
+@_no_autocast
 def int_matmul_groups(xq: torch.Tensor, wq: torch.Tensor, groups: int) -> torch.Tensor:
     """Per-group integer products ``acc [M, N, G]`` of ``xq [M, K]`` and ``wq [N, K]`` (groups of ``K/G``
     columns; groups are short, so fp32 is exact)."""
@@ -83,6 +94,7 @@ def int_matmul_groups(xq: torch.Tensor, wq: torch.Tensor, groups: int) -> torch.
     return torch.einsum("mgk,ngk->mng", xq.float().reshape(m, groups, size), wq.float().reshape(n, groups, size))
 
 
+@_no_autocast
 def int_conv(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, groups: int, max_abs_w: int) -> torch.Tensor:
     """conv1d/conv2d of integer-valued tensors, exact: fp32 on CPU when every output sums few enough
     products (a direct convolution of integers), float64 otherwise."""

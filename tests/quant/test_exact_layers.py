@@ -194,3 +194,14 @@ def test_disabled_or_blending_quantizers_give_the_plain_float_call():
         y = exact_layers.linear(afq(x), wfq(w), None, codes_from=x, weight=w, input_quantizer=afq, weight_quantizer=wfq)
         assert torch.equal(y, F.linear(afq(x), wfq(w)))
         setattr(fq, attr, True if attr == "enabled" else 1.0)
+
+
+def test_autocast_does_not_round_the_integer_products():
+    """Under torch.autocast the prepared model still equals the converted one (whose ops run in fp32)."""
+    torch.manual_seed(7)
+    prepared = bfx.prepare_qat(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)),
+                               bfx.QuantConfig(weight=bfx.IntWeight(8), input=bfx.IntActivation())).eval()
+    x = torch.randn(16, 256) * 4
+    converted = bfx.convert(prepared)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(converted(x), prepared(x))
