@@ -1,4 +1,5 @@
-"""CUDA implementations of ``bitlab.ternary_linear`` and ``bitlab.int8_linear`` (Triton, in ``kernels.py``).
+"""CUDA implementations of ``bitlab.ternary_linear`` and ``bitlab.int8_linear`` (Triton: entry points in
+``kernels.py``, which imports the kernels and launchers split by concern into the modules next to it).
 
 :func:`register` is cheap and imports neither triton nor CUDA: ``bitlab_fx.ops`` calls it at import.
 ``kernels.py`` (and triton) load the first time a CUDA tensor reaches one of the ops.
