@@ -1,8 +1,9 @@
 """The C kernel for ``torch.ops.bitlab`` on CPU: loader and ``torch.library`` registration.
 
 :func:`register` (called by ``bitlab_fx.ops``) registers the CPU kernels; nothing is compiled until
-the first call, which builds ``bitlab_cpu.c`` into the user cache (see ``_build.py``) and loads it
-with ctypes. Without a working C compiler the ops fall back to ``reference.py`` with one warning.
+the first call, which builds the C files of this package (``bitlab_cpu.c`` and the others, listed in
+``_build.FILES``) into one library in the user cache (see ``_build.py``) and loads it with ctypes.
+Without a working C compiler the ops fall back to ``reference.py`` with one warning.
 
 Environment:
 

@@ -1,24 +1,47 @@
-"""Build ``bitlab_cpu.c`` with the system C compiler into a per-user cache, once per source/flags/CPU.
+"""Build the C kernel (``bitlab_cpu.c`` and the files of :data:`FILES`) with the system C compiler into a
+per-user cache, once per source/flags/CPU.
 
 The library is compiled on first use (never at ``import bitlab_fx``) into
 ``$BITLAB_FX_CACHE_DIR`` or ``$XDG_CACHE_HOME/bitlab_fx`` or ``~/.cache/bitlab_fx``, under a name
-keyed by the source hash, the compiler, the flags and the CPU features. Two halves of the source
-compile in parallel (``-DBITLAB_PART=1/2``), then link. Output goes to a temporary file in the same
-directory and is moved into place with ``os.replace``, so concurrent first uses all succeed.
+keyed by the source hash (of every file), the compiler, the flags and the CPU features.
+
+The files are joined into one translation unit's text (:func:`amalgamate`: each file after a ``#line``
+marker, so diagnostics name the file and line), which compiles as two jobs in parallel
+(``-DBITLAB_PART=1/2``: each job keeps the files :data:`FILES` assigns to it), then links. Two jobs, not
+one per file: ``immintrin.h`` alone takes ~0.4 s of CPU to compile at -O3, which every job pays again,
+and the first call of an op waits for this build. Output goes to a temporary file in the same directory and is
+moved into place with ``os.replace``, so concurrent first uses all succeed.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
-SOURCE = Path(__file__).with_name("bitlab_cpu.c")
+HERE = Path(__file__).parent
+# The kernel's files, in the order they form one translation unit, each with the compile job that builds
+# it (0: both, the shared header). The assignment balances the two jobs' compile times (gcc 12, -O3, CPU
+# seconds beyond the header's ~0.4: tiles.c 1.15, tiles_vnni.c 0.7, decode.c 0.6, weight_only.c 0.4,
+# gemm.c 0.3, bitlab_cpu.c 0.25, conv.c 0.1); a file moved or added should keep them about even.
+FILES = (
+    ("bitlab_cpu.h", 0),   # shared types, macros, inline helpers, cross-file declarations
+    ("bitlab_cpu.c", 2),   # ABI, ISA, activation quantization, job and threads, bitlab_linear(_q)
+    ("tiles.c", 1),        # small M: scalar and AVX2 register tiles, dot_tile, gemm_cols
+    ("tiles_vnni.c", 2),   # small M: VNNI register tiles
+    ("decode.c", 2),       # M == 1: the decode loops
+    ("gemm.c", 2),         # the batched GEMM
+    ("weight_only.c", 1),  # act = "none": bitlab_linear_wo, bitlab_expand_wo
+    ("conv.c", 1),         # bitlab_im2col_s8
+)
+PARTS = (1, 2)
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"\n]+)"[^\n]*', re.M)
 # -ffp-contract=off: no FMA contraction, so the fp32 rescale rounds exactly like reference.py.
 # -fno-tree-vectorize: the hot loops are written with intrinsics; gcc's auto-vectoriser only added
 # compile time (~15% of the first-use build, which targets ~2 s on 2 cores) and no measurable speed.
@@ -29,6 +52,45 @@ _CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_
 
 class BuildError(RuntimeError):
     pass
+
+
+def amalgamate() -> str:
+    """The text of :data:`FILES` as one translation unit: what the build compiles and hashes.
+
+    Each file follows a ``#line 1 "name"`` marker, with its ``#include`` of another file of FILES blanked
+    (the header comes first; blank, not removed, so line numbers stay right); each file of job p is
+    wrapped in ``#if BITLAB_PART == 0 || BITLAB_PART == p``, so ``-DBITLAB_PART=p`` compiles job p and
+    no ``BITLAB_PART`` compiles the whole library in one job."""
+    names = {name for name, _ in FILES}
+    out = []
+    for name, part in FILES:
+        try:
+            text = (HERE / name).read_text(encoding="utf-8")
+        except OSError as e:
+            raise BuildError(f"kernel source {HERE / name} unreadable ({e})") from e
+        text = _LOCAL_INCLUDE.sub(lambda m: "" if m.group(1) in names else m.group(0), text)
+        if not text.endswith("\n"):
+            text += "\n"
+        if part:
+            out.append(f"#if BITLAB_PART == 0 || BITLAB_PART == {part}\n")
+        out.append(f'#line 1 "{name}"\n{text}')
+        if part:
+            out.append(f"#endif /* {name} */\n")
+    return "".join(out)
+
+
+class _Source:
+    """The kernel's source as the one text the build compiles (:func:`amalgamate`), readable like the
+    single file (``bitlab_cpu.c``) it once was: tests build variants of it."""
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return amalgamate()
+
+    def read_bytes(self) -> bytes:
+        return amalgamate().encode("utf-8")
+
+
+SOURCE = _Source()
 
 
 def cache_dir() -> Path:
@@ -64,9 +126,11 @@ def cpu_features() -> str:
     return platform.machine() + ":" + ",".join(sorted(f for f in flags if f in _CPU_FLAGS))
 
 
-def library_path(cc: List[str], openmp: bool = True) -> Path:
+def library_path(cc: List[str], openmp: bool = True, source: Optional[str] = None) -> Path:
+    """Where the library for this source (default: :func:`amalgamate`'s), compiler, flags and CPU is cached."""
+    src = (amalgamate() if source is None else source).encode("utf-8")
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cc).encode(), " ".join(CFLAGS).encode(), cpu_features().encode()):
+    for part in (src, " ".join(cc).encode(), " ".join(CFLAGS).encode(), cpu_features().encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"bitlab_cpu-{h.hexdigest()[:16]}.so"
@@ -83,15 +147,18 @@ def _run(cmds: List[List[str]]) -> None:
         raise BuildError("\n".join(errors))
 
 
-def _compile(cc: List[str], out: Path, openmp: bool) -> None:
+def _compile(cc: List[str], out: Path, openmp: bool, source: str) -> None:
     omp = OPENMP if openmp else []
     stem = str(out) + ".part"
-    objs = [f"{stem}{i}.o" for i in (1, 2)]
+    src = stem + ".c"
+    objs = [f"{stem}{i}.o" for i in PARTS]
     try:
-        _run([cc + CFLAGS + omp + [f"-DBITLAB_PART={i}", "-c", str(SOURCE), "-o", o] for i, o in zip((1, 2), objs)])
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(source)
+        _run([cc + CFLAGS + omp + [f"-DBITLAB_PART={i}", "-c", src, "-o", o] for i, o in zip(PARTS, objs)])
         _run([cc + ["-shared"] + omp + objs + ["-o", str(out), "-lm"]])
     finally:
-        for o in objs:
+        for o in [src] + objs:
             try:
                 os.unlink(o)
             except OSError:
@@ -104,18 +171,19 @@ def build() -> Path:
         cc = compiler()
     except BuildError:
         raise
-    path = library_path(cc)
+    source = amalgamate()
+    path = library_path(cc, source=source)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.tmp"
     try:
         try:
-            _compile(cc, tmp, openmp=True)
+            _compile(cc, tmp, openmp=True, source=source)
         except FileNotFoundError as e:
             raise BuildError(f"C compiler {cc[0]!r} not found") from e
         except BuildError:
-            _compile(cc, tmp, openmp=False)  # e.g. a compiler without OpenMP: single-threaded kernel
+            _compile(cc, tmp, openmp=False, source=source)  # e.g. a compiler without OpenMP: single-threaded kernel
         os.replace(tmp, path)
     except FileNotFoundError as e:
         raise BuildError(f"C compiler {cc[0]!r} not found") from e

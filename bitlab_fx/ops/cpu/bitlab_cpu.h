@@ -1,0 +1,193 @@
+/* bitlab_cpu.h: what the kernel's C files share: includes and the ISA switch, constants and enums, the
+ * per-call work description (job_t), target attributes, small inline helpers used by more than one file,
+ * and the functions one file calls in another. The library overview (math, weight layouts, which path
+ * runs when) is at the top of bitlab_cpu.c; _build.py lists the files and compiles them. */
+#ifndef BITLAB_CPU_H
+#define BITLAB_CPU_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BITLAB_X86 1
+#include <immintrin.h>
+#endif
+
+#define BITLAB_ABI 7
+#ifndef BITLAB_PART
+#define BITLAB_PART 0 /* the compile job (_build.py); 0: every file (one job, or a file compiled on its own) */
+#endif
+#define EPS 1e-5f
+#define MAXT 4 /* max register tile in n and in m */
+/* The VNNI decode loops accumulate run r of each 128-block as 4^r * sum(code * xq): a lane gains
+ * <= 4 * 128 * 128 per block in the last chain, so they fold into exact int32 sums every
+ * DECODE_MAX_RUNS / 4 blocks (2^31 / 65536 = 32768 blocks would wrap). */
+#define DECODE_MAX_RUNS (4 * 16384)
+
+/* functions one file calls in another: not exported from the library */
+#define BITLAB_INTERNAL __attribute__((visibility("hidden")))
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
+enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
+
+typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile);
+/* batched GEMM tile shapes (gemm.c): weight rows per block, tokens per tile */
+#define PANEL_AVX2_NC 4
+#define PANEL_AVX2_MT 16
+#define PANEL_V512_NC 12
+#define PANEL_V512_MT 32
+
+/* ------------------------------------------------------------------------------------------ */
+/* Work description shared by all threads.                                                     */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    /* inputs */
+    const float *x;        /* [M, K] fp32 (NULL when xq_in is given) */
+    const int8_t *xq_in;   /* [M, K] pre-quantized activations (conv path) */
+    const float *s_in;     /* [M] multipliers for xq_in */
+    int64_t M, K, N;
+    int wfmt;
+    const void *w;         /* ternary: uint8 [N, Kp/4]; int8: int8 [N, K] */
+    const float *ws;       /* [1], [N] or [N, G] */
+    int ws_kind;           /* 0 per tensor, 1 per channel, 2 per group */
+    int64_t G, gs;         /* groups, group size in k */
+    const float *bias;     /* [N] or NULL */
+    int act;
+    float static_s;
+    float *out;            /* [M, N] fp32 */
+    /* scratch */
+    int64_t Kp;            /* padded row length of xq */
+    int8_t *xq;            /* [M, Kp] */
+    float *s;              /* [M] */
+    float *amax;           /* [M] */
+    int32_t *gsum;         /* [M, G] sum of xq over each group */
+    int has_m128;          /* some xq == -128 (only possible with a static scale) */
+    int isa;
+    int nr, mr;            /* register tile */
+    /* batched GEMM (see "tokens in vector lanes") */
+    uint8_t *xt;           /* [ceil(M/pmt)][Kp/4][pmt][4] xq + 128, or NULL: the small-M tiles */
+    int pnc, pmt;          /* weight rows per block, tokens per tile */
+    int failed;            /* a thread could not allocate its scratch */
+} job_t;
+
+#ifdef BITLAB_X86
+/* Keep an accumulator in a register at this point: stops gcc from re-associating the add chains
+ * into trees that need more registers than AVX2 has (which made it spill every accumulator). */
+#define PIN(v) __asm__("" : "+x"(v))
+#define PINV(v) __asm__("" : "+v"(v)) /* any of the 32 AVX-512 registers */
+#define TGT_AVX2 __attribute__((target("avx2,fma")))
+#define TGT_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+/* int4 weights (two per byte, low nibble = even k, two's complement): a 64-k chunk is 32 bytes.
+ * Unsigned codes u = w + 8 in [0, 15] are (nibble ^ 8). The kernels work on a per-chunk permutation
+ * of k, even k first, then odd k (so a chunk's low nibbles pair with xq[64c + 2i] and its high
+ * nibbles with xq[64c + 2i + 1]); quant_rows stores xq in that order for W_INT4. */
+static inline __attribute__((always_inline)) TGT_AVX2 void i4_codes(__m256i v, __m256i *lo, __m256i *hi) {
+    const __m256i m15 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    *lo = _mm256_xor_si256(_mm256_and_si256(v, m15), eight);
+    *hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), eight);
+}
+
+/* 32 packed bytes of chunk c of a row of rb bytes; the ragged last chunk through a zeroed copy */
+static inline __attribute__((always_inline)) TGT_AVX2 __m256i i4_load(const uint8_t *row, int64_t rb, int64_t c) {
+    if ((c + 1) * 32 <= rb) return _mm256_loadu_si256((const __m256i *)(row + c * 32));
+    uint8_t t[32] = {0};
+    if (c * 32 < rb) memcpy(t, row + c * 32, (size_t)(rb - c * 32));
+    return _mm256_loadu_si256((const __m256i *)t);
+}
+
+/* The small-M register tiles (tiles.c: scalar, AVX2; tiles_vnni.c: VNNI): a tile of nr weight rows x mr
+ * tokens (table entry [nr - 1][mr - 1]) computes acc[n * mr + m], exact int32 dot products over runs
+ * [r0, r1) (ternary) or k in [k0, k1) (int8; the last argument: "wide", some xq == -128). The tables are
+ * exported, as they were when the library was one file compiled as two jobs, so its symbols stay the same. */
+typedef void (*tern_fn)(const uint8_t *const *, const int8_t *const *, int64_t, int64_t, int32_t *);
+typedef void (*i8_fn)(const int8_t *const *, const int8_t *const *, int64_t, int64_t, int32_t *, int);
+#define DEF_ALL(D) D(1, 1) D(2, 1) D(3, 1) D(4, 1) D(1, 2) D(2, 2) D(1, 3) D(2, 3) D(1, 4) D(2, 4)
+/* tiles in use: M == 1 -> 4x1 (and n remainders 1..3 x 1); M >= 2 -> 2xMR (and 1xMR) */
+#define TABLE(P)                                                                                              \
+    {{P##_1_1, P##_1_2, P##_1_3, P##_1_4}, {P##_2_1, P##_2_2, P##_2_3, P##_2_4}, {P##_3_1, 0, 0, 0},          \
+     {P##_4_1, 0, 0, 0}}
+extern const tern_fn bitlab_tern_avx2[4][4];
+extern const i8_fn bitlab_i8_avx2[4][4];
+extern const tern_fn bitlab_tern_vnni[4][4];
+extern const i8_fn bitlab_i8_vnni[4][4];
+
+static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+/* [b, e): thread tid's share of nt of [0, total), in whole units */
+static inline void split(int64_t total, int64_t unit, int tid, int nt, int64_t *b, int64_t *e) {
+    int64_t units = (total + unit - 1) / unit;
+    int64_t per = units / nt, rem = units % nt;
+    int64_t u0 = tid * per + (tid < rem ? tid : rem);
+    int64_t u1 = u0 + per + (tid < rem ? 1 : 0);
+    *b = u0 * unit < total ? u0 * unit : total;
+    *e = u1 * unit < total ? u1 * unit : total;
+}
+
+/* weight k of row n in any stored format (scalar code: fallbacks and ragged ends) */
+static inline int weight_at(const void *w, int wfmt, int64_t n, int64_t K, int64_t k) {
+    if (wfmt == W_TERNARY) {
+        const uint8_t *row = (const uint8_t *)w + n * ((K + 127) / 128 * 32);
+        return ((row[(k / 128) * 32 + k % 32] >> (2 * ((k / 32) % 4))) & 3) - 1;
+    }
+    if (wfmt == W_INT4) {
+        const uint8_t *row = (const uint8_t *)w + n * ((K + 1) / 2);
+        int v = (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 15;
+        return (v ^ 8) - 8;
+    }
+    return ((const int8_t *)w)[n * K + k];
+}
+
+/* The body of a function returning y[m, n] from the exact integer dot products of each group,
+ * a(g) = sum_k xq * w over group g (A: that expression in g); used by tiles.c and gemm.c. */
+#define RESCALE_BODY(A)                                                                                 \
+    float y;                                                                                          \
+    if (j->ws_kind == 2) {                                                                            \
+        const float *ws = j->ws + n * j->G;                                                           \
+        y = 0.f;                                                                                      \
+        for (int64_t g = 0; g < j->G; g++) {                                                          \
+            float p = (float)(A) * ws[g];                                                             \
+            y = g ? y + p : p;                                                                        \
+        }                                                                                             \
+        y = y / j->s[m];                                                                              \
+    } else {                                                                                          \
+        const int64_t g = 0;                                                                          \
+        y = (float)(A) * j->ws[j->ws_kind ? n : 0] / j->s[m];                                        \
+    }                                                                                                 \
+    if (j->bias) y = y + j->bias[n];                                                                  \
+    return y;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Across files                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+/* bitlab_cpu.c */
+BITLAB_INTERNAL int bitlab_isa(void); /* the ISA in use (bitlab_set_isa; the best one by default) */
+BITLAB_INTERNAL int32_t bitlab_row_sum(const job_t *j, const int8_t *q, int64_t n);
+/* tiles.c: small M, output columns [n0, n1) through the register tiles; 0 on success */
+BITLAB_INTERNAL int bitlab_gemm_cols(job_t *j, int64_t n0, int64_t n1);
+/* gemm.c: the batched path, output columns [n0, n1); 0 on success */
+BITLAB_INTERNAL int bitlab_panel_cols(job_t *j, int64_t n0, int64_t n1);
+#ifdef BITLAB_X86
+/* decode.c: M == 1, output rows [n0, n1) (exported, like the tile tables and gemm.c's bitlab_panel_v512
+ * and bitlab_panel_v512_16, for the same reason) */
+void bitlab_decode_vnni(const job_t *j, int64_t n0, int64_t n1);
+int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1); /* -1: out of memory */
+void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
+void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
+#endif
+
+#endif /* BITLAB_CPU_H */

@@ -1,0 +1,69 @@
+"""How the C kernel's files become one library (bitlab_fx/ops/cpu/_build.py): every file is compiled, and
+the cache key covers every file. No compiler needed except where marked."""
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bitlab_fx.ops import cpu
+
+CPU_DIR = Path(cpu.__file__).parent
+
+
+def _load_build(directory: Path):
+    spec = importlib.util.spec_from_file_location("_build_copy", directory / "_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_files_lists_every_c_and_h_file_header_first():
+    build = _load_build(CPU_DIR)
+    listed = [name for name, _ in build.FILES]
+    on_disk = sorted(p.name for p in CPU_DIR.iterdir() if p.suffix in (".c", ".h"))
+    assert sorted(listed) == on_disk
+    assert build.FILES[0] == ("bitlab_cpu.h", 0)
+    assert {part for _, part in build.FILES[1:]} == set(build.PARTS)
+
+
+def test_cache_key_changes_with_every_file(tmp_path):
+    for p in CPU_DIR.iterdir():
+        if p.suffix in (".c", ".h", ".py"):
+            shutil.copy(p, tmp_path / p.name)
+    build = _load_build(tmp_path)
+    cc = ["cc"]
+    key = build.library_path(cc).name
+    for name, _ in build.FILES:
+        path = tmp_path / name
+        text = path.read_text()
+        path.write_text(text + "/* edited */\n")
+        assert build.library_path(cc).name != key, name
+        path.write_text(text)
+    assert build.library_path(cc).name == key
+
+
+def test_amalgamation_names_each_file_and_keeps_its_lines():
+    build = _load_build(CPU_DIR)
+    text = build.amalgamate()
+    lines = text.splitlines()
+    for name, _ in build.FILES:
+        own = (CPU_DIR / name).read_text().splitlines()
+        start = lines.index(f'#line 1 "{name}"') + 1
+        got = lines[start:start + len(own)]
+        assert len(got) == len(own)
+        for mine, theirs in zip(own, got):  # the same lines, local includes blanked
+            assert theirs == mine or (theirs == "" and mine.startswith('#include "'))
+    assert text.count("#if defined(__x86_64__) || defined(__i386__)") == 1  # the one switch, in the header
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_amalgamation_compiles_as_one_job(tmp_path):
+    """No BITLAB_PART: the whole library in one translation unit (every file's job guard lets it in)."""
+    build = _load_build(CPU_DIR)
+    src = tmp_path / "all.c"
+    src.write_text(build.amalgamate())
+    res = subprocess.run(build.compiler() + build.CFLAGS + ["-fsyntax-only", str(src)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
