@@ -34,6 +34,7 @@ from .layer_input import layer_input_codes
 from .lower_activations import _static_multiplier, lower_activation_quantizers
 from ._common import META, LayerMeta, layer_nodes, layer_weight, set_submodule, unique_name
 
+
 def _module_at(gm: fx.GraphModule, node) -> Optional[torch.nn.Module]:
     return gm.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
 
