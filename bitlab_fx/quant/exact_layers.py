@@ -31,11 +31,14 @@ from . import primitives as P
 
 
 def _use_codes(input_quantizer, weight_quantizer, on_grid: bool) -> bool:
-    """True when the forward value is the converted op's (every quantizer fully on)."""
-    for fq in (input_quantizer, weight_quantizer):
-        if not fq.enabled or fq.mix < 1.0:
-            return False
-    return not (on_grid and input_quantizer.training)
+    """True when the forward value is the converted op's (every quantizer fully on); otherwise the codes the
+    quantizers may have kept for this call are dropped."""
+    if all(fq.enabled and fq.mix >= 1.0 for fq in (input_quantizer, weight_quantizer)) and \
+            not (on_grid and input_quantizer.training):
+        return True
+    input_quantizer.drop_codes()
+    weight_quantizer.drop_codes()
+    return False
 
 
 def input_codes(x: torch.Tensor, quantizer, token_dims: int):

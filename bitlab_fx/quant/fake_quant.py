@@ -26,6 +26,15 @@ class _CodesHandOver:
         if self.hand_over and not torch.compiler.is_compiling():
             self.__dict__["_codes"] = (source, source._version, codes, scale)
 
+    def drop_codes(self) -> None:
+        """Forget kept codes (a layer call that does not read them: they must not keep ``source`` alive)."""
+        self.__dict__.pop("_codes", None)
+
+    def __getstate__(self):  # never pickle or deep-copy a hand-over in flight
+        state = self.__dict__.copy()
+        state.pop("_codes", None)
+        return state
+
     def take_codes(self, source: torch.Tensor):
         """``(codes, scale)`` computed from ``source`` by the last forward, or None (then compute them)."""
         if torch.compiler.is_compiling():

@@ -75,3 +75,25 @@ def test_half_mix_blends_float_and_quantized():
     full = fq(x)
     fq.mix = 0.5
     assert torch.allclose(fq(x), 0.5 * x + 0.5 * full)
+
+
+def test_kept_codes_are_dropped_by_a_float_layer_call_and_never_saved():
+    import copy
+    import io
+
+    from bitlab_fx.quant import exact_layers
+
+    torch.manual_seed(4)
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    afq, wfq = ActivationFakeQuant(bfx.IntActivation()), WeightFakeQuant(bfx.TernaryWeight())
+    afq.hand_over = wfq.hand_over = True
+    wfq.mix = 0.5  # warm-up: the layer is the float call and must not leave the input's codes behind
+    exact_layers.linear(afq(x), wfq(w), None, codes_from=x, weight=w, input_quantizer=afq, weight_quantizer=wfq)
+    assert "_codes" not in afq.__dict__ and "_codes" not in wfq.__dict__
+    afq(x)
+    assert "_codes" in afq.__dict__
+    assert "_codes" not in copy.deepcopy(afq).__dict__
+    buf = io.BytesIO()
+    torch.save(afq, buf)
+    buf.seek(0)
+    assert "_codes" not in torch.load(buf, weights_only=False).__dict__
