@@ -31,32 +31,6 @@ def test_nan_weights_at_convert_name_the_layer():
         bfx.convert(pm)
 
 
-def test_untraceable_model_names_the_module_and_reason():
-    class Gate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow
-                return self.fc(x)
-            return x
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = Gate()
-
-        def forward(self, x):
-            return self.inner(x)
-
-    with pytest.raises(bfx.CaptureError, match=r"module 'inner' \(Gate\).*TraceError"):
-        bfx.prepare_qat(Net(), bfx.ternary(), frontend="fx_whole")
-    pm = bfx.prepare_qat(Net(), bfx.ternary())  # default: partial tracing quantizes inner.fc anyway
-    assert bfx.summary(pm).traced == {"inner.fc": "layer"}
-    assert "TraceError" in bfx.summary(pm).untraced["inner"]
-
-
 def test_bad_qconfig_types():
     with pytest.raises(bfx.ConfigError):
         bfx.prepare_qat(mlp(), None)

@@ -1,4 +1,4 @@
-"""End to end as a user runs it: prepare -> train -> convert -> same predictions, smaller model."""
+"""The public API end to end as a user runs it (api.py: prepare_qat -> train -> convert): same predictions, smaller model."""
 import torch
 from torch import nn
 
