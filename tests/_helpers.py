@@ -1,4 +1,5 @@
 """Small models shared by the tests (imported by name, never from conftest: ``from _helpers import mlp``)."""
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,3 +32,14 @@ class LeNet(nn.Module):
         out = F.max_pool2d(self.relu2(self.conv2(out)), 2)
         out = out.reshape(out.shape[0], -1)
         return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(out)))))
+
+
+class TiedLinear(nn.Module):
+    """One ``nn.Linear`` called twice (a shared weight): ``fc(relu(fc(x)))``."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))

@@ -119,4 +119,4 @@ def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bit
 
     spec = IntActivation(bits=bits, signed=signed, granularity=granularity, dynamic=multiplier is None)
     s = P.activation_multiplier(x, spec, token_dims) if multiplier is None else multiplier.float()
-    return (P.quantize_activation(x, s, spec) / s).to(x.dtype)
+    return P.dequantize_activation(P.quantize_activation(x, s, spec), s, x.dtype)

@@ -83,13 +83,13 @@ def int_matmul(xq: torch.Tensor, wq: torch.Tensor, max_abs_w: int) -> torch.Tens
 
 
 @_no_autocast
-def int_matmul_groups(xq: torch.Tensor, wq: torch.Tensor, groups: int) -> torch.Tensor:
+def int_matmul_groups(xq: torch.Tensor, wq: torch.Tensor, groups: int, max_abs_w: int) -> torch.Tensor:
     """Per-group integer products ``acc [M, N, G]`` of ``xq [M, K]`` and ``wq [N, K]`` (groups of ``K/G``
-    columns; groups are short, so fp32 is exact)."""
+    columns): fp32 when a group is short enough to be exact (:func:`exact_chunk`), else float64."""
     m, k = xq.shape
     n = wq.shape[0]
     size = k // groups
-    if size > exact_chunk(127):
+    if size > exact_chunk(max_abs_w):
         return torch.einsum("mgk,ngk->mng", xq.double().reshape(m, groups, size), wq.double().reshape(n, groups, size))
     return torch.einsum("mgk,ngk->mng", xq.float().reshape(m, groups, size), wq.float().reshape(n, groups, size))
 
@@ -148,7 +148,7 @@ def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weigh
     ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic."""
     ws = weight_scale.float()
     if ws.dim() == 2:
-        acc = int_matmul_groups(xq, wq, ws.shape[1])
+        acc = int_matmul_groups(xq, wq, ws.shape[1], max_abs_w)
     else:
         acc = int_matmul(xq, wq, max_abs_w)
     return add_bias(rescale_linear(acc, ws, s), bias, -1, dtype)

@@ -112,7 +112,7 @@ class WeightFakeQuant(_FakeQuant):
             return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
         wq, g = P.weight_codes(w, self.spec)
         self._keep_codes(w, wq, g)
-        return self._blend(w, P.straight_through(w, P.dequantize_weight(wq, g, self.spec.granularity).to(w.dtype)))
+        return self._blend(w, P.fake_quantize_weight(w, wq, g, self.spec.granularity))
 
 
 class ActivationFakeQuant(_FakeQuant):
@@ -202,7 +202,7 @@ class ActivationFakeQuant(_FakeQuant):
         s = self.multiplier(x)
         q = P.quantize_activation(x, s, self.spec)
         self._keep_codes(x, q, s)
-        return self._blend(x, P.straight_through(x, (q / s).to(x.dtype)))
+        return self._blend(x, P.fake_quantize_activation(x, q, s))
 
 
 class BiasFakeQuant(_FakeQuant):

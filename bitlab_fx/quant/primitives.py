@@ -115,10 +115,10 @@ def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.T
     return (weight_groups(wq.float(), granularity) * _expand_scale(g, granularity)).reshape(wq.shape)
 
 
-def fake_quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
-    """``Wq * g`` in ``w``'s dtype with a straight-through gradient to ``w``."""
-    wq, g = weight_codes(w, spec)
-    return straight_through(w, dequantize_weight(wq, g, spec.granularity).to(w.dtype))
+def fake_quantize_weight(w: torch.Tensor, wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
+    """``wq * g`` (the codes and steps :func:`weight_codes` gave for ``w``) in ``w``'s dtype, with a
+    straight-through gradient to ``w``."""
+    return straight_through(w, dequantize_weight(wq, g, granularity).to(w.dtype))
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -185,9 +185,15 @@ def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int)
         return A.multiplier(amax, spec.qmax)
 
 
-def fake_quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:
-    """``clamp(round(x*s), qmin, qmax) / s`` in ``x``'s dtype with a straight-through gradient."""
-    return straight_through(x, (quantize_activation(x, s, spec) / s).to(x.dtype))
+def dequantize_activation(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q / s`` in ``dtype``: the value activation codes ``q`` with multiplier ``s`` stand for."""
+    return (q / s).to(dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``q / s`` (the codes :func:`quantize_activation` gave for ``x``) in ``x``'s dtype, with a
+    straight-through gradient to ``x``."""
+    return straight_through(x, dequantize_activation(q, s, x.dtype))
 
 
 def quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -> torch.Tensor:

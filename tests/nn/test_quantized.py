@@ -6,6 +6,7 @@ from torch import fx, nn
 import bitlab_fx as bfx
 from bitlab_fx.nn.quantized import _QuantizedBase, upgrade_legacy_keys
 from bitlab_fx.passes._common import META
+from _helpers import TiedLinear
 
 WEIGHTS = {"ternary": bfx.TernaryWeight(), "int4": bfx.IntWeight(4), "int8": bfx.IntWeight(8),
            "int4-group": bfx.IntWeight(4, bfx.PerGroup(16))}
@@ -68,16 +69,8 @@ def test_every_container_called_directly_equals_its_graph_node(weight, act):
 
 
 def test_shared_weight_behind_two_static_quantizers_gets_a_multiplier_per_call():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.fc(x)))
-
     static = bfx.QuantConfig(weight="ternary", input=bfx.IntActivation(dynamic=False, granularity="per_tensor"))
-    pm = bfx.prepare_qat(Tied(), static)
+    pm = bfx.prepare_qat(TiedLinear(), static)
     pm.train()(torch.randn(16, 8) * 4)
     cm = bfx.convert(pm.eval())
     reads = sorted(n.target for n in cm.graph.nodes if n.op == "get_attr" and "act_multiplier" in n.target)

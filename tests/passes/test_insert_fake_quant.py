@@ -8,7 +8,7 @@ from torch import fx, nn
 import bitlab_fx as bfx
 from bitlab_fx.quant import exact_layers
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from _helpers import mlp
+from _helpers import TiedLinear, mlp
 
 
 def _fq_nodes(gm):
@@ -73,15 +73,7 @@ def test_unsupported_conv_left_float_and_reported():
 
 
 def test_shared_weight_has_one_weight_fake_quant():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.fc(x)))
-
-    pm = bfx.prepare_qat(Tied(), bfx.ternary())
+    pm = bfx.prepare_qat(TiedLinear(), bfx.ternary())
     fq = _fq_nodes(pm)
     assert sum(t is WeightFakeQuant for t in fq.values()) == 1
     assert sum(t is ActivationFakeQuant for t in fq.values()) == 2
