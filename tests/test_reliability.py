@@ -33,7 +33,13 @@ def oracle(cm, x):
             return x if a.op == "placeholder" else cm.get_buffer(a.target)
         return a
 
-    return getattr(reference, node.target._opname)(*[arg(a) for a in node.args])
+    schema = node.target._schema.arguments
+    bound = dict(zip([a.name for a in schema], map(arg, node.args)))
+    bound.update({name: arg(a) for name, a in node.kwargs.items()})
+    if bound.get("act_multiplier") is not None:  # the reference takes the multiplier in the positional slot
+        bound["act_scale"] = bound["act_multiplier"]
+    values = [bound.get(a.name, a.default_value) for a in schema if a.name != "act_multiplier"]
+    return getattr(reference, node.target._opname)(*values)
 
 
 def assert_right(cm, pm, x, prepared_atol=1e-4):

@@ -40,6 +40,7 @@ def upgrade_legacy_keys(state: dict, prefix: str) -> None:
             state[prefix + new] = state.pop(prefix + old)
 
 
+_NO_KWARGS: dict = {}  # read only
 _OWN = object()  # op_call default: this layer's own bias / activation mode / static multiplier
 
 
@@ -83,7 +84,7 @@ class _QuantizedBase(nn.Module):
         return self.format.load(self.stored_weight, k).reshape(self.weight_shape)
 
     def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN):
-        """``(op, args)`` of this layer on input ``x``. ``read(name)`` fetches a buffer (default: the tensor;
+        """``(op, args, kwargs)`` of this layer on input ``x``. ``read(name)`` fetches a buffer (default: the tensor;
         ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier`` override
         this layer's own for another call of a shared weight."""
         read = read or (lambda name: getattr(self, name))
@@ -92,11 +93,14 @@ class _QuantizedBase(nn.Module):
         if act_multiplier is _OWN:
             act_multiplier = read("act_multiplier") if self.act_multiplier is not None else None
         head = (x, read(self.format.buffer), read("weight_scale"), bias)
-        return self._op_and_args(head, act, act_multiplier)
+        op, args = self._op_and_args(head, act)
+        # the multiplier goes by keyword; the positional slot before it (``act_scale``) is its old name, kept for
+        # programs exported by earlier versions (ops/_schema.py)
+        return op, args, (_NO_KWARGS if act_multiplier is None else {"act_multiplier": act_multiplier})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op, args = self.op_call(x)
-        return op(*args)
+        op, args, kwargs = self.op_call(x)
+        return op(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         upgrade_legacy_keys(state_dict, prefix)
@@ -148,9 +152,9 @@ class QuantizedLinear(_QuantizedBase):
         self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def _op_and_args(self, head: tuple, act: str, act_multiplier):
-        tail = (self.in_features,) if self.format.packed else ()
-        return self.format.op("linear"), head + (act, act_multiplier) + tail
+    def _op_and_args(self, head: tuple, act: str):
+        tail = (None, self.in_features) if self.format.packed else (None,)
+        return self.format.op("linear"), head + (act,) + tail
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -177,8 +181,8 @@ class QuantizedConv2d(_QuantizedBase):
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         return ((list(self.weight_shape),) if self.format.packed else ()) + geometry  # packed: the unpacked shape
 
-    def _op_and_args(self, head: tuple, act: str, act_multiplier):
-        return self.format.op("conv2d"), head + self._geometry() + (act, act_multiplier)
+    def _op_and_args(self, head: tuple, act: str):
+        return self.format.op("conv2d"), head + self._geometry() + (act,)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_shape[2:])}, "
@@ -191,12 +195,12 @@ def conv2d_op(weight_format: str):
     return WEIGHT_FORMATS[weight_format].op("conv2d")
 
 
-def conv1d_as_conv2d(weight_format: str, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+def conv1d_as_conv2d(weight_format: str, x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A conv1d through the packed conv2d op on a height-1 image: ``[N, C, L] -> [N, C, 1, L]`` (an unbatched
     ``[C, L]`` too), the weight stored as ``[out, in/groups, 1, k]``. What converted conv1d layers call."""
     unbatched = x.dim() == 2
     x4 = (x.unsqueeze(0) if unbatched else x).unsqueeze(2)
-    y = conv2d_op(weight_format)(x4, weight, *args).squeeze(2)
+    y = conv2d_op(weight_format)(x4, weight, *args, **kwargs).squeeze(2)
     return y.squeeze(0) if unbatched else y
 
 
@@ -215,8 +219,8 @@ class QuantizedConv1d(QuantizedConv2d):
         """The integer weight as int8 ``[out, in/groups, k]``."""
         return super().int_weight().squeeze(2)
 
-    def _op_and_args(self, head: tuple, act: str, act_multiplier):
-        return conv1d_as_conv2d, (self.weight_format,) + head + self._geometry() + (act, act_multiplier)
+    def _op_and_args(self, head: tuple, act: str):
+        return conv1d_as_conv2d, (self.weight_format,) + head + self._geometry() + (act,)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.weight_shape[3]},), "

@@ -3,11 +3,14 @@
 The body of each op is the reference implementation, used on any device that has no faster kernel
 registered (``cpu/`` registers the CPU one, ``cuda/`` the CUDA one).
 
-What the arguments are: ``weight_scale`` is the weight *step* (``W ≈ wq * weight_scale``); ``act_scale`` is
-the static activation *multiplier* (``xq = round(x * act_scale)``; a converted layer keeps it in its
-``act_multiplier`` buffer), or None for a dynamic one computed from ``x``. The schema keeps the name
-``act_scale``: exported ``.pt2`` programs and torch.compile's on-disk caches refer to the ops' arguments by
-name, so renaming it would break them.
+What the arguments are: ``weight_scale`` is the weight *step* (``W ≈ wq * weight_scale``); ``act_multiplier``
+(the last argument, passed by keyword) is the static activation *multiplier* (``xq = round(x * act_multiplier)``; a converted layer
+keeps it in its ``act_multiplier`` buffer), or None for a dynamic one computed from ``x``.
+
+``act_scale``, the positional argument before it, is the same multiplier under its old, misleading name
+(schema version 1). It stays where it was so that programs exported by earlier versions (``.pt2`` files name
+each argument, and torch's loader silently drops a name the schema no longer has: a static layer would turn
+dynamic) load with the same meaning. New graphs pass ``act_multiplier=``; passing both is an error.
 """
 from __future__ import annotations
 
@@ -21,10 +24,20 @@ from ..quant.packing import padded_k
 from . import reference
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCHEMA_VERSION = 2  # 2: the static multiplier is the keyword ``act_multiplier`` (1: positional ``act_scale``)
+
+
+def resolve_multiplier(op: str, act_scale: Optional[Tensor], act_multiplier: Optional[Tensor]) -> Optional[Tensor]:
+    """The static multiplier of a call: ``act_multiplier``, or ``act_scale`` from a schema-version-1 program."""
+    if act_scale is None:
+        return act_multiplier
+    if act_multiplier is not None:
+        raise KernelError(f"bitlab.{op}: got both act_multiplier and act_scale (its old name); pass act_multiplier only")
+    return act_scale
 
 
 def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], n: int,
-                  act: str, act_scale: Optional[Tensor]) -> None:
+                  act: str, static_multiplier: Optional[Tensor]) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise KernelError(f"bitlab.{op}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
     if act not in reference.ACT_MODES:
@@ -38,12 +51,12 @@ def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias
                           f"channels; expected [1], [{n}] or [{n}, groups]")
     if bias is not None and bias.shape != (n,):
         raise KernelError(f"bitlab.{op}: bias of shape {tuple(bias.shape)} does not fit {n} output channels")
-    if act_scale is not None and act_scale.numel() != 1:
-        raise KernelError(f"bitlab.{op}: a static act_scale must hold one number, got shape {tuple(act_scale.shape)}")
+    if static_multiplier is not None and static_multiplier.numel() != 1:
+        raise KernelError(f"bitlab.{op}: a static act_multiplier must hold one number, got shape {tuple(static_multiplier.shape)}")
 
 
 def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                 act: str, act_scale: Optional[Tensor], packed: bool, in_features: int = -1) -> int:
+                 act: str, static_multiplier: Optional[Tensor], packed: bool, in_features: int = -1) -> int:
     """Validate the arguments of a linear op; return the number of output features."""
     if weight.dim() != 2:
         raise KernelError(f"bitlab.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -64,7 +77,7 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
             raise KernelError(f"bitlab.{op}: weight must be int8, got {weight.dtype}")
         if kw != k:
             raise KernelError(f"bitlab.{op}: input has K={k} features but the weight has shape {tuple(weight.shape)}")
-    _check_common(op, x, weight, weight_scale, bias, n, act, act_scale)
+    _check_common(op, x, weight, weight_scale, bias, n, act, static_multiplier)
     if weight_scale.dim() == 2 and k % weight_scale.shape[1]:
         raise KernelError(f"bitlab.{op}: {weight_scale.shape[1]} scale groups do not divide K={k}")
     return n
@@ -72,31 +85,37 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
 
 @torch.library.custom_op("bitlab::ternary_linear", mutates_args=())
 def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                   act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1) -> Tensor:
+                   act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
+                   act_multiplier: Optional[Tensor] = None) -> Tensor:
     """``y = x @ (Wq * weight_scale).T + bias`` with ternary ``Wq`` packed 2 bits per value and ``x``
     quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``).
     ``in_features`` (the true K; -1: trust ``x``) lets the op reject inputs whose K only matches the padding."""
-    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
-    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, act_scale)
+    static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
+    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
+    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier)
 
 
 @ternary_linear.register_fake
-def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None):
+    static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
+    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
     return x.new_empty(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("bitlab::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+                act: str = "per_token", act_scale: Optional[Tensor] = None,
+                act_multiplier: Optional[Tensor] = None) -> Tensor:
     """Like ``ternary_linear`` with int8 weights ``[N, K]``."""
-    check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
-    return reference.int8_linear(x, weight, weight_scale, bias, act, act_scale)
+    static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
+    check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
+    return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier)
 
 
 @int8_linear.register_fake
-def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
-    n = check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
+def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
+    n = check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -118,7 +137,7 @@ def conv2d_out_shape(op: str, x: Tensor, weight_shape: List[int], stride: List[i
 
 
 def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                 act, act_scale, packed: bool) -> List[int]:
+                 act, static_multiplier, packed: bool) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError(f"bitlab.{op}: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     if packed:
@@ -130,43 +149,48 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
         raise KernelError(f"bitlab.{op}: weight must be int8 of shape {list(weight_shape)}, got {tuple(weight.shape)} {weight.dtype}")
     if weight_scale.dim() != 1:
         raise KernelError(f"bitlab.{op}: conv weight scales must be per tensor [1] or per channel [Cout]")
-    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, act_scale)
+    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, static_multiplier)
     return conv2d_out_shape(op, x, weight_shape, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("bitlab::ternary_conv2d", mutates_args=())
 def ternary_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                    weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                   act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+                   act: str = "per_token", act_scale: Optional[Tensor] = None,
+                   act_multiplier: Optional[Tensor] = None) -> Tensor:
     """conv2d with packed ternary weights of ``weight_shape``; ``act="per_token"`` = one int8 scale per sample."""
+    static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                 groups, act, act_scale, packed=True)
+                 groups, act, static_multiplier, packed=True)
     return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                    groups, act, act_scale)
+                                    groups, act, static_multiplier)
 
 
 @ternary_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None):
+      act_scale=None, act_multiplier=None):
+    static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, act_scale, packed=True)
+                         dilation, groups, act, static_multiplier, packed=True)
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("bitlab::int8_conv2d", mutates_args=())
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], stride: List[int],
                 padding: List[int], dilation: List[int], groups: int, act: str = "per_token",
-                act_scale: Optional[Tensor] = None) -> Tensor:
+                act_scale: Optional[Tensor] = None, act_multiplier: Optional[Tensor] = None) -> Tensor:
     """conv2d with int8 weights ``[Cout, Cin/groups, kh, kw]``."""
+    static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, groups,
-                 act, act_scale, packed=False)
-    return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+                 act, static_multiplier, packed=False)
+    return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
 
 
 @int8_conv2d.register_fake
-def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
+def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, act_scale, packed=False)
+                         groups, act, static_multiplier, packed=False)
     return x.new_empty(shape)
 
 
@@ -183,12 +207,12 @@ def _check_int4_weight(op: str, packed_weight: Tensor, k: int, n: int, in_featur
 
 
 def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-                      act_scale: Optional[Tensor], in_features: int) -> int:
+                      static_multiplier: Optional[Tensor], in_features: int) -> int:
     if x.dim() == 0:
         raise KernelError("bitlab.int4_linear: input must have at least one dim [..., K]; got a scalar")
     n = packed_weight.shape[0] if packed_weight.dim() == 2 else -1
     _check_int4_weight("int4_linear", packed_weight, x.shape[-1], n, in_features)
-    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, act_scale)
+    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, static_multiplier)
     if weight_scale.dim() == 2 and x.shape[-1] % weight_scale.shape[1]:
         raise KernelError(f"bitlab.int4_linear: {weight_scale.shape[1]} scale groups do not divide K={x.shape[-1]}")
     return n
@@ -196,45 +220,51 @@ def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bi
 
 @torch.library.custom_op("bitlab::int4_linear", mutates_args=())
 def int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1) -> Tensor:
+                act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
+                act_multiplier: Optional[Tensor] = None) -> Tensor:
     """Like ``ternary_linear`` with signed 2..4-bit weights packed two per byte along K (low nibble = even k),
     uint8 ``[N, ceil(K/2)]`` (:func:`bitlab_fx.quant.packing.pack_int4`)."""
-    check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
-    return reference.int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
+    check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
+    return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
 
 
 @int4_linear.register_fake
-def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None):
+    static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
+    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
     return x.new_empty(*x.shape[:-1], n)
 
 
 def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                      act, act_scale) -> List[int]:
+                      act, static_multiplier) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError("bitlab.int4_conv2d: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     _check_int4_weight("int4_conv2d", packed_weight, weight_shape[1] * weight_shape[2] * weight_shape[3], weight_shape[0])
     if weight_scale.dim() != 1:
         raise KernelError("bitlab.int4_conv2d: conv weight scales must be per tensor [1] or per channel [Cout]")
-    _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, act_scale)
+    _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, static_multiplier)
     return conv2d_out_shape("int4_conv2d", x, weight_shape, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("bitlab::int4_conv2d", mutates_args=())
 def int4_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                 weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                act: str = "per_token", act_scale: Optional[Tensor] = None) -> Tensor:
+                act: str = "per_token", act_scale: Optional[Tensor] = None,
+                act_multiplier: Optional[Tensor] = None) -> Tensor:
     """conv2d with signed 2..4-bit weights of ``weight_shape`` packed two per byte (flattened to ``[Cout, K]``)."""
-    check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act, act_scale)
+    static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
+    check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act, static_multiplier)
     return reference.int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                 groups, act, act_scale)
+                                 groups, act, static_multiplier)
 
 
 @int4_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None):
+      act_scale=None, act_multiplier=None):
+    static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     return x.new_empty(check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                                         dilation, groups, act, act_scale))
+                                         dilation, groups, act, static_multiplier))
 
 
 def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, granularity: str) -> None:

@@ -7,7 +7,7 @@ fixed order, by the shared arithmetic of :mod:`bitlab_fx.quant.arithmetic`::
     y[m, n] = sum_g(float(acc[m, n, g]) * weight_scale[n, g]) / s[m]   (per-group)
 
 where ``s`` is the activation multiplier (``xq = clamp(round(x * s), -128, 127)``,
-``s = 127 / max(|x|)`` per token or per tensor, or the static ``act_scale``).
+``s = 127 / max(|x|)`` per token or per tensor, or the static ``static_multiplier``).
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from ..quant.packing import unpack_int4, unpack_ternary
 ACT_MODES = ("per_token", "per_tensor", "none")
 
 
-def act_multiplier(x2: torch.Tensor, act: str, act_scale: Optional[torch.Tensor], token_dims: int = 1) -> torch.Tensor:
+def act_multiplier(x2: torch.Tensor, act: str, static_multiplier: Optional[torch.Tensor], token_dims: int = 1) -> torch.Tensor:
     """``s`` for an fp32 input, shaped to broadcast: ``[M, 1...]`` per token, ``[1...]`` otherwise."""
     bshape = (1,) * x2.dim()
-    if act_scale is not None:
-        return act_scale.float().reshape(bshape)
+    if static_multiplier is not None:
+        return static_multiplier.float().reshape(bshape)
     if x2.numel() == 0:
         return x2.new_full(bshape, 127.0 / A.EPS)
     if act == "per_token":
@@ -44,7 +44,7 @@ def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-               act: str, act_scale: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
+               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
     """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer."""
     k = x.shape[-1]
     n = wq.shape[0]
@@ -57,29 +57,29 @@ def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
             w = wq.float() * ws.reshape(-1, 1)
         y = A.add_bias(x2 @ w.t(), bias, -1, x.dtype)
     else:
-        s = act_multiplier(x2, act, act_scale)
+        s = act_multiplier(x2, act, static_multiplier)
         y = A.linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w)
     return y.reshape(*x.shape[:-1], n)
 
 
-def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale, 1)
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1):
+    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 1)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
-    return int_linear(x, weight, weight_scale, bias, act, act_scale)
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", static_multiplier=None):
+    return int_linear(x, weight, weight_scale, bias, act, static_multiplier)
 
 
 def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                stride: List[int], padding: List[int], dilation: List[int], groups: int,
-               act: str, act_scale: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
+               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
     """conv2d with integer weights ``wq [Cout, Cin/groups, kh, kw]``; ``act="per_token"`` means one scale per sample."""
     xf = x.float()
     if act == "none":
         ws = weight_scale.float().reshape(-1, 1, 1, 1)
         y = F.conv2d(xf, wq.float() * ws, None, stride, padding, dilation, groups)
         return A.add_bias(y, bias, 1, x.dtype)
-    s = act_multiplier(xf, act, act_scale, token_dims=3)
+    s = act_multiplier(xf, act, static_multiplier, token_dims=3)
     return A.conv_from_codes(quantize_int8(xf, s), s, wq, weight_scale, bias, stride, padding, dilation, groups,
                            x.dtype, max_abs_w)
 
@@ -90,24 +90,24 @@ def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[i
 
 
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                   act="per_token", act_scale=None):
+                   act="per_token", static_multiplier=None):
     wq = unpack_conv_weight(unpack_ternary, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale, 1)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 1)
 
 
-def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
-    return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", static_multiplier=None):
+    return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
 
 
-def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1):
     """``int_linear`` with weights of 2..4 bits packed two per byte (:func:`~bitlab_fx.quant.packing.pack_int4`)."""
-    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, act_scale, 8)
+    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 8)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                act="per_token", act_scale=None):
+                act="per_token", static_multiplier=None):
     wq = unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, act_scale, 8)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 8)
 
 
 def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bits: int, signed: bool,

@@ -208,9 +208,9 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 n = gm.graph.get_attr(f"{path}.{name}")
                 own.add(n)
                 return n
-            op, args = container.op_call(x_in, get, bias=_bias_arg(gm, node, meta, container_bias[meta.weight], get),
+            op, args, kwargs = container.op_call(x_in, get, bias=_bias_arg(gm, node, meta, container_bias[meta.weight], get),
                                          act=act, act_multiplier=_multiplier_arg(container, multiplier, get))
-            new = gm.graph.call_function(op, args)
+            new = gm.graph.call_function(op, args, kwargs)
         new.meta.update(node.meta)
         # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from
         new.meta[META] = dataclasses.replace(meta, container=path)

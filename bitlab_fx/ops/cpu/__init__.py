@@ -126,7 +126,7 @@ def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool
 
 
 def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-            act_scale: Optional[Tensor]) -> Tensor:
+            static_multiplier: Optional[Tensor]) -> Tensor:
     # Hot path of every converted layer at inference: each avoidable tensor op here costs ~0.5-1 us,
     # as much as the kernel itself on a small layer, so conversions happen only when needed.
     k = x.shape[-1]
@@ -159,8 +159,8 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
         rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp,
                                   out.data_ptr(), torch.get_num_threads())
     else:
-        if act_scale is not None:
-            code, static = 2, float(act_scale.reshape(-1)[0])
+        if static_multiplier is not None:
+            code, static = 2, float(static_multiplier.reshape(-1)[0])
         else:
             code, static = _ACT[act], 0.0
         rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
@@ -173,28 +173,31 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
-def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
-    _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, act_scale, True, in_features)
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
+                   act_multiplier=None):
+    static_multiplier = _schema.resolve_multiplier("ternary_linear", act_scale, act_multiplier)
+    _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=True):
-        return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, act_scale)
-    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, act_scale)
+        return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier)
+    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, static_multiplier)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None):
-    _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, act_scale, packed=False)
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = _schema.resolve_multiplier("int8_linear", act_scale, act_multiplier)
+    _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
-        return reference.int8_linear(x, weight, weight_scale, bias, act, act_scale)
-    return _linear(lib, 1, x, weight, weight_scale, bias, act, act_scale)
+        return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier)
+    return _linear(lib, 1, x, weight, weight_scale, bias, act, static_multiplier)
 
 
-def _conv_codes(x: Tensor, act: str, act_scale: Optional[Tensor]):
+def _conv_codes(x: Tensor, act: str, static_multiplier: Optional[Tensor]):
     """The int8 codes (as fp32 integers) of a conv input ``[B, C, H, W]`` and the multiplier ``s``
     (``[B, 1, 1, 1]`` per token, else ``[1, 1, 1, 1]``): ``reference.quantize_int8(x, reference.act_multiplier(x,
     ...))``, with rounding and clamping in place (fewer fp32 temporaries)."""
     xf = _f32(x)
-    s = reference.act_multiplier(xf, act, act_scale, token_dims=3)
+    s = reference.act_multiplier(xf, act, static_multiplier, token_dims=3)
     q = torch.mul(xf, s)
     q.round_()
     q.clamp_(-128, 127)
@@ -214,10 +217,10 @@ def _im2col_int8(lib, codes: Tensor, kh: int, kw: int, stride, padding, dilation
 
 
 def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                 weight_shape, stride, padding, dilation, act: str, act_scale: Optional[Tensor]) -> Tensor:
+                 weight_shape, stride, padding, dilation, act: str, static_multiplier: Optional[Tensor]) -> Tensor:
     """groups=1 conv2d: quantize x exactly like the reference, gather the int8 patches, run the linear kernel."""
     cout, cin, kh, kw = weight_shape
-    codes, s = _conv_codes(x, act, act_scale)
+    codes, s = _conv_codes(x, act, static_multiplier)
     batch = x.shape[0]
     ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
     cols = _im2col_int8(lib, codes, kh, kw, stride, padding, dilation, ho, wo)
@@ -239,47 +242,52 @@ def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor
 
 
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                   act="per_token", act_scale=None):
+                   act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = _schema.resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, act_scale, packed=True)
+                         dilation, groups, act, static_multiplier, packed=True)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                        groups, act, act_scale)
+                                        groups, act, static_multiplier)
     return _conv_im2col(lib, 0, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        act_scale)
+                        static_multiplier)
 
 
-def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None):
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = _schema.resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, act_scale, packed=False)
+                         groups, act, static_multiplier, packed=False)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
-        return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+        return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
     return _conv_im2col(lib, 1, x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, act,
-                        act_scale)
+                        static_multiplier)
 
 
-def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
+                act_multiplier=None):
     """2..4-bit weights straight from their nibbles (two per byte): the decode loop at M=1, the batched GEMM
     otherwise; CPUs without AVX2 (and scale groups that do not cover whole 64-k chunks) unpack to int8 in C."""
-    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
+    static_multiplier = _schema.resolve_multiplier("int4_linear", act_scale, act_multiplier)
+    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
-        return reference.int4_linear(x, packed_weight, weight_scale, bias, act, act_scale, in_features)
-    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, act_scale)
+        return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
+    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, static_multiplier)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                act="per_token", act_scale=None):
+                act="per_token", act_scale=None, act_multiplier=None):
+    static_multiplier = _schema.resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                              act, act_scale)
+                              act, static_multiplier)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-        return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, act_scale)
+        return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
     return _conv_im2col(lib, 2, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        act_scale)
+                        static_multiplier)
 
 
 _registered = False

@@ -66,21 +66,21 @@ def _remember_kernels(kernels_list) -> None:
 
 
 def _check_and_run(name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                   act: str, act_scale: Optional[Tensor], in_features: int) -> Tensor:
+                   act: str, static_multiplier: Optional[Tensor], in_features: int) -> Tensor:
     packed = _OPS[name]
     extra = {} if in_features == -1 else {"in_features": in_features}
-    _schema.check_linear(name, x, weight, weight_scale, bias, act, act_scale, packed, **extra)
+    _schema.check_linear(name, x, weight, weight_scale, bias, act, static_multiplier, packed, **extra)
     k = _kernels()
     fn = k.ternary_linear_triton if packed else k.int8_linear_triton
-    return fn(x, weight, weight_scale, bias, act, act_scale)
+    return fn(x, weight, weight_scale, bias, act, static_multiplier)
 
 
 def _eager(name: str):
-    def run(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1):
+    def run(*args, **kwargs):
         from torch._library.triton import set_wrap_triton_enabled
 
         with set_wrap_triton_enabled(False):
-            return _check_and_run(name, x, weight, weight_scale, bias, act, act_scale, in_features)
+            return _check_and_run(name, *_bind(name, args, kwargs))
 
     run.__name__ = f"{name}_cuda"
     return run
@@ -100,20 +100,24 @@ def _decompose(name: str):
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not Tensor for t in types):
             return NotImplemented
         with mode:
-            return _check_and_run(name, *_bind(args, kwargs))
+            return _check_and_run(name, *_bind(name, args, kwargs))
 
     return rule
 
 
-def _bind(args, kwargs):
-    names = ("x", "weight", "weight_scale", "bias", "act", "act_scale", "in_features")
-    defaults = (None, None, None, None, "per_token", None, -1)
-    vals = list(args) + [None] * (len(names) - len(args))
-    out = []
-    for i, (n, d) in enumerate(zip(names, defaults)):
-        v = vals[i] if i < len(args) else kwargs.get(n, kwargs.get("packed_weight" if n == "weight" else n, d))
-        out.append(v)
-    return out
+_ARG_NAMES = {True: ("x", "packed_weight", "weight_scale", "bias", "act", "act_scale", "in_features", "act_multiplier"),
+              False: ("x", "weight", "weight_scale", "bias", "act", "act_scale", "act_multiplier")}
+_DEFAULTS = {"bias": None, "act": "per_token", "act_scale": None, "in_features": -1, "act_multiplier": None}
+
+
+def _bind(name: str, args, kwargs):
+    """``(x, weight, weight_scale, bias, act, static multiplier, in_features)`` of a call, by the op's schema."""
+    names = _ARG_NAMES[_OPS[name]]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    get = lambda n: bound[n] if n in bound else _DEFAULTS[n]  # noqa: E731
+    multiplier = _schema.resolve_multiplier(name, get("act_scale"), get("act_multiplier"))
+    return (get("x"), get(names[1]), get("weight_scale"), get("bias"), get("act"), multiplier, get("in_features"))
 
 
 def register() -> None:

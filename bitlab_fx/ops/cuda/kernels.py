@@ -84,13 +84,13 @@ def _ensure_self_check(x: Tensor) -> None:
 
 
 def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-                act_scale: Optional[Tensor], packed: bool, config: Optional[LinearConfig]) -> Tensor:
+                static_multiplier: Optional[Tensor], packed: bool, config: Optional[LinearConfig]) -> Tensor:
     _ensure_self_check(x)
     k = x.shape[-1]
     n = weight.shape[0]
     if not supports(k, weight_scale):
         wq_fn = reference.ternary_linear if packed else reference.int8_linear
-        return wq_fn(x, weight, weight_scale, bias, act, act_scale)
+        return wq_fn(x, weight, weight_scale, bias, act, static_multiplier)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -108,7 +108,7 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
     if act_float:
         xin, s, stride_xm = x2, ws, x2.stride(0)  # s unused
     else:
-        xin, s = quantize_activations(x2, act, act_scale, k_pad)
+        xin, s = quantize_activations(x2, act, static_multiplier, k_pad)
         stride_xm = k_pad
     launch = functools.partial(_launch_linear, xin=xin, weight=weight, ws=ws, s=s, bias=bias, m=m, n=n, k=k,
                                k_pad=k_pad, groups=groups, group_size=group_size, packed=packed, act_float=act_float,
@@ -152,20 +152,20 @@ def _pick_config(launch, x2: Tensor, m: int, n: int, k_pad: int, group_size: int
 
 
 def ternary_linear_triton(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                          act: str = "per_token", act_scale: Optional[Tensor] = None,
+                          act: str = "per_token", static_multiplier: Optional[Tensor] = None,
                           config: Optional[LinearConfig] = None) -> Tensor:
     """``bitlab.ternary_linear`` with the Triton kernels, on the tensors' device (no argument checks).
 
     ``config`` overrides the tile shape chosen by :func:`choose_config` (tests and benchmark sweeps).
     """
-    return _int_linear(x, packed_weight, weight_scale, bias, act, act_scale, True, config)
+    return _int_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, True, config)
 
 
 def int8_linear_triton(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
-                       act: str = "per_token", act_scale: Optional[Tensor] = None,
+                       act: str = "per_token", static_multiplier: Optional[Tensor] = None,
                        config: Optional[LinearConfig] = None) -> Tensor:
     """``bitlab.int8_linear`` with the Triton kernels (int8 weights ``[N, K]``)."""
-    return _int_linear(x, weight, weight_scale, bias, act, act_scale, False, config)
+    return _int_linear(x, weight, weight_scale, bias, act, static_multiplier, False, config)
 
 
 KERNELS = [_quant_act_kernel, _linear_kernel, _splitk_reduce_kernel]

@@ -41,7 +41,7 @@ def _launch(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def quantize_activations(x2: Tensor, act: str, act_scale: Optional[Tensor], k_pad: int):
+def quantize_activations(x2: Tensor, act: str, static_multiplier: Optional[Tensor], k_pad: int):
     """int8 ``xq [M, k_pad]`` (zero padded) and fp32 ``s [M]`` for a 2-D input, exactly like the reference."""
     m, k = x2.shape
     xq = torch.empty(m, k_pad, dtype=torch.int8, device=x2.device)
@@ -49,8 +49,8 @@ def quantize_activations(x2: Tensor, act: str, act_scale: Optional[Tensor], k_pa
     block_k = min(4096, max(128, triton.next_power_of_2(max(k_pad, 1))))
     interp = _interpreted(_quant_act_kernel)
     kernel = _launch(_quant_act_kernel)
-    if act_scale is not None:
-        mode, src = MODE_STATIC, act_scale.reshape(1).to(torch.float32)
+    if static_multiplier is not None:
+        mode, src = MODE_STATIC, static_multiplier.reshape(1).to(torch.float32)
     elif act == "per_token":
         mode, src = MODE_PER_TOKEN, s
     else:
