@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import ops  # noqa: F401  (defines torch.ops.bitlab)
 from ..errors import ConvertError
+from ..ops.cpu import direct as direct_cpu
 from ..quant import primitives as P
 from ..quant.formats import WEIGHT_FORMATS, WeightFormat, format_of
 from ..quant.packing import FORMAT_VERSION
@@ -151,6 +152,14 @@ class QuantizedLinear(_QuantizedBase):
         self.weight_shape: Tuple[int, ...] = tuple(weight.shape)
         self._store_weight(weight.detach(), weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if direct_cpu.eligible(x):  # eager CPU inference: the op's CPU kernel without the dispatcher round trip
+            y = direct_cpu.linear(self.weight_format, x, getattr(self, self.format.buffer), self.weight_scale,
+                                  self.bias, self.act, self.act_multiplier, self.in_features)
+            if y is not None:
+                return y
+        return super().forward(x)
 
     def _op_and_args(self, head: tuple, act: str):
         tail = (None, self.in_features) if self.format.packed else (None,)

@@ -127,50 +127,54 @@ def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool
 
 def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
             static_multiplier: Optional[Tensor]) -> Tensor:
-    # Hot path of every converted layer at inference: each avoidable tensor op here costs ~0.5-1 us,
-    # as much as the kernel itself on a small layer, so conversions happen only when needed.
+    # Hot path of every converted layer at inference (decode calls it ~200 times per token): each avoidable
+    # tensor op here costs 0.5-2 us, as much as the kernel itself on a small layer, so nothing is reshaped,
+    # converted or allocated that the kernel does not need. The kernel reads x as [M, K] rows in memory.
     k = x.shape[-1]
     n = weight.shape[0]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    m = x2.shape[0]
+    xf = _f32(x)
+    m = xf.numel() // k if k else 0
     if m == 0:
-        return x.new_empty(*x.shape[:-1], n)
-    xf = _f32(x2)
+        return x.new_empty(x.shape[:-1] + (n,))
     ws, kind, groups = _scales(weight_scale, n)
     w = weight if weight.is_contiguous() else weight.contiguous()
-    b = None if bias is None else _f32(bias)
     if act == "none" and m > 2 and (n * k <= _WO_EXACT_MAX_WEIGHTS or m > 32):
-        # weight-only, batched, layer up to 1M weights: expand w * ws to fp32 in C (transient), then the
-        # reference's own matmul, so the result is reference.py's bitwise (and the converted model's equals the
-        # prepared one's, which matters where a low-bit quantizer follows). Larger layers at M <= 32 take the
-        # kernel below: a fresh fp32 copy of a big weight costs more in page faults alone (~18 ms for 64 MiB)
-        # than the matmul; above 32 tokens torch's matmul amortizes it and the kernel's row-by-row dots lose.
-        wf = torch.empty(n, k, dtype=torch.float32)
-        if lib.bitlab_expand_wo(w.data_ptr(), wfmt, n, k, ws.data_ptr(), kind, groups, wf.data_ptr(),
-                                torch.get_num_threads()) != 0:
-            raise MemoryError(f"bitlab CPU kernel: out of memory expanding a [{n}, {k}] weight")
-        y = xf @ wf.t()
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    out = torch.empty(m, n, dtype=torch.float32)
+        return _weight_only_expanded(lib, wfmt, x, xf.reshape(m, k), w, ws, kind, groups, bias, n, k)
+    out = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+    b = None if bias is None else _f32(bias)  # kept alive until the kernel returns
     bp = None if b is None else b.data_ptr()
+    threads = torch.get_num_threads()
     if act == "none":  # weight-only: fused (M <= 2) or 4 expanded rows at a time; float sums in its own order
         rc = lib.bitlab_linear_wo(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp,
-                                  out.data_ptr(), torch.get_num_threads())
+                                  out.data_ptr(), threads)
     else:
         if static_multiplier is not None:
             code, static = 2, float(static_multiplier.reshape(-1)[0])
         else:
             code, static = _ACT[act], 0.0
         rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
-                               static, out.data_ptr(), torch.get_num_threads())
+                               static, out.data_ptr(), threads)
     if rc != 0:
         what = "a weight-only" if act == "none" else "a"
         raise MemoryError(f"bitlab CPU kernel: out of memory for {what} [{m}, {k}] x [{n}, {k}] linear")
-    if x.dtype is not torch.float32:
-        out = out.to(x.dtype)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)
+
+
+def _weight_only_expanded(lib, wfmt: int, x: Tensor, x2: Tensor, w: Tensor, ws: Tensor, kind: int, groups: int,
+                          bias: Optional[Tensor], n: int, k: int) -> Tensor:
+    """Weight-only, batched, layer up to 1M weights: expand w * ws to fp32 in C (transient), then the
+    reference's own matmul, so the result is reference.py's bitwise (and the converted model's equals the
+    prepared one's, which matters where a low-bit quantizer follows). Larger layers at M <= 32 take the
+    kernel instead: a fresh fp32 copy of a big weight costs more in page faults alone (~18 ms for 64 MiB)
+    than the matmul; above 32 tokens torch's matmul amortizes it and the kernel's row-by-row dots lose."""
+    wf = torch.empty(n, k, dtype=torch.float32)
+    if lib.bitlab_expand_wo(w.data_ptr(), wfmt, n, k, ws.data_ptr(), kind, groups, wf.data_ptr(),
+                            torch.get_num_threads()) != 0:
+        raise MemoryError(f"bitlab CPU kernel: out of memory expanding a [{n}, {k}] weight")
+    y = x2 @ wf.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,

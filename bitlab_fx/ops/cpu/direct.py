@@ -1,0 +1,50 @@
+"""Eager CPU inference without the dispatcher: a converted linear layer runs its op's CPU kernel directly.
+
+Calling ``torch.ops.bitlab.ternary_linear`` from Python goes through torch's dispatcher and back into the
+Python function this package registers for the CPU key: about as long as the kernel itself on a decode step
+(M = 1) of a small layer, and a decoder calls ~200 of them per token. When nothing but that registration
+would see the call, a converted layer calls the same function body itself (:func:`linear`), which is the
+same computation by construction: the same ``_linear`` on the same arguments.
+
+"Nothing else would see it" (:func:`eligible`): a plain CPU tensor (no subclass, so no FakeTensor,
+FunctionalTensor or tensor subclass), no autograd recording, no ``TorchDispatchMode`` or
+``TorchFunctionMode`` active (profiler, FlopCounter, export and FX tracing keep seeing the op), and not
+inside ``torch.compile`` tracing. ``BITLAB_FX_DIRECT_CPU=0`` turns it off (every call goes through the op).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _linear, _supported, kernel_library
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the op accepts (ops/_schema.py)
+_WEIGHT_FORMAT_CODE = {"ternary": 0, "int8": 1, "int4": 2}  # the kernel's wfmt (bitlab_cpu.h)
+_ENABLED = os.environ.get("BITLAB_FX_DIRECT_CPU", "1") not in ("0", "")
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
+
+
+def eligible(x) -> bool:
+    """Whether a call on ``x`` may skip the dispatcher (see the module docstring)."""
+    # is_compiling() first: torch.compile reads it as True and traces no further (the op lands in its graph)
+    return (_ENABLED and not _compiling() and type(x) is Tensor and x.device.type == "cpu"
+            and not (x.requires_grad and _grad_enabled()) and not _dispatch_modes() and not _function_modes())
+
+
+def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
+           static_multiplier: Optional[Tensor], in_features: int) -> Optional[Tensor]:
+    """The op's CPU kernel on these arguments, or None where the op itself must run: no kernel library, a
+    shape the kernel does not take (the op then raises its error or runs the reference), a weight elsewhere."""
+    if (x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or weight.device.type != "cpu"
+            or weight_format not in _WEIGHT_FORMAT_CODE):
+        return None
+    lib = kernel_library()
+    if lib is None or not _supported(x, weight_scale, act, ternary=weight_format == "ternary"):
+        return None
+    return _linear(lib, _WEIGHT_FORMAT_CODE[weight_format], x, weight, weight_scale, bias, act, static_multiplier)
