@@ -24,6 +24,36 @@ from ..quant.packing import padded_k
 from . import reference
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LIB = torch.library.Library("bitlab", "DEF")  # the ops' definitions (kept alive with the module)
+
+
+class BitlabOp:
+    """One ``torch.ops.bitlab`` op: defined with ``torch.library`` (not ``custom_op``, whose Python autograd
+    wrapper runs on every call outside ``inference_mode``, ~10-20 us: HF ``generate`` runs under ``no_grad``).
+    The function's annotations give the schema and its body is the default kernel for any device. The ops have
+    no gradient (a converted model does not train): torch's autograd fallback warns if one is backpropagated
+    through (``bfx.prepare_qat`` models train; their layers are not these ops)."""
+
+    def __init__(self, fn):
+        self.name = fn.__name__
+        _LIB.define(self.name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        _LIB.impl(self.name, fn, "CompositeExplicitAutograd")
+        self.qualname = f"bitlab::{self.name}"
+        self.default = getattr(torch.ops.bitlab, self.name).default
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.qualname, fn, lib=_LIB)
+        return fn
+
+    def register_kernel(self, device_type: str, fn) -> None:
+        torch.library.register_kernel(self.qualname, device_type, fn)
+
+    def register_torch_dispatch(self, mode, rule) -> None:
+        torch.library.register_torch_dispatch(self.qualname, mode, rule)
 SCHEMA_VERSION = 2  # 2: the static multiplier is the keyword ``act_multiplier`` (1: positional ``act_scale``)
 
 
@@ -83,7 +113,7 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
     return n
 
 
-@torch.library.custom_op("bitlab::ternary_linear", mutates_args=())
+@BitlabOp
 def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                    act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
                    act_multiplier: Optional[Tensor] = None) -> Tensor:
@@ -102,7 +132,7 @@ def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None
     return x.new_empty(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("bitlab::int8_linear", mutates_args=())
+@BitlabOp
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
                 act_multiplier: Optional[Tensor] = None) -> Tensor:
@@ -153,7 +183,7 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
     return conv2d_out_shape(op, x, weight_shape, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("bitlab::ternary_conv2d", mutates_args=())
+@BitlabOp
 def ternary_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                    weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                    act: str = "per_token", act_scale: Optional[Tensor] = None,
@@ -175,7 +205,7 @@ def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilat
     return x.new_empty(shape)
 
 
-@torch.library.custom_op("bitlab::int8_conv2d", mutates_args=())
+@BitlabOp
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], stride: List[int],
                 padding: List[int], dilation: List[int], groups: int, act: str = "per_token",
                 act_scale: Optional[Tensor] = None, act_multiplier: Optional[Tensor] = None) -> Tensor:
@@ -218,7 +248,7 @@ def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bi
     return n
 
 
-@torch.library.custom_op("bitlab::int4_linear", mutates_args=())
+@BitlabOp
 def int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
                 act_multiplier: Optional[Tensor] = None) -> Tensor:
@@ -247,7 +277,7 @@ def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride
     return conv2d_out_shape("int4_conv2d", x, weight_shape, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("bitlab::int4_conv2d", mutates_args=())
+@BitlabOp
 def int4_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                 weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
@@ -278,7 +308,7 @@ def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int
         raise KernelError(f"bitlab.quantize_dequantize: a static multiplier holds one number, got shape {tuple(multiplier.shape)}")
 
 
-@torch.library.custom_op("bitlab::quantize_dequantize", mutates_args=())
+@BitlabOp
 def quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, signed: bool,
                         granularity: str = "per_tensor", token_dims: int = 1) -> Tensor:
     """``clamp(round(x * s), qmin, qmax) / s``: a converted activation quantizer (static ``multiplier`` ``s``,

@@ -92,3 +92,14 @@ def test_cuda_argument_binding_reads_both_names():
     assert _bind("ternary_linear", (x, w, s, None, "per_tensor", m, 64), {})[5] is m
     assert _bind("int8_linear", (x, w, s, None, "per_tensor", None, m), {})[5] is m
     assert _bind("int8_linear", (x, w, s), {})[4:] == ("per_token", None, -1)
+
+
+def test_ops_have_no_gradient_and_say_so_when_backpropagated():
+    """The converted ops are inference ops (defined with torch.library, no Python autograd wrapper on every call):
+    backpropagating through one warns, naming the op, and gives the input no gradient."""
+    p, s = _ternary()
+    x = torch.randn(3, 64, requires_grad=True)
+    y = torch.ops.bitlab.ternary_linear(x, p, s)
+    with pytest.warns(UserWarning, match="bitlab::ternary_linear: an autograd kernel was not registered"):
+        y.sum().backward()
+    assert x.grad is None

