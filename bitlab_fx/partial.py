@@ -28,7 +28,6 @@ import torch
 from torch import fx, nn
 
 from .capture.partial import Plan, layer_graph, qualify
-from .nn.single_linear_graph import with_direct_call
 from .mapping import QConfigMapping
 from .passes._common import META, ROOT_ATTR, Record, bitlab_meta, layer_nodes, set_submodule
 from .passes.normalize import normalize
@@ -101,11 +100,6 @@ def convert_partial(model: nn.Module) -> nn.Module:
         dtype = getattr(gm, "weight", None)
         dtype = dtype.dtype if torch.is_tensor(dtype) else None
         convert_graph(gm)
-        if record.parts[path] == "layer":  # one linear call: eager CPU inference skips the dispatcher
-            direct = with_direct_call(gm)
-            if direct is not gm:
-                set_submodule(model, path, direct)
-                gm = direct
         if dtype is not None and not hasattr(gm, "weight"):
             # eager parents often read layer.weight.dtype/.device (HF ViT, T5): keep an empty stand-in
             gm.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import fx
 
+from ..nn.direct_graph import with_direct_calls
 from ._common import RECORD_KEY, Record
 from .insert_fake_quant import insert_fake_quant
 from .lower_to_packed import lower_to_packed
@@ -32,4 +33,4 @@ def convert_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """Lower the fake-quantized layers of a prepared graph to packed ``torch.ops.bitlab`` calls, in place."""
     gm = lower_to_packed(gm)
     gm.meta[RECORD_KEY].stage = "converted"
-    return gm
+    return with_direct_calls(gm)  # eager CPU inference calls the linear kernels without the dispatcher

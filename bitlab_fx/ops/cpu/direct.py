@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _schema
 from . import _linear, _supported, kernel_library
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the op accepts (ops/_schema.py)
@@ -48,3 +49,25 @@ def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, 
     if lib is None or not _supported(x, weight_scale, act, ternary=weight_format == "ternary"):
         return None
     return _linear(lib, _WEIGHT_FORMAT_CODE[weight_format], x, weight, weight_scale, bias, act, static_multiplier)
+
+
+_LINEAR_OPS = {"ternary_linear": "ternary", "int8_linear": "int8", "int4_linear": "int4"}
+
+
+def linear_op_format(op) -> Optional[str]:
+    """The weight format of a ``torch.ops.bitlab`` linear op overload, or None for any other callable."""
+    name = getattr(op, "_opname", None)
+    return _LINEAR_OPS.get(name) if getattr(op, "namespace", None) == "bitlab" else None
+
+
+def call_linear_op(op, x, weight, weight_scale, bias=None, act="per_token", act_scale=None, *rest, **kwargs):
+    """``op(x, weight, ...)`` exactly, through the kernel directly where :func:`eligible` (what a converted graph
+    runs in eager mode in place of each linear op node; tracers and compilers see the op itself)."""
+    if eligible(x):
+        fmt = _LINEAR_OPS[op._opname]
+        in_features = rest[0] if rest else (weight.shape[-1] if fmt == "int8" else -1)
+        multiplier = _schema.resolve_multiplier(op._opname, act_scale, kwargs.get("act_multiplier"))
+        y = linear(fmt, x, weight, weight_scale, bias, act, multiplier, in_features)
+        if y is not None:
+            return y
+    return op(x, weight, weight_scale, bias, act, act_scale, *rest, **kwargs)

@@ -1,0 +1,66 @@
+"""Converted graphs that, in eager CPU inference, call their linear kernels without the dispatcher.
+
+A converted GraphModule calls ``torch.ops.bitlab.<format>_linear`` on its buffers. Through torch's
+dispatcher that call costs about as much as the kernel of a decode step (M = 1) on a small layer, and a
+decoder makes ~200 of them per token. :class:`DirectCallGraph` keeps the graph exactly as it is (nodes,
+``code``, ``print_readable``, state_dict, export, ``torch.compile``, ``bfx.summary`` all see the ops), but
+the ``forward`` it runs is generated from a copy of the graph in which each linear op node calls
+:func:`bitlab_fx.ops.cpu.direct.call_linear_op` instead: the same kernel on the same arguments when the
+call is plain eager CPU inference, and the op itself otherwise (autograd, modes, tracers, compilers, other
+devices). ``BITLAB_FX_DIRECT_CPU=0`` makes every call go through the op.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import fx
+from torch.fx.graph_module import _forward_from_src
+
+from ..ops.cpu import direct as direct_cpu
+
+
+def _direct_forward(gm: fx.GraphModule):
+    """The ``forward`` of ``gm``'s graph with every bitlab linear op node routed through ``call_linear_op``,
+    or None when the graph calls no linear op."""
+    graph = copy.deepcopy(gm.graph)  # with its codegen (export graphs flatten/unflatten pytree inputs and outputs)
+    routed = False
+    for node in graph.nodes:
+        if node.op == "call_function" and direct_cpu.linear_op_format(node.target) is not None:
+            node.args = (node.target,) + tuple(node.args)
+            node.target = direct_cpu.call_linear_op
+            routed = True
+    if not routed:
+        return None
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals)
+
+
+class DirectCallGraph(fx.GraphModule):
+    """A converted GraphModule whose eager forward calls the linear kernels directly (see the module docstring)."""
+
+    def __deepcopy__(self, memo):
+        new = super().__deepcopy__(memo)
+        # GraphModule's deepcopy registers every buffer as persistent again: keep the layer parts' stand-in
+        # ``weight`` (partial.convert_partial) out of the copy's state_dict
+        new._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        return new
+
+    def recompile(self):
+        python_code = super().recompile()  # the graph's own code: what ``code``, printing and pickling use
+        forward = _direct_forward(self)
+        if forward is not None:
+            type(self).forward = forward  # each GraphModule instance has its own class
+        return python_code
+
+
+def with_direct_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn a converted GraphModule into a :class:`DirectCallGraph` in place (same object, modules and graph)."""
+    if not isinstance(gm, DirectCallGraph):
+        # like GraphModule.__new__: a class of its own (where recompile puts forward), named so that deepcopy,
+        # which rebuilds from the first class up the MRO with another name, rebuilds a DirectCallGraph
+        cls = type("GraphModuleImpl", (DirectCallGraph,), {})
+        cls.__name__ = type(gm).__name__  # what repr shows ("GraphModule", or the class_name it was built with)
+        gm.__class__ = cls
+        gm.recompile()
+    return gm
+
