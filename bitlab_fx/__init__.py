@@ -8,6 +8,7 @@
 2
 """
 from .api import convert, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, prepare_qat
+from .decode import compile_for_decode
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
 from .mapping import QConfigMapping
@@ -24,7 +25,7 @@ __all__ = [
     "prepare_qat", "convert", "summary", "Summary", "save_quantized", "load_quantized",
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
-    "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig",
+    "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
 ]

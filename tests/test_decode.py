@@ -1,0 +1,55 @@
+"""bfx.compile_for_decode (decode.py): a converted HF causal LM decoding with a static KV cache and a compiled
+forward gives the tokens the eager converted model gives; compile failures fall back with a warning."""
+import copy
+
+import pytest
+import torch
+
+import bitlab_fx as bfx
+
+_hf_tiny = pytest.importorskip("_hf_tiny")
+
+
+@pytest.fixture(scope="module")
+def converted():
+    model, (ids,), _, _ = _hf_tiny.build("llama")
+    qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", bfx.int8())
+    return bfx.convert(bfx.prepare_qat(model.eval(), qc).eval()), ids[:1]
+
+
+def _greedy(model, ids, n=6):
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def test_compiled_decode_gives_the_eager_tokens(converted):
+    cm, ids = converted
+    want = _greedy(cm, ids)
+    fast = bfx.compile_for_decode(copy.deepcopy(cm))
+    assert fast.generation_config.cache_implementation == "static"
+    assert torch.equal(_greedy(fast, ids), want)
+    assert torch.equal(_greedy(fast, ids), want)  # the compiled graphs, reused
+    twin = copy.deepcopy(fast)  # the compiled forward follows the copy
+    assert twin.forward.__self__ is twin and torch.equal(_greedy(twin, ids), want)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(converted):
+    cm, ids = converted
+    want = _greedy(cm, ids)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    fast = bfx.compile_for_decode(copy.deepcopy(cm), backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="compiling LlamaForCausalLM.forward failed, decoding eagerly"):
+        got = _greedy(fast, ids)
+    assert torch.equal(got, want)
+
+
+def test_refuses_what_it_cannot_compile(converted):
+    model, _, _, _ = _hf_tiny.build("llama")
+    with pytest.raises(bfx.ConvertError, match="not a converted bitlab_fx model"):
+        bfx.compile_for_decode(model)
+    mlp = bfx.convert(bfx.prepare_qat(torch.nn.Sequential(torch.nn.Linear(8, 8)), bfx.ternary()).eval())
+    with pytest.raises(bfx.ConvertError, match="no Hugging Face generate"):
+        bfx.compile_for_decode(mlp)
