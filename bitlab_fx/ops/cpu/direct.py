@@ -34,7 +34,7 @@ _compiling = torch.compiler.is_compiling
 def eligible(x) -> bool:
     """Whether a call on ``x`` may skip the dispatcher (see the module docstring)."""
     # is_compiling() first: torch.compile reads it as True and traces no further (the op lands in its graph)
-    return (_ENABLED and not _compiling() and type(x) is Tensor and x.device.type == "cpu"
+    return (_ENABLED and not _compiling() and type(x) is Tensor and x.is_cpu
             and not (x.requires_grad and _grad_enabled()) and not _dispatch_modes() and not _function_modes())
 
 
@@ -42,7 +42,7 @@ def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, 
            static_multiplier: Optional[Tensor], in_features: int) -> Optional[Tensor]:
     """The op's CPU kernel on these arguments, or None where the op itself must run: no kernel library, a
     shape the kernel does not take (the op then raises its error or runs the reference), a weight elsewhere."""
-    if (x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or weight.device.type != "cpu"
+    if (x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or not weight.is_cpu
             or weight_format not in _WEIGHT_FORMAT_CODE):
         return None
     lib = kernel_library()
