@@ -5,8 +5,8 @@ glue, the KV cache, ``generate``), not in the packed kernels. Compiling the forw
 (fixed shapes, so one graph for every decode step) turns that glue into a few fused kernels; the
 ``torch.ops.bitlab`` calls stay as they are. Outputs equal the eager converted model's.
 
->>> cm = bfx.compile_for_decode(bfx.convert(prepared.eval()))       # doctest: +SKIP
->>> cm.generate(ids, max_new_tokens=64, do_sample=False)             # doctest: +SKIP
+    cm = bfx.compile_for_decode(bfx.convert(prepared.eval()))
+    cm.generate(ids, max_new_tokens=64, do_sample=False)      # the first calls compile, the rest reuse
 
 Where compiling fails (no C++ compiler for inductor, an unsupported model), the first call warns with the
 reason and the model decodes eagerly from then on.
