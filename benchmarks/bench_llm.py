@@ -212,6 +212,7 @@ def main() -> None:
     results = {k: [] for k in runners}
     for _ in range(args.repeats):  # interleaved rounds
         for k, r in runners.items():
+            time.sleep(0.5)  # let the previous runtime's worker threads (llama.cpp's spin) go idle
             results[k].append(r.round())
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch 1, prompt "
           f"{args.prompt}, {args.new_tokens} greedy tokens, prefill {args.prefill}, {args.threads} threads, "
