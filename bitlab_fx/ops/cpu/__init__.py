@@ -313,9 +313,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    # Straight onto the dispatcher's CPU key (not ``torch.library.register_kernel``, which routes every
-    # call through custom_op's Python wrapper and its per-call output checks: ~3 us, as much as a small
-    # layer's whole kernel). The kernels return fresh tensors, so those checks have nothing to find.
+    # Straight onto the dispatcher's CPU key (not ``torch.library.register_kernel``, which wraps every call
+    # in Python checks: ~3 us, as much as a small layer's whole kernel). The kernels return fresh tensors.
     global _impl_lib
     _impl_lib = torch.library.Library("bitlab", "IMPL")
     for name, fn in (("ternary_linear", ternary_linear), ("int8_linear", int8_linear),

@@ -5,7 +5,7 @@
 ``kernels.py`` (and triton) load the first time a CUDA tensor reaches one of the ops.
 
 How the ops are wired (``torch.library.triton_op`` creates a *new* op and cannot adopt the existing
-``custom_op``s, so we do by hand what it does, for CUDA inputs only):
+ops of ``_schema.py``, so we do by hand what it does, for CUDA inputs only):
 
 * eager: ``register_kernel(op, "cuda", fn)``; ``fn`` launches the kernels directly (``wrap_triton``
   switched off, as ``triton_op`` does for its eager path, to skip the tracing HOP).
