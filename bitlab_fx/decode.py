@@ -47,7 +47,13 @@ def compile_for_decode(model: nn.Module, *, backend: Union[str, Callable] = "ind
                            "another library?); compile it with torch.compile(model.forward) instead")
     config.cache_implementation = "static"
     eager = bound.__func__
-    compiled = torch.compile(eager, backend=backend, fullgraph=fullgraph, dynamic=False, options=options)
+    # torch.compile keeps its compiled graphs on the code object, which every model of the class shares: a copy
+    # of the function with a code object of its own keeps this model's graphs (and backend) to itself
+    own = types.FunctionType(eager.__code__.replace(), eager.__globals__, eager.__name__, eager.__defaults__,
+                             eager.__closure__)
+    own.__kwdefaults__ = eager.__kwdefaults__
+    functools.update_wrapper(own, eager)
+    compiled = torch.compile(own, backend=backend, fullgraph=fullgraph, dynamic=False, options=options)
     # bound as a method: a deepcopy of the model rebinds it to the copy (a closure over ``model`` would not)
     model.forward = types.MethodType(_with_eager_fallback(compiled, eager, type(model).__name__), model)
     return model

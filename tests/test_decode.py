@@ -10,11 +10,15 @@ import bitlab_fx as bfx
 _hf_tiny = pytest.importorskip("_hf_tiny")
 
 
-@pytest.fixture(scope="module")
-def converted():
-    model, (ids,), _, _ = _hf_tiny.build("llama")
+def _convert(name):
+    model, (ids,), _, _ = _hf_tiny.build(name)
     qc = bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", bfx.int8())
     return bfx.convert(bfx.prepare_qat(model.eval(), qc).eval()), ids[:1]
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return _convert("llama")
 
 
 def _greedy(model, ids, n=6):
@@ -31,6 +35,13 @@ def test_compiled_decode_gives_the_eager_tokens(converted):
     assert torch.equal(_greedy(fast, ids), want)  # the compiled graphs, reused
     twin = copy.deepcopy(fast)  # the compiled forward follows the copy
     assert twin.forward.__self__ is twin and torch.equal(_greedy(twin, ids), want)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "gpt2"])
+def test_other_decoders_compile_to_the_same_tokens(name):
+    cm, ids = _convert(name)
+    want = _greedy(cm, ids, n=4)
+    assert torch.equal(_greedy(bfx.compile_for_decode(cm), ids, n=4), want)
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(converted):

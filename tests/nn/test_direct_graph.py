@@ -103,3 +103,12 @@ def test_generate_and_summary_unchanged(llama):
     assert out.shape == (1, ids.shape[1] + 4)
     rows = {r["layer"]: r for r in bfx.summary(cm).rows}
     assert rows["model.layers.0.self_attn.q_proj"]["weight"] == "ternary"
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "gpt2"])
+def test_other_decoders_give_the_same_logits_direct_or_not(name, monkeypatch):
+    model, (ids,), _, _ = _hf_tiny.build(name)
+    cm = bfx.convert(bfx.prepare_qat(model.eval(), bfx.ternary()).eval())
+    fast = _logits(cm, ids)
+    monkeypatch.setattr(direct, "_ENABLED", False)
+    assert torch.equal(fast, _logits(cm, ids))
