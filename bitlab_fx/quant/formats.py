@@ -47,7 +47,14 @@ class WeightFormat:
 
     def op(self, kind: str):
         """``torch.ops.bitlab.<format>_<kind>.default`` (``kind``: "linear" or "conv2d")."""
-        return getattr(torch.ops.bitlab, f"{self.name}_{kind}").default
+        key = (self.name, kind)
+        op = _OPS.get(key)
+        if op is None:  # looked up once: torch.ops attribute access costs ~1 us per call of a layer
+            op = _OPS[key] = getattr(torch.ops.bitlab, f"{self.name}_{kind}").default
+        return op
+
+
+_OPS: dict = {}
 
 
 WEIGHT_FORMATS = {

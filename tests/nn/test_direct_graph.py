@@ -15,6 +15,12 @@ from _helpers import mlp
 _hf_tiny = pytest.importorskip("_hf_tiny")
 
 
+@pytest.fixture(autouse=True)
+def python_kernels(monkeypatch):
+    """The direct path serves where the C++ dispatcher kernels are not installed (no C++ compiler): test it so."""
+    monkeypatch.setitem(direct._cxx_kernels, "installed", False)
+
+
 @pytest.fixture(scope="module")
 def llama():
     model, (ids,), _, _ = _hf_tiny.build("llama")

@@ -17,6 +17,17 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def python_kernels(monkeypatch):
+    """The direct path serves where the C++ dispatcher kernels are not installed (no C++ compiler): test it so."""
+    monkeypatch.setitem(direct._cxx_kernels, "installed", False)
+
+
+def test_off_once_the_cpp_kernels_run_the_ops(monkeypatch):
+    monkeypatch.setitem(direct._cxx_kernels, "installed", True)
+    assert not direct.eligible(torch.randn(2, 8))
+
+
 def _container(name, k=96, n=40):
     torch.manual_seed(0)
     pm = bfx.prepare_qat(torch.nn.Sequential(torch.nn.Linear(k, n)), CONFIGS[name]())

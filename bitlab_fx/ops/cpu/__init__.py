@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ...quant.packing import unpack_int4
 from .. import _schema, reference
+from . import torch_kernels
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
@@ -59,6 +60,9 @@ def _load():
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
             lib.bitlab_set_isa(_ISA.get(isa, -1))
             _lib = lib
+            global _linear_lib
+            if _linear_lib is not None:
+                _linear_lib = torch_kernels.install(lib, _linear_lib, _register_python_linear)
         except Exception as e:  # no compiler, compile error, unloadable library
             _failed = True
             warnings.warn(f"bitlab_fx: could not build the CPU kernel, using the slow reference implementation "
@@ -310,18 +314,25 @@ _registered = False
 
 def register() -> None:
     """Register the CPU kernels for the linear and conv ops (idempotent; compiles nothing)."""
-    global _registered
+    global _registered, _impl_lib, _linear_lib, _fallback_lib
     if _registered:
         return
     # Straight onto the dispatcher's CPU key (not ``torch.library.register_kernel``, which wraps every call
     # in Python checks: ~3 us, as much as a small layer's whole kernel). The kernels return fresh tensors.
-    global _impl_lib
     _impl_lib = torch.library.Library("bitlab", "IMPL")
-    for name, fn in (("ternary_linear", ternary_linear), ("int8_linear", int8_linear),
-                     ("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d),
-                     ("int4_linear", int4_linear), ("int4_conv2d", int4_conv2d)):
+    for name, fn in (("ternary_conv2d", ternary_conv2d), ("int8_conv2d", int8_conv2d), ("int4_conv2d", int4_conv2d)):
         _impl_lib.impl(name, fn, "CPU")
+    _linear_lib = _register_python_linear()  # until the C++ kernels replace them (torch_kernels.py)
+    _fallback_lib = torch_kernels.define_python_fallbacks(_PYTHON_LINEAR)
     _registered = True
 
 
-_impl_lib = None
+def _register_python_linear() -> torch.library.Library:
+    lib = torch.library.Library("bitlab", "IMPL")
+    for name, fn in _PYTHON_LINEAR.items():
+        lib.impl(name, fn, "CPU")
+    return lib
+
+
+_PYTHON_LINEAR = {"ternary_linear": ternary_linear, "int8_linear": int8_linear, "int4_linear": int4_linear}
+_impl_lib = _linear_lib = _fallback_lib = None
