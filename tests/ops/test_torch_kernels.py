@@ -1,6 +1,7 @@
 """The C++ dispatcher kernels of the CPU linear ops (ops/cpu/torch_kernels.py/.cpp): installed where a C++
 compiler exists, bitwise the Python kernels (``bitlab::_py_<op>``) on the cases they run, and every other case
 handed to the Python kernels (their results and their errors)."""
+import os
 import shutil
 
 import pytest
@@ -33,7 +34,9 @@ def _call(name, fmt, x, w, ws, bias, act, static=None, by_keyword=True):
 
 def test_installed_where_a_cpp_compiler_exists():
     torch.ops.bitlab.ternary_linear(torch.randn(1, K), _weights("ternary"), torch.ones(N))  # first use builds
-    if any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if os.environ.get("BITLAB_FX_TORCH_KERNELS") == "0":
+        assert "switched off by BITLAB_FX_TORCH_KERNELS=0" in torch_kernels.status()
+    elif any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         assert torch_kernels.status() == "C++" and torch_kernels.installed()
     else:
         assert "no C++ compiler" in torch_kernels.status()
