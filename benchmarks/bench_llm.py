@@ -8,8 +8,8 @@ Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a
 prefill tokens/s = prompt length / time of one forward over it. Rounds interleave the runtimes (the VM is
 noisy); the table shows medians and the spread (min-max). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
-the embedding stays float. The per-token breakdown splits bitlab's decode step into its kernels (the
-ops' C kernels) and the rest (HF model code, generate, dispatch). llama.cpp peers (``bench`` extra: gguf,
+the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
+(their CPU time under torch.profiler) and the rest (HF model code, generate). llama.cpp peers (``bench`` extra: gguf,
 llama-cpp-python) run a GGUF written from the same weights: for TQ2_0/TQ1_0 the same ternary codes.
 """
 from __future__ import annotations
@@ -26,8 +26,6 @@ import torch
 import transformers
 
 import bitlab_fx as bfx
-from bitlab_fx.ops import cpu as cpu_ops
-from bitlab_fx.ops.cpu import direct as direct_ops
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llm_peers  # noqa: E402
@@ -99,26 +97,18 @@ class HFRunner:
 
 
 def kernel_share(runner: HFRunner) -> tuple:
-    """(ms per decode token in bitlab's kernels, ms per token in total), from one extra timed generate."""
-    spent = [0.0]
-    original = cpu_ops._linear
+    """(ms per decode token in bitlab's ops, ms per token in total): the ``bitlab::`` ops' CPU time under
+    torch.profiler (which also slows the rest: the total is measured without it) in generate(N) minus
+    generate(1), over N - 1 tokens."""
+    def op_ms(n):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            runner._generate(n)
+        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("bitlab::")) / 1e3
 
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t0
-
-    cpu_ops._linear = direct_ops._linear = timed
-    try:
-        t1, _ = runner._generate(1)
-        k1, spent[0] = spent[0], 0.0
-        tn, _ = runner._generate(runner.n)
-    finally:
-        cpu_ops._linear = direct_ops._linear = original
-    per_token = (tn - t1) / (runner.n - 1) * 1e3
-    return (spent[0] - k1) / (runner.n - 1) * 1e3, per_token
+    kernels = (op_ms(runner.n) - op_ms(1)) / (runner.n - 1)
+    t1, _ = runner._generate(1)
+    tn, _ = runner._generate(runner.n)
+    return kernels, (tn - t1) / (runner.n - 1) * 1e3
 
 
 def ternary_weights(converted) -> dict:
@@ -224,13 +214,13 @@ def main() -> None:
 
 def report(results, runners) -> None:
     base = statistics.median(r[0] for r in results["fp32"]) if "fp32" in results else None
-    print("| runtime | decode tokens/s (spread) | vs fp32 | prefill tokens/s (spread) | kernels / total ms per token |")
+    print("| runtime | decode tokens/s (spread) | vs fp32 | prefill tokens/s (spread) | bitlab ops / total ms per token |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for k, rows in results.items():
         dec, pre = [r[0] for r in rows], [r[1] for r in rows]
         ratio = f"{statistics.median(dec) / base:.2f}x" if base else ""
         share = ""
-        if k.startswith("bitlab-") and not k.endswith("-compiled"):
+        if k.startswith("bitlab-"):
             kern, total = kernel_share(runners[k])
             share = f"{kern:.2f} / {total:.2f}"
         print(f"| {k} | {statistics.median(dec):.1f} ({min(dec):.1f}-{max(dec):.1f}) | {ratio} | "
