@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _schema
