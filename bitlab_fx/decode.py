@@ -31,7 +31,9 @@ def compile_for_decode(model: nn.Module, *, backend: Union[str, Callable] = "ind
 
     ``generate()`` then uses the static cache (``generation_config.cache_implementation = "static"``) and the
     compiled forward; ``backend``/``fullgraph``/``options`` go to ``torch.compile``. Call ``model.generate``
-    as usual; the first calls compile (prefill and decode shapes), later ones reuse the graphs."""
+    as usual; the first calls compile (prefill and decode shapes), later ones reuse the graphs. The compiled
+    forward is an attribute of the model: save the converted model with ``bfx.save_quantized`` (its state), not
+    by pickling the compiled one."""
     if stage_of(model) != "converted":
         raise ConvertError(f"compile_for_decode: the {type(model).__name__} is not a converted bitlab_fx model; "
                            "call bfx.convert(prepared.eval()) first (compile a float model with torch.compile)")
