@@ -39,7 +39,7 @@ _failed = False  # build or load failed (warned once)
 
 
 def _load():
-    global _lib, _failed
+    global _lib, _failed, _linear_lib
     with _lock:
         if _lib is not None or _failed:
             return _lib
@@ -60,8 +60,7 @@ def _load():
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()
             lib.bitlab_set_isa(_ISA.get(isa, -1))
             _lib = lib
-            global _linear_lib
-            if _linear_lib is not None:
+            if _linear_lib is not None:  # the C++ dispatcher kernels take over the linear ops (torch_kernels.py)
                 _linear_lib = torch_kernels.install(lib, _linear_lib, _register_python_linear)
         except Exception as e:  # no compiler, compile error, unloadable library
             _failed = True
