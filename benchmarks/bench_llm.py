@@ -5,7 +5,8 @@
     python benchmarks/bench_llm.py --model synthetic --runtimes fp32,bitlab-ternary --repeats 3
 
 Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a 16-token prompt, greedy;
-prefill tokens/s = prompt length / time of one forward over it. Rounds interleave the runtimes (the VM is
+prefill tokens/s = prompt length / time of one forward over it (logits of the last token only, as
+llama.cpp computes them and as ``generate`` asks for them). Rounds interleave the runtimes (the VM is
 noisy); the table shows medians and the spread (min-max). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
 the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
@@ -84,14 +85,14 @@ class HFRunner:
         self._generate(2)
         self._generate(self.n)
         with torch.inference_mode():
-            self.model(self.prefill_ids)
+            self.model(self.prefill_ids, logits_to_keep=1)
 
     def round(self):
         t1, _ = self._generate(1)
         tn, out = self._generate(self.n)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            self.model(self.prefill_ids)
+            self.model(self.prefill_ids, logits_to_keep=1)
             tp = time.perf_counter() - t0
         return (self.n - 1) / (tn - t1), self.prefill_ids.shape[1] / tp, out[0, self.prompt.shape[1]:].tolist()
 
