@@ -50,9 +50,10 @@ def load_model(args):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
                                                                   dtype=torch.float32).eval()
         return model, os.path.join(folder, gguf_file)
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                   num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
-                                   max_position_embeddings=1024)
+    heads = args.hidden // 128 or 1
+    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                   intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                                   num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     return model, None
@@ -184,6 +185,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2"])
     p.add_argument("--layers", type=int, default=2, help="synthetic model only")
+    p.add_argument("--hidden", type=int, default=2048, help="synthetic model only (intermediate = 2.75x)")
+    p.add_argument("--vocab", type=int, default=32000, help="synthetic model only")
     p.add_argument("--runtimes", default="fp32,bitlab-ternary,llamacpp-f16,llamacpp-tq2_0,llamacpp-tq1_0")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--prefill", type=int, default=128)
