@@ -23,7 +23,7 @@ from ..errors import KernelError
 from ..quant.packing import padded_k
 from . import reference
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LIB = torch.library.Library("bitlab", "DEF")  # the ops' definitions (kept alive with the module)
 
 
@@ -68,7 +68,7 @@ def resolve_multiplier(op: str, act_scale: Optional[Tensor], act_multiplier: Opt
 
 def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], n: int,
                   act: str, static_multiplier: Optional[Tensor]) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"bitlab.{op}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
     if act not in reference.ACT_MODES:
         raise KernelError(f"bitlab.{op}: act={act!r}; use one of {reference.ACT_MODES}")
@@ -298,7 +298,7 @@ def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilat
 
 
 def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, granularity: str) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"bitlab.quantize_dequantize: input dtype {x.dtype} is not supported; pass a float tensor")
     if not 2 <= bits <= 8:
         raise KernelError(f"bitlab.quantize_dequantize: bits={bits}; use 2..8")

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 HERE = Path(__file__).parent
 # The kernel's files, in the order they form one translation unit, each with the compile job that builds
@@ -101,15 +101,45 @@ def cache_dir() -> Path:
     return Path(base) / "bitlab_fx"
 
 
-def compiler() -> List[str]:
-    cc = os.environ.get("CC")
-    if cc:
-        return shlex.split(cc)
-    for name in ("cc", "gcc", "clang"):
+def find_compiler(env: str, names: tuple, what: str) -> List[str]:
+    """``$env`` (split like a shell would) or the first of ``names`` on the PATH."""
+    given = os.environ.get(env)
+    if given:
+        return shlex.split(given)
+    for name in names:
         path = shutil.which(name)
         if path:
             return [path]
-    raise BuildError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    raise BuildError(f"no {what} compiler found (looked for ${env}, {', '.join(names)})")
+
+
+def compiler() -> List[str]:
+    return find_compiler("CC", ("cc", "gcc", "clang"), "C")
+
+
+def cache_key(*parts: bytes) -> str:
+    """16 hex digits naming a build of these inputs (source, compiler, flags, ...)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_cached(path: Path, make: Callable[[Path], None]) -> Path:
+    """``path``, made by ``make(tmp)`` unless the cache has it: into a temporary file of the same directory,
+    moved into place with ``os.replace`` (concurrent first uses all succeed)."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.tmp"
+    try:
+        make(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def cpu_features() -> str:
@@ -129,11 +159,8 @@ def cpu_features() -> str:
 def library_path(cc: List[str], openmp: bool = True, source: Optional[str] = None) -> Path:
     """Where the library for this source (default: :func:`amalgamate`'s), compiler, flags and CPU is cached."""
     src = (amalgamate() if source is None else source).encode("utf-8")
-    h = hashlib.sha256()
-    for part in (src, " ".join(cc).encode(), " ".join(CFLAGS).encode(), cpu_features().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return cache_dir() / f"bitlab_cpu-{h.hexdigest()[:16]}.so"
+    key = cache_key(src, " ".join(cc).encode(), " ".join(CFLAGS).encode(), cpu_features().encode())
+    return cache_dir() / f"bitlab_cpu-{key}.so"
 
 
 def _run(cmds: List[List[str]]) -> None:
@@ -167,27 +194,16 @@ def _compile(cc: List[str], out: Path, openmp: bool, source: str) -> None:
 
 def build() -> Path:
     """Return the path of the compiled library, compiling it if the cache does not have it."""
-    try:
-        cc = compiler()
-    except BuildError:
-        raise
+    cc = compiler()
     source = amalgamate()
-    path = library_path(cc, source=source)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.tmp"
-    try:
+
+    def make(tmp: Path) -> None:
         try:
-            _compile(cc, tmp, openmp=True, source=source)
+            try:
+                _compile(cc, tmp, openmp=True, source=source)
+            except BuildError:
+                _compile(cc, tmp, openmp=False, source=source)  # e.g. a compiler without OpenMP: single-threaded
         except FileNotFoundError as e:
             raise BuildError(f"C compiler {cc[0]!r} not found") from e
-        except BuildError:
-            _compile(cc, tmp, openmp=False, source=source)  # e.g. a compiler without OpenMP: single-threaded kernel
-        os.replace(tmp, path)
-    except FileNotFoundError as e:
-        raise BuildError(f"C compiler {cc[0]!r} not found") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return build_cached(library_path(cc, source=source), make)

@@ -14,12 +14,8 @@ Where the C++ build fails (no ``c++``/``g++``, no torch headers) the Python kern
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shlex
-import shutil
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -42,17 +38,6 @@ def define_python_fallbacks(python_kernels: Dict[str, Callable]) -> torch.librar
     return lib
 
 
-def _cxx() -> List[str]:
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shlex.split(cxx)
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return [path]
-    raise _build.BuildError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
-
-
 def _command(cxx: List[str], out: Path) -> List[str]:
     from torch.utils import cpp_extension
 
@@ -65,26 +50,16 @@ def _command(cxx: List[str], out: Path) -> List[str]:
 
 def build() -> Path:
     """The compiled kernels' path (compiled now unless cached for this source, compiler and torch)."""
-    cxx = _cxx()
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cxx).encode(), torch.__version__.encode(),
-                 os.path.dirname(torch.__file__).encode()):
-        h.update(part)
-        h.update(b"\0")
-    path = _build.cache_dir() / f"bitlab_torch-{h.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.so.tmp"
-    try:
+    cxx = _build.find_compiler("CXX", ("c++", "g++", "clang++"), "C++")
+    key = _build.cache_key(SOURCE.read_bytes(), " ".join(cxx).encode(), torch.__version__.encode(),
+                           os.path.dirname(torch.__file__).encode())
+
+    def make(tmp: Path) -> None:
         proc = subprocess.run(_command(cxx, tmp), capture_output=True, text=True)
         if proc.returncode != 0:
             raise _build.BuildError(f"C++ kernels failed to compile ({proc.returncode}): {proc.stderr[-1500:]}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return _build.build_cached(_build.cache_dir() / f"bitlab_torch-{key}.so", make)
 
 
 def install(c_library, python_lib: torch.library.Library,
