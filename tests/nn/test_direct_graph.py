@@ -18,7 +18,7 @@ _hf_tiny = pytest.importorskip("_hf_tiny")
 @pytest.fixture(autouse=True)
 def python_kernels(monkeypatch):
     """The direct path serves where the C++ dispatcher kernels are not installed (no C++ compiler): test it so."""
-    monkeypatch.setitem(direct._cxx_kernels, "installed", False)
+    monkeypatch.setattr(direct, "_cxx_installed", lambda: False)
 
 
 @pytest.fixture(scope="module")

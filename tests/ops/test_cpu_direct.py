@@ -20,11 +20,11 @@ CONFIGS = {
 @pytest.fixture(autouse=True)
 def python_kernels(monkeypatch):
     """The direct path serves where the C++ dispatcher kernels are not installed (no C++ compiler): test it so."""
-    monkeypatch.setitem(direct._cxx_kernels, "installed", False)
+    monkeypatch.setattr(direct, "_cxx_installed", lambda: False)
 
 
 def test_off_once_the_cpp_kernels_run_the_ops(monkeypatch):
-    monkeypatch.setitem(direct._cxx_kernels, "installed", True)
+    monkeypatch.setattr(direct, "_cxx_installed", lambda: True)
     assert not direct.eligible(torch.randn(2, 8))
 
 

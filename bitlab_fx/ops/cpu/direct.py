@@ -21,9 +21,8 @@ from torch import Tensor
 
 from .. import _schema
 from . import _linear, _supported, kernel_library
-from .torch_kernels import _state as _cxx_kernels
+from .torch_kernels import installed as _cxx_installed
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the op accepts (ops/_schema.py)
 _WEIGHT_FORMAT_CODE = {"ternary": 0, "int8": 1, "int4": 2}  # the kernel's wfmt (bitlab_cpu.h)
 _ENABLED = os.environ.get("BITLAB_FX_DIRECT_CPU", "1") not in ("0", "")
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -36,7 +35,7 @@ def eligible(x) -> bool:
     """Whether a call on ``x`` may skip the dispatcher (see the module docstring). Not once the C++ kernels run
     the ops (torch_kernels.py): the dispatcher then costs ~2 us, less than this path's Python."""
     # is_compiling() first: torch.compile reads it as True and traces no further (the op lands in its graph)
-    return (_ENABLED and not _compiling() and not _cxx_kernels["installed"] and type(x) is Tensor and x.is_cpu
+    return (_ENABLED and not _compiling() and not _cxx_installed() and type(x) is Tensor and x.is_cpu
             and not (x.requires_grad and _grad_enabled()) and not _dispatch_modes() and not _function_modes())
 
 
@@ -44,7 +43,7 @@ def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, 
            static_multiplier: Optional[Tensor], in_features: int) -> Optional[Tensor]:
     """The op's CPU kernel on these arguments, or None where the op itself must run: no kernel library, a
     shape the kernel does not take (the op then raises its error or runs the reference), a weight elsewhere."""
-    if (x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or not weight.is_cpu
+    if (x.dtype not in _schema.FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or not weight.is_cpu
             or weight_format not in _WEIGHT_FORMAT_CODE):
         return None
     lib = kernel_library()
