@@ -113,18 +113,6 @@ def kernel_share(runner: HFRunner) -> tuple:
     return kernels, (tn - t1) / (runner.n - 1) * 1e3
 
 
-def ternary_weights(converted) -> dict:
-    """{HF module path: dense float weight = ternary codes x steps} of a converted model (for the GGUF)."""
-    out = {}
-    for name, module in converted.named_modules():
-        if isinstance(module, bfx.QuantizedLinear):
-            path = module.name or name
-            step = module.weight_scale.reshape(module.weight_shape[0], -1)
-            out[path] = (module.int_weight().float().reshape(module.weight_shape[0], -1, step.shape[1])
-                         * step[:, None, :]).reshape(module.weight_shape)
-    return out
-
-
 def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
     runners, notes = {}, []
     converted = {}
@@ -150,6 +138,13 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
     return {k: v for k, v in runners.items() if v is not None}, notes, converted
 
 
+def _tokenizer(gguf_path):
+    """The Hugging Face tokenizer of the shipped GGUF (SmolLM2), for the GGUFs written here; None: ids only."""
+    if gguf_path is None:
+        return None
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
 def _llama_cpp_runner(args, name, model, gguf_path, converted, prompt, prefill_ids, notes):
     if name == "llamacpp-shipped":
         if gguf_path is None:
@@ -158,14 +153,15 @@ def _llama_cpp_runner(args, name, model, gguf_path, converted, prompt, prefill_i
         path = gguf_path
     else:
         kind = LLAMA_CPP_TYPES[name]
-        weights = {}
+        source = model  # F16: the float model; Q8_0: int8 per-group-32 absmax weights (llama.cpp's Q8_0 rule)
         if kind.startswith("TQ"):
-            cm = converted.setdefault("ternary", convert(model, "ternary"))
-            weights = ternary_weights(cm)
+            source = converted.setdefault("ternary", convert(model, "ternary"))
+        elif kind == "Q8_0":
+            q8_0 = bfx.weight_only(bfx.IntWeight(8, granularity="per_group:32"))
+            source = bfx.convert(bfx.prepare_qat(copy.deepcopy(model), q8_0).eval(), inplace=True)
         path = os.path.join(args.workdir, f"{args.model}-{kind}.gguf")
-        written = llm_peers.write_llama_gguf(model, path, kind, weights, tokenizer_from=gguf_path)
-        linears = tuple(f".{t}.weight" for t in llm_peers.LINEARS.values())
-        fallback = sorted({v for k, v in written.items() if k.endswith(linears) and v != kind})
+        written = llm_peers.write_gguf(source, path, kind, tokenizer=_tokenizer(gguf_path))
+        fallback = sorted({v for k, v in written.items() if k.startswith("blk.") and "_norm" not in k and v != kind})
         if fallback:
             notes.append(f"{name}: rows the type cannot hold were written as {', '.join(fallback)}")
 

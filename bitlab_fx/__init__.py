@@ -10,10 +10,12 @@
 from .api import convert, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, prepare_qat
 from .decode import compile_for_decode
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
-from .errors import BitlabError, CaptureError, ConfigError, ConvertError, KernelError
+from .errors import BitlabError, CaptureError, ConfigError, ConvertError, ExportError, KernelError
+from .export import export_gguf
 from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
+from .nn.embedding import QuantizedEmbedding
 from .recipes import QuantWarmup
 from .bitlab import BitQuantConfig
 from .serialization import load_quantized, save_quantized
@@ -26,6 +28,7 @@ __all__ = [
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode",
-    "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d",
-    "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError",
+    "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
+    "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
+    "export_gguf",
 ]

@@ -23,3 +23,8 @@ class ConvertError(BitlabError, RuntimeError):
 
 class KernelError(BitlabError, RuntimeError):
     """A bitlab op was called with inputs it cannot handle (shape, dtype, device, format)."""
+
+
+class ExportError(BitlabError, ValueError):
+    """A model cannot be written in a deployment format (GGUF, ONNX): not converted, an architecture or a
+    shape the format cannot hold."""

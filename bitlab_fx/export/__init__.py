@@ -1,0 +1,9 @@
+"""Deployment formats of a converted model: GGUF for llama.cpp, ONNX for onnxruntime (docs/deploy.md).
+
+Both read each converted layer's integer codes and steps (:mod:`.weights`) and re-block them in the
+format's own layout; nothing is re-quantized. The format packages (``gguf``, ``onnx``) load on first call
+(the ``export`` extra).
+"""
+from .gguf import export_gguf
+
+__all__ = ["export_gguf"]
