@@ -167,7 +167,11 @@ class IntActivation:
 
 @dataclass(frozen=True)
 class IntBias:
-    """Signed integer bias of ``bits`` bits with scale ``input_scale * weight_scale`` (Brevitas' Int8Bias)."""
+    """Signed integer bias of ``bits`` bits on the step ``input_step * weight_step`` (Brevitas' Int8Bias).
+
+    The input step is that of the static quantizer that feeds the layer: its own ``input=``, or an upstream
+    output quantizer (a quantized ReLU) whose values reach the layer through scale-preserving ops (max-pool,
+    flatten, ...). ``convert`` stores the bias as int32 codes that the kernels add to the integer accumulator."""
 
     bits: int = 8
 
@@ -230,9 +234,11 @@ class QuantConfig:
         object.__setattr__(self, "input", _activation_spec(self.input))
         object.__setattr__(self, "output", _activation_spec(self.output))
         object.__setattr__(self, "bias", _bias_spec(self.bias))
-        if self.bias is not None and (self.weight is None or self.input is None):
-            raise ConfigError("QuantConfig(bias=IntBias(...)) needs both a quantized weight and a quantized input: "
-                              "the bias scale is input_scale * weight_scale")
+        if self.bias is not None and self.weight is None:
+            raise ConfigError("QuantConfig(bias=IntBias(...)) needs a quantized weight: the bias step is "
+                              "input_step * weight_step; add weight=IntWeight(...) or TernaryWeight(...)")
+        # the input step may come from the layer's own input= or from an upstream output quantizer: checked at
+        # prepare time, when the graph says which quantizer reaches the layer (passes/input_scale.py)
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict; :meth:`from_dict` reads it back."""

@@ -21,8 +21,8 @@ from .passes._common import META, RECORD_KEY, LayerMeta, bitlab_meta, layer_node
 from .quant import primitives as P
 from .quant.formats import converted_weight_bytes
 
-COLUMNS = ["layer", "type", "weight", "w_granularity", "activation", "rule", "params", "bytes_fp32", "bytes_quant",
-           "zeros"]
+COLUMNS = ["layer", "type", "weight", "w_granularity", "activation", "input_scale", "rule", "params", "bytes_fp32",
+           "bytes_quant", "zeros"]
 
 
 def _type_name(t: Any) -> str:
@@ -43,7 +43,8 @@ def _nbytes(t) -> int:
 
 def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
     row = {"layer": meta.fqn, "type": _type_name(meta.object_type), "weight": "float", "w_granularity": "",
-           "activation": "float", "rule": "" if meta.rule is None else str(meta.rule), "zeros": ""}
+           "activation": "float", "input_scale": meta.input_scale or "",
+           "rule": "" if meta.rule is None else str(meta.rule), "zeros": ""}
     if meta.container is not None:  # converted
         c: _QuantizedBase = gm.get_submodule(meta.container)
         n_params = math.prod(c.weight_shape) + (0 if c.bias is None else c.bias.numel())
@@ -97,12 +98,12 @@ class Summary:
 
     def __str__(self) -> str:
         t = self.totals
-        body = [[r[c] for c in COLUMNS] for r in self.rows]
+        body = [[r.get(c, "") for c in COLUMNS] for r in self.rows]
         if t["layers"]:
-            body.append(["TOTAL", "", f"{t['quantized']}/{t['layers']} quantized", "", "", "", t["params"],
+            body.append(["TOTAL", "", f"{t['quantized']}/{t['layers']} quantized", "", "", "", "", t["params"],
                          t["bytes_fp32"], t["bytes_quant"], f"{t['compression']:.1f}x smaller"])
         else:
-            body.append(["TOTAL", "", "no quantizable layers", "", "", "", 0, 0, 0, "-"])
+            body.append(["TOTAL", "", "no quantizable layers", "", "", "", "", 0, 0, 0, "-"])
         text = f"bitlab_fx summary ({self.stage})\n" + tabulate(body, headers=COLUMNS, intfmt=",")
         if self.skipped:
             text += "\nleft float (unsupported): " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
@@ -124,7 +125,8 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """One row per layer that prepare_qat saw: name, type, weight format, granularity, activation
-    quantization, the mapping rule that matched, parameter count, bytes in fp32 and quantized
+    quantization, where the input scale comes from (``"own input=static"``, ``"'relu1' via max_pool2d"``: an
+    upstream quantizer reached through scale-preserving ops; ``"float"``), the mapping rule that matched, parameter count, bytes in fp32 and quantized
     (projected for prepared models, measured for converted ones) and the share of zero ternary weights."""
     stage = stage_of(model)
     if stage is not None and not isinstance(model, fx.GraphModule) and bitlab_meta(model).parts is not None:
@@ -147,7 +149,7 @@ def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
     m = model.get_submodule(path)
     n = sum(p.numel() for p in m.parameters(recurse=False))
     return {"layer": path, "type": type(m).__name__, "weight": "float", "w_granularity": "", "activation": "float",
-            "rule": rule, "params": n, "bytes_fp32": 4 * n,
+            "input_scale": "", "rule": rule, "params": n, "bytes_fp32": 4 * n,
             "bytes_quant": sum(_nbytes(p) for p in m.parameters(recurse=False)), "zeros": ""}
 
 

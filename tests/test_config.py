@@ -32,7 +32,7 @@ def test_string_shorthands():
     lambda: bfx.PerGroup(2.5),
     lambda: bfx.QuantConfig(weight="int9"),
     lambda: bfx.QuantConfig(input="fp4"),
-    lambda: bfx.QuantConfig(weight="ternary", bias="int8"),  # bias needs a quantized input
+    lambda: bfx.QuantConfig(input="int8", bias="int8"),  # an IntBias needs a quantized weight (its step's other half)
 ])
 def test_invalid_configs_raise_config_error(make):
     with pytest.raises(bfx.ConfigError):
@@ -58,3 +58,11 @@ def test_to_dict_round_trip():
 def test_describe():
     assert bfx.ternary().describe() == "W1.58(per_channel) A8(per_token)"
     assert bfx.QuantConfig().describe() == "float"
+
+
+def test_int_bias_without_input_quantizer_is_a_valid_config():
+    """The input step comes from whatever quantizes the layer's input, found at prepare time."""
+    c = bfx.QuantConfig(weight=bfx.IntWeight(3), bias=bfx.IntBias(8))
+    assert c.input is None and c.bias == bfx.IntBias(8)
+    assert bfx.QuantConfig.from_dict(c.to_dict()) == c
+

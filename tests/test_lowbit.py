@@ -87,7 +87,7 @@ def test_int_bias_is_on_the_input_times_weight_step_grid():
 
 def test_int_bias_needs_a_static_input_scale():
     cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")  # int8 input is dynamic per token
-    with pytest.raises(bfx.ConfigError, match=r"layer '0'.*IntBias needs one static input scale.*dynamic=False"):
+    with pytest.raises(bfx.ConfigError, match=r"layer '0'.*IntBias\(bits=8\) needs one static input scale.*dynamic=False"):
         bfx.prepare_qat(mlp(), cfg)
     cfg = bfx.QuantConfig(weight=bfx.IntWeight(4, bfx.PerGroup(16)), input=bfx.IntActivation(**ACT4), bias="int8")
     with pytest.raises(bfx.ConfigError, match="IntBias needs one weight scale per output channel"):

@@ -45,6 +45,7 @@ class LayerMeta:
     rule: Optional[Rule] = None
     notes: List[str] = field(default_factory=list)
     input_from: Optional[str] = None  # "uint4 from 'relu1'": the input arrives quantized by an upstream output quantizer
+    input_scale: Optional[str] = None  # where the input scale comes from: "own input=static", "'relu1' via max_pool2d"
     container: Optional[str] = None  # set by convert: path of the QuantizedLinear/QuantizedConv2d
     transposed: bool = False  # the stored weight is [in, out] (HF GPT-2 Conv1D); the graph reads it via torch.t
 

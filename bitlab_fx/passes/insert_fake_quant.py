@@ -13,7 +13,8 @@ value is the converted op's (the gradients are the float call's).
 
 A weight used by several calls gets one weight fake-quant, shared. With ``bias=IntBias(...)`` the bias is
 read through ``call_module[fc1_bias_fq](get_attr[fc1.bias], get_attr[fc1.weight])``. A layer input that
-already comes from an output quantizer (``output_quant.upstream_quantizer``) is not quantized again.
+already comes from an output quantizer through scale-preserving ops (``input_scale``) is not quantized again, and
+an IntBias without ``input=`` takes its step from that quantizer.
 Output quantizers of non-layer nodes (ReLUs, identities, any function) are inserted first (``output_quant``).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ..layer_kinds import LAYER_KINDS
 from ..quant.fake_quant import ActivationFakeQuant, BiasFakeQuant, WeightFakeQuant
 from ._common import LayerMeta, layer_nodes, layer_weight, unique_name
 from .layer_input import layer_input_codes
-from .output_quant import reroute_through, insert_output_quant, upstream_quantizer
+from .input_scale import ScaleSource, trace_scale
+from .output_quant import reroute_through, insert_output_quant
 
 
 def check_config_fits(meta: LayerMeta, weight_shape, config: QuantConfig) -> None:
@@ -51,33 +53,55 @@ def check_config_fits(meta: LayerMeta, weight_shape, config: QuantConfig) -> Non
                               f"choose a group size that divides {k}, or use 'per_channel'")
 
 
-def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_args: list) -> Optional[ActivationFakeQuant]:
+def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_args: list):
     """Insert the layer's input fake quant, unless its input already comes quantized (at most as many bits)
-    from an output quantizer through grid-preserving ops; return the quantizer that feeds the layer."""
+    from an output quantizer through scale-preserving ops; return ``(the quantizer that feeds the layer or None,
+    where the input scale comes from)``."""
     spec = meta.config.input
-    upstream = upstream_quantizer(gm, node.args[0])
-    if spec is None or (upstream is not None and upstream.spec.bits <= spec.bits):
+    source = trace_scale(gm, node.args[0])
+    upstream = None if source.node is None else gm.get_submodule(source.node.target)
+    if upstream is not None and (spec is None or upstream.spec.bits <= spec.bits):
         if spec is not None:
             meta.notes.append(f"input already quantized by {upstream.layer!r} ({upstream.spec.format}): not re-quantized")
-            meta.input_from = f"{upstream.spec.format} from {upstream.layer!r}"
-        return upstream
+        meta.input_from = f"{upstream.spec.format} from {upstream.layer!r}"
+        meta.input_scale = source.describe()
+        return upstream, source
+    if spec is None:
+        meta.input_scale = "float"
+        return None, source
     fq = ActivationFakeQuant(spec, token_dims=meta.token_dims, layer=meta.fqn, rule=str(meta.rule))
     with gm.graph.inserting_before(node):
         name = unique_name(gm, f"{meta.fqn}_input_fq")
         gm.add_submodule(name, fq)
         new_args[0] = gm.graph.call_module(name, (node.args[0],))
-    return fq
+    meta.input_scale = "own input=" + ("static" if not spec.dynamic else f"dynamic {spec.granularity}")
+    return fq, source
+
+
+_STATIC = "IntActivation(bits, dynamic=False, granularity='per_tensor')"
+
+
+def _bias_scale_error(meta: LayerMeta, in_fq: Optional[ActivationFakeQuant], source: ScaleSource) -> ConfigError:
+    """Why an IntBias has no static input step, and what to do."""
+    where = (f"layer {meta.fqn!r} ({getattr(meta.object_type, '__name__', meta.object_type)}, matched by rule "
+             f"{meta.rule}): IntBias(bits={meta.config.bias.bits})")
+    if in_fq is None:
+        return ConfigError(f"{where} needs the step of a quantized input (bias step = input_step * weight_step), but "
+                           f"no activation quantizer reaches the layer's input: the chain breaks at {source.broken_by}. "
+                           f"Give the layer its own input={_STATIC}, or quantize the output of the op that breaks "
+                           f"the chain (a rule with output={_STATIC}), or drop bias= from its config")
+    owner = "its own input quantizer" if in_fq.layer == meta.fqn else f"the quantizer of {in_fq.layer!r}"
+    return ConfigError(f"{where} needs one static input scale (bias step = input_step * weight_step), but {owner} "
+                       f"({in_fq.spec.format}) is dynamic {in_fq.spec.granularity} (a new scale for every input; "
+                       f"dynamic=True is IntActivation's default). Use {_STATIC} there, as Brevitas' activation "
+                       "quantizers are, or drop bias=")
 
 
 def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant],
-                    weight_fq: Optional[WeightFakeQuant]) -> fx.Node:
+                    weight_fq: Optional[WeightFakeQuant], source: ScaleSource) -> fx.Node:
     """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step."""
-    where = f"layer {meta.fqn!r} (matched by rule {meta.rule})"
     if in_fq is None or in_fq.spec.dynamic:
-        found = "no quantized input" if in_fq is None else f"a dynamic {in_fq.spec.granularity} input quantizer"
-        raise ConfigError(f"{where}: IntBias needs one static input scale (its step is input_step * weight_step) "
-                          f"but the layer has {found}; use input=IntActivation(bits, dynamic=False, "
-                          "granularity='per_tensor') or drop bias= from the config")
+        raise _bias_scale_error(meta, in_fq, source)
     fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule),
                        weight_fq=weight_fq)
     name = unique_name(gm, f"{meta.fqn}_bias_fq")
@@ -97,10 +121,10 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
             fq = WeightFakeQuant(config.weight, layer=meta.fqn, rule=str(meta.rule), weight=weight)
             weight_fq[meta.weight] = _call_on(gm, w_node, fq, f"{meta.fqn}_weight_fq")
         new_args[1] = weight_fq[meta.weight]
-    in_fq = _input_quantizer(gm, node, meta, new_args)
+    in_fq, source = _input_quantizer(gm, node, meta, new_args)
     if config.bias is not None and node.args[2] is not None:
         wfq = gm.get_submodule(new_args[1].target) if config.weight is not None else None
-        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq)
+        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq, source)
     node.args = tuple(new_args)
     if config.weight is not None:
         _compute_from_codes(gm, node, meta)

@@ -21,7 +21,7 @@ from torch import fx
 
 from ..config import IntActivation
 from ..quant.fake_quant import ActivationFakeQuant
-from .output_quant import upstream_quantizer_node
+from .input_scale import upstream_quantizer_node
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Output quantizers on any module or function (Brevitas' ``QuantReLU``/``QuantIdentity``), and finding the
-quantizer that already feeds a layer.
+"""Output quantizers on any module or function (Brevitas' ``QuantReLU``/``QuantIdentity``). Which quantizer
+already feeds a layer through scale-preserving ops: ``input_scale``.
 
 ``set_object_type(nn.ReLU, QuantConfig(output=IntActivation(4, signed=False, dynamic=False, granularity="per_tensor")))``
 puts ``call_module[relu1_output_fq]`` after every ReLU::
@@ -31,10 +31,6 @@ from ..quant.fake_quant import FAKE_QUANT_TYPES, ActivationFakeQuant
 from ._common import META, MODULES, unique_name
 
 RELU_FAMILY = (nn.ReLU, F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_")
-# ops that keep values on the grid of their input quantizer: a layer behind them needs no second input quantizer
-_GRID_PRESERVING = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "flatten", "reshape", "view",
-                    "contiguous", "dropout", "relu", "relu_", "squeeze", "unsqueeze", "permute", "transpose"}
-_GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.ReLU, nn.Identity)
 
 
 def _node_types(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[Optional[str], tuple]]:
@@ -54,7 +50,7 @@ def _node_types(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[Optional[st
     else:
         return None
     is_relu = any(key is t or (isinstance(key, type) and isinstance(t, type) and issubclass(key, t)) or key == t
-                  for t in RELU_FAMILY)
+                  for t in RELU_FAMILY) or getattr(key, "_opname", None) in ("relu", "relu_")  # aten.relu (export)
     return fqn, ((key,) + RELU_FAMILY if is_relu else (key,))
 
 
@@ -105,29 +101,3 @@ def insert_output_quant(gm: fx.GraphModule, mapping: QConfigMapping, used: Set[R
             continue
         fq = ActivationFakeQuant(rule.config.output, token_dims=1, layer=fqn or node.name, rule=str(rule))
         reroute_through(gm, node, fq, f"{fqn or node.name}_output_fq")
-
-
-def upstream_quantizer(gm: fx.GraphModule, x) -> Optional[ActivationFakeQuant]:
-    """The activation quantizer whose output reaches ``x`` through grid-preserving ops only (max-pool,
-    flatten, reshape, dropout, ReLU), or None: then ``x`` is already quantized on that quantizer's grid."""
-    node = upstream_quantizer_node(gm, x)
-    return None if node is None else gm.get_submodule(node.target)
-
-
-def upstream_quantizer_node(gm: fx.GraphModule, x) -> Optional[fx.Node]:
-    """The ``call_module`` node of :func:`upstream_quantizer` (``x`` itself when it is one), or None."""
-    while isinstance(x, fx.Node) and x.args:
-        if x.op == "call_module":
-            module = gm.get_submodule(x.target)
-            if isinstance(module, ActivationFakeQuant):
-                return x
-            if not isinstance(module, _GRID_PRESERVING_MODULES):
-                return None
-        elif x.op in ("call_function", "call_method"):
-            name = x.target if isinstance(x.target, str) else getattr(x.target, "__name__", "")
-            if name not in _GRID_PRESERVING or (name == "max_pool2d" and x.kwargs.get("return_indices")):
-                return None
-        else:
-            return None
-        x = x.args[0]
-    return None
