@@ -21,6 +21,7 @@ from .capture import check_example_inputs
 from .errors import CaptureError, ConfigError, ConvertError
 from .mapping import as_mapping
 from .partial import convert_partial
+from .passes.embeddings import convert_embeddings
 from .passes._common import ROOT_ATTR, stage_of
 from .passes.pipeline import convert_graph
 from .pipeline import capture_export, capture_fx
@@ -149,11 +150,11 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _warn_not_fully_quantizing(model)
     gm = model if inplace else copy.deepcopy(model)
     if partial:
-        gm = convert_partial(gm)
+        gm = convert_embeddings(convert_partial(gm))
         if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
             gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
         return gm
-    return convert_graph(gm)
+    return convert_embeddings(convert_graph(gm))
 
 
 class _SavePretrainedUnsupported:

@@ -20,6 +20,7 @@ keeps every layer under ``encoder`` float), ahead of patterns and types.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import warnings
@@ -95,6 +96,7 @@ class QConfigMapping:
         self._object_type: Dict[Any, Rule] = {}
         self._regex: List[Tuple[re.Pattern, Rule]] = []
         self._name: Dict[str, Rule] = {}
+        self._claimed: frozenset = frozenset()  # rules matched outside the graph passes (embeddings)
 
     # -- building -------------------------------------------------------------------------------
     def set_global(self, config: Optional[QuantConfig]) -> "QConfigMapping":
@@ -158,6 +160,23 @@ class QConfigMapping:
             return self._global.config, self._global
         return None, None
 
+    def resolve_explicit(self, fqn: str, object_type: Any) -> Tuple[Optional[QuantConfig], Optional[Rule]]:
+        """Like :meth:`resolve`, but only rules that name this very module: its own ``set_module_name``, a
+        pattern, its type; never an ancestor's name or the global default (embeddings use this)."""
+        if fqn in self._name:
+            return self._name[fqn].config, self._name[fqn]
+        for pattern, rule in self._regex:
+            if pattern.fullmatch(fqn):
+                return rule.config, rule
+        rule = self._by_type((object_type,))
+        return (rule.config, rule) if rule is not None else (None, None)
+
+    def with_claimed(self, rules) -> "QConfigMapping":
+        """A copy (same rules) that counts ``rules`` as used when warning about rules that matched nothing."""
+        twin = copy.copy(self)
+        twin._claimed = frozenset(getattr(self, "_claimed", ())) | frozenset(rules)
+        return twin
+
     def matching_rules(self, fqn: Optional[str], object_types: Tuple[Any, ...]) -> List[Rule]:
         """The rules other than the global one that match, highest priority first: by name and pattern
         (only when ``fqn`` is given), then by any of ``object_types``. Used for non-layer nodes (activations)."""
@@ -185,7 +204,7 @@ class QConfigMapping:
     def warn_unused(self, used: set) -> None:
         """Warn once for each rule that matched no layer (usually a typo in a name or pattern)."""
         for rule in self.rules():
-            if rule not in used and rule.kind != "global":
+            if rule not in used and rule not in getattr(self, "_claimed", ()) and rule.kind != "global":
                 warnings.warn(f"bitlab_fx: QConfigMapping rule {rule} matched no layer of the model (or only layers "
                               "that a higher-priority rule decided: a set_module_name on the layer or an ancestor, an "
                               "earlier pattern); check the name/pattern against bfx.summary(model) or the model's "

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .errors import ConfigError
 from .nn.quantized import _QuantizedBase
+from .passes.embeddings import embedding_rows
 from .passes._common import META, RECORD_KEY, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
 from .quant import primitives as P
 from .quant.formats import converted_weight_bytes
@@ -142,6 +143,7 @@ def summary(model: nn.Module) -> Summary:
             continue
         seen.add(key)
         rows.append(_row(model, node, meta))
+    rows += embedding_rows(model).values()
     return Summary(stage, rows, dict(model.meta[RECORD_KEY].skipped))
 
 
@@ -172,6 +174,7 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
         skipped.update({qualify(path, k): v for k, v in gm.meta[RECORD_KEY].skipped.items()})
     for path, rule in record.float_layers.items():
         rows[path] = _float_row(model, path, rule)
+    rows.update(embedding_rows(model))
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
     eager = {qualify(path, name): list(p.shape) for path in record.untraced

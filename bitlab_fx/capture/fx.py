@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..errors import CaptureError
 from ..layer_kinds import LAYER_KINDS
+from ..nn.embedding import FakeQuantEmbedding
 from ..passes._common import is_hf_conv1d
 from .inputs import guard_none_inputs, none_default_params
 from .modes import follow_mode
@@ -27,8 +28,8 @@ class _RecordingTracer(fx.Tracer):
         self.stack: List[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_hf_conv1d(m):  # HF GPT-2 Conv1D: one node, normalize reads its [in, out] weight transposed
-            return True
+        if is_hf_conv1d(m) or isinstance(m, FakeQuantEmbedding):  # HF GPT-2 Conv1D: one node, normalize reads its
+            return True  # [in, out] weight transposed; a prepared embedding: one node, swapped again by convert
         # subclasses of a quantizable layer type that keep its forward stay one node, like the originals
         for kind in LAYER_KINDS.values():
             if isinstance(m, kind.module) and type(m).forward is kind.module.forward:
