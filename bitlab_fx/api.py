@@ -129,12 +129,17 @@ def _check_runs(gm: fx.GraphModule, example_inputs, example_kwargs: Optional[Dic
         gm.train(training)
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False, fuse_siblings: bool = True) -> nn.Module:
     """Lower the fake-quant nodes of a prepared model to packed weights and ``torch.ops.bitlab`` calls.
 
     The converted model computes what the prepared model computes in eval mode; only packed weights
     and scales are kept. Returns a copy unless ``inplace=True``, of the same kind as given (a
     GraphModule, or the partially traced model with its class).
+
+    ``fuse_siblings``: converted linear layers that read the same input with the same format and activation
+    quantization (q/k/v projections, gate/up of a gated MLP, where they are in one traced graph) run as one
+    op call on their concatenated rows; the layers keep their names, modules and state_dict keys, and the
+    outputs are the same (:mod:`bitlab_fx.passes.fuse_siblings`). ``False`` keeps one call per layer.
     """
     _check_not_wrapped(model)
     stage = stage_of(model)
@@ -150,11 +155,11 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _warn_not_fully_quantizing(model)
     gm = model if inplace else copy.deepcopy(model)
     if partial:
-        gm = convert_embeddings(convert_partial(gm))
+        gm = convert_embeddings(convert_partial(gm, fuse_siblings))
         if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
             gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
         return gm
-    return convert_embeddings(convert_graph(gm))
+    return convert_embeddings(convert_graph(gm, fuse_siblings))
 
 
 class _SavePretrainedUnsupported:

@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from .capture.partial import Plan, layer_graph, qualify
 from .mapping import QConfigMapping
+from .passes.fuse_siblings import fuse_lone_layers
 from .passes._common import META, ROOT_ATTR, Record, bitlab_meta, layer_nodes, set_submodule
 from .passes.normalize import normalize
 from .passes.pipeline import convert_graph, prepare_graph
@@ -92,14 +93,14 @@ def prepare_partial(model: nn.Module, mapping: QConfigMapping, plan: Plan, root_
     return model
 
 
-def convert_partial(model: nn.Module) -> nn.Module:
-    """Lower every prepared part of a partially traced model, in place."""
+def convert_partial(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """Lower every prepared part of a partially traced model, in place (``fuse``: see ``convert_graph``)."""
     record = bitlab_meta(model)
     for path in record.parts:
         gm = model.get_submodule(path)
         dtype = getattr(gm, "weight", None)
         dtype = dtype.dtype if torch.is_tensor(dtype) else None
-        convert_graph(gm)
+        convert_graph(gm, fuse)
         if dtype is not None and not hasattr(gm, "weight"):
             # eager parents often read layer.weight.dtype/.device (HF ViT, T5): keep an empty stand-in
             gm.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
@@ -107,5 +108,7 @@ def convert_partial(model: nn.Module) -> nn.Module:
             meta = node.meta[META]
             if meta.container is not None:
                 gm.get_submodule(meta.container).name = qualify(path, meta.fqn)
+    if fuse:
+        fuse_lone_layers(model, record.parts)
     record.stage = "converted"
     return model

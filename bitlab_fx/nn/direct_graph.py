@@ -14,10 +14,13 @@ from __future__ import annotations
 import copy
 import operator
 
+import torch
+
 from torch import fx
 from torch.fx.graph_module import _forward_from_src
 
 from ..ops.cpu import direct as direct_cpu
+from ..passes.fuse_siblings import SIBLING_KEY
 
 
 def _direct_forward(gm: fx.GraphModule):
@@ -67,6 +70,7 @@ class DirectCallGraph(fx.GraphModule):
         # GraphModule's deepcopy registers every buffer as persistent again: keep the layer parts' stand-in
         # ``weight`` (partial.convert_partial) out of the copy's state_dict
         new._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        new._share_sibling_calls()  # (meta, which names the siblings' FusedLinears copy, is restored last)
         return new
 
     def recompile(self):
@@ -74,7 +78,26 @@ class DirectCallGraph(fx.GraphModule):
         forward = _direct_forward(self)
         if forward is not None:
             type(self).forward = forward  # each GraphModule instance has its own class
+        self._share_sibling_calls()
         return python_code
+
+    def _share_sibling_calls(self) -> None:
+        """A lone layer with eager siblings (``passes.fuse_siblings.fuse_lone_layers``) answers through their
+        shared call in eager mode; compilers and tracers see the graph's own forward."""
+        sibling = getattr(self, "meta", {}).get(SIBLING_KEY)
+        cls = type(self)
+        own = getattr(cls.forward, "own_forward", cls.forward)  # (already wrapped: wrap the graph's forward again)
+        if sibling is None:
+            return
+        calls, index = sibling
+
+        def forward(self, *args, **kwargs):
+            if len(args) == 1 and not kwargs and not torch.compiler.is_compiling():
+                return calls(index, args[0])
+            return own(self, *args, **kwargs)
+
+        forward.own_forward = own
+        cls.forward = forward
 
 
 def with_direct_calls(gm: fx.GraphModule) -> fx.GraphModule:
