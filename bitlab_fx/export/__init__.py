@@ -5,5 +5,6 @@ format's own layout; nothing is re-quantized. The format packages (``gguf``, ``o
 (the ``export`` extra).
 """
 from .gguf import export_gguf
+from .onnx import export_onnx
 
-__all__ = ["export_gguf"]
+__all__ = ["export_gguf", "export_onnx"]

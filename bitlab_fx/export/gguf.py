@@ -134,7 +134,8 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     layers = {c.name: layer_weight(c) for c in converted_layers(model).values()}
-    inside = tuple(path + "." for path in converted_layers(model))
+    inside = tuple(path + "." for path, m in model.named_modules()  # converted layers, their fused siblings
+                   if type(m).__module__.startswith("bitlab_fx.nn") and not isinstance(m, torch.fx.GraphModule))
     written, fallbacks = {}, []
 
     def gguf_name(hf_key: str) -> str:
@@ -155,6 +156,9 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
         if layer.bias is not None:
             _add(writer, gguf_name(hf_name + ".bias"), "F32", layer.bias.numpy(), written)
     _add_float_tensors(writer, model, layers, inside, gguf_name, float_type, arch, written)
+    if "token_embd.weight" not in written:
+        raise ExportError("export_gguf: the token embedding is quantized (a bitlab_fx QuantizedEmbedding), which the "
+                          "GGUF writer does not hold yet; keep nn.Embedding float in the qconfig and convert again")
     if fallbacks:
         warnings.warn(f"export_gguf: {len(fallbacks)} layer(s) have rows or groups that are not whole "
                       f"{ternary_type}/Q4_0 blocks (256 / 32 weights) and were written in the next exact type, "

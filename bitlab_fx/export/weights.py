@@ -15,6 +15,7 @@ import torch
 from ..errors import ExportError
 from ..nn.quantized import QuantizedConv2d, QuantizedLinear, _QuantizedBase
 from ..quant.fake_quant import _FakeQuant
+from ..quant.formats import WEIGHT_FORMATS
 
 
 @dataclass
@@ -47,15 +48,20 @@ class LayerWeight:
 
 def layer_weight(container: _QuantizedBase) -> LayerWeight:
     """Codes and steps of one converted layer."""
-    n = container.weight_shape[0]
-    k = math.prod(container.weight_shape[1:])
-    codes = container.int_weight().reshape(n, k)
-    scale = container.weight_scale.detach().float()
+    return stored_layer_weight(container.name, container.weight_format, container.stored_weight,
+                               container.weight_scale, tuple(container.weight_shape), container.bias)
+
+
+def stored_layer_weight(name: str, weight_format: str, stored: torch.Tensor, weight_scale: torch.Tensor,
+                        weight_shape: tuple, bias: torch.Tensor | None = None) -> LayerWeight:
+    """Codes and steps of a stored weight (a container's buffer, or the same tensors read back from a file)."""
+    n, k = weight_shape[0], math.prod(weight_shape[1:])
+    codes = WEIGHT_FORMATS[weight_format].load(stored, k).reshape(n, k)
+    scale = weight_scale.detach().float()
     steps = scale.reshape(n, -1) if scale.numel() > 1 else scale.reshape(1, 1).expand(n, 1)  # per tensor: one
-    bias = None if container.bias is None else container.bias.detach().float()
-    packed = container.stored_weight if container.weight_format == "ternary" else None
-    return LayerWeight(container.name, container.weight_format, codes, steps.contiguous(), bias,
-                       tuple(container.weight_shape), packed)
+    bias = None if bias is None else bias.detach().float()
+    packed = stored if weight_format == "ternary" else None
+    return LayerWeight(name, weight_format, codes, steps.contiguous(), bias, tuple(weight_shape), packed)
 
 
 def check_converted(model: torch.nn.Module, fmt: str) -> None:
