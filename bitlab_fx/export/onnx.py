@@ -43,7 +43,7 @@ def export_onnx(model: torch.nn.Module, path: str, example_inputs: tuple, exampl
     program = _torch_onnx_export(model, tuple(example_inputs), example_kwargs, dynamic_batch)
     proto = program.model_proto
     if dynamic_batch:
-        _check_dynamic_batch(proto)
+        _check_dynamic_batch(proto, example_inputs, example_kwargs)
     lowered = onnx_lowering.lower_placeholders(proto)
     import onnx
 
@@ -99,11 +99,17 @@ def _positional_names(model, count: int) -> list:
 
 
 
-def _check_dynamic_batch(proto) -> None:
+def _check_dynamic_batch(proto, example_inputs: tuple, example_kwargs: dict) -> None:
     """Raise where the exporter fixed the batch size of a tensor input (the model's code specialised it)."""
     fixed = [i.name for i in proto.graph.input
              if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if fixed:
-        raise ExportError(f"export_onnx: the model cannot take a dynamic batch size: torch.export fixed dimension 0 "
-                          f"of input(s) {fixed} to the example's; export with dynamic_batch=False (a fixed batch of "
-                          "the example's size), or make the code that fixes the batch size depend on the input's shape")
+    if not fixed:
+        return
+    examples = [v for v in (*example_inputs, *example_kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()]
+    if any(v.shape[0] == 1 for v in examples):
+        raise ExportError(f"export_onnx: the example inputs have a batch of 1, which torch.export may take as a "
+                          f"fixed size (it did for inputs {fixed}); give examples with a batch of 2 or more for a dynamic batch, or "
+                          "pass dynamic_batch=False")
+    raise ExportError(f"export_onnx: the model cannot take a dynamic batch size: torch.export fixed dimension 0 "
+                      f"of input(s) {fixed} to the example's; export with dynamic_batch=False (a fixed batch of "
+                      "the example's size), or make the code that fixes the batch size depend on the input's shape")
