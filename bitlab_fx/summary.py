@@ -48,7 +48,7 @@ def _row(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> Dict[str, Any]:
            "rule": "" if meta.rule is None else str(meta.rule), "zeros": ""}
     if meta.container is not None:  # converted
         c: _QuantizedBase = gm.get_submodule(meta.container)
-        n_params = math.prod(c.weight_shape) + (0 if c.bias is None else c.bias.numel())
+        n_params = math.prod(c.weight_shape) + (0 if c.stored_bias is None else c.stored_bias.numel())
         row.update(weight=c.spec.format, w_granularity=str(c.spec.granularity), params=n_params,
                    bytes_fp32=4 * n_params, bytes_quant=c.packed_bytes(), zeros=f"{c.zero_fraction:.1%}")
         a = meta.config.input if meta.config is not None else None

@@ -82,7 +82,9 @@ def test_int_bias_is_on_the_input_times_weight_step_grid():
     torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
     assert codes.abs().max() <= 128
     cm = bfx.convert(pm)
-    torch.testing.assert_close(cm.fc1.bias, bfq(pm.get_parameter("fc1.bias"), w).detach())
+    assert cm.fc1.bias is None and cm.fc1.bias_codes.dtype == torch.int32  # stored as integer codes with their step
+    assert torch.equal(cm.fc1.bias_codes.float(), codes.round())
+    assert torch.equal(cm.fc1.bias_codes.float() * cm.fc1.bias_step, bfq(pm.get_parameter("fc1.bias"), w).detach())
 
 
 def test_int_bias_needs_a_static_input_scale():

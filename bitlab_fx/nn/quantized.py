@@ -75,6 +75,26 @@ class _QuantizedBase(nn.Module):
         self.zero_fraction = float((flat == 0).float().mean()) if flat.numel() else 0.0
         self.register_buffer(self.format.buffer, self.format.store(flat if self.format.packed else wq))
 
+    def _store_bias(self, bias: Optional[torch.Tensor], bias_codes: Optional[torch.Tensor]) -> None:
+        """A float ``bias``, or an IntBias as int32 ``bias_codes`` on the step :attr:`bias_step`, which the op adds
+        to its integer sums (the float ``bias`` buffer is then None)."""
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("bias_codes", None if bias_codes is None else bias_codes.to(torch.int32).clone())
+
+    @property
+    def bias_step(self) -> Optional[torch.Tensor]:
+        """The step of the integer bias codes, ``weight_scale / act_multiplier`` (input step times weight step;
+        ``[N]`` or ``[1]``): ``bias_codes * bias_step`` is the bias. None without integer bias codes."""
+        if self._buffers.get("bias_codes") is None:
+            return None
+        return self.weight_scale.float().reshape(-1) / self.act_multiplier.float().reshape(-1)
+
+    @property
+    def stored_bias(self) -> Optional[torch.Tensor]:
+        """The bias as stored: int32 codes (an IntBias) or float values, or None."""
+        codes = self._buffers.get("bias_codes")
+        return codes if codes is not None else self._buffers.get("bias")
+
     @property
     def stored_weight(self) -> torch.Tensor:
         return getattr(self, self.format.buffer)
@@ -84,20 +104,28 @@ class _QuantizedBase(nn.Module):
         k = math.prod(self.weight_shape[1:])
         return self.format.load(self.stored_weight, k).reshape(self.weight_shape)
 
-    def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN):
+    def _own(self, name: str, read):
+        return read(name) if self._buffers.get(name) is not None else None
+
+    def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN, bias_codes=_OWN):
         """``(op, args, kwargs)`` of this layer on input ``x``. ``read(name)`` fetches a buffer (default: the tensor;
-        ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier`` override
-        this layer's own for another call of a shared weight."""
+        ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier``/``bias_codes``
+        override this layer's own for another call of a shared weight."""
         read = read or self._buffers.__getitem__  # (not getattr: nn.Module.__getattr__ costs ~1 us per read)
-        bias = (read("bias") if self._buffers["bias"] is not None else None) if bias is _OWN else bias
+        bias = self._own("bias", read) if bias is _OWN else bias
         act = self.act if act is _OWN else act
-        if act_multiplier is _OWN:
-            act_multiplier = read("act_multiplier") if self._buffers["act_multiplier"] is not None else None
+        act_multiplier = self._own("act_multiplier", read) if act_multiplier is _OWN else act_multiplier
+        bias_codes = self._own("bias_codes", read) if bias_codes is _OWN else bias_codes
         head = (x, read(self.format.buffer), read("weight_scale"), bias)
         op, args = self._op_and_args(head, act)
-        # the multiplier goes by keyword; the positional slot before it (``act_scale``) is its old name, kept for
-        # programs exported by earlier versions (ops/_schema.py)
-        return op, args, (_NO_KWARGS if act_multiplier is None else {"act_multiplier": act_multiplier})
+        # the multiplier and the integer bias codes go by keyword; the positional slot before the multiplier
+        # (``act_scale``) is its old name, kept for programs exported by earlier versions (ops/_schema.py)
+        if act_multiplier is None and bias_codes is None:
+            return op, args, _NO_KWARGS
+        kwargs = {"act_multiplier": act_multiplier}
+        if bias_codes is not None:
+            kwargs["bias_codes"] = bias_codes
+        return op, args, kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op, args, kwargs = self.op_call(x)
@@ -136,7 +164,7 @@ class _QuantizedBase(nn.Module):
         return self
 
     def packed_bytes(self) -> int:
-        """Bytes of the stored weight, scales, bias and static activation scale."""
+        """Bytes of the stored weight, scales, bias (or integer bias codes) and static activation scale."""
         return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
 
 
@@ -145,19 +173,19 @@ class QuantizedLinear(_QuantizedBase):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, act: str = "per_token",
                  act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
-                 weight_scale: Optional[torch.Tensor] = None):
+                 weight_scale: Optional[torch.Tensor] = None, bias_codes: Optional[torch.Tensor] = None):
         super().__init__()
         self._init_common(spec, act, act_multiplier, name, rule)
         self.out_features, self.in_features = weight.shape
         self.weight_shape: Tuple[int, ...] = tuple(weight.shape)
         self._store_weight(weight.detach(), weight_scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._store_bias(bias, bias_codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if direct_cpu.eligible(x):  # eager CPU inference: the op's CPU kernel without the dispatcher round trip
             b = self._buffers  # not nn.Module.__getattr__: ~1 us per read
             y = direct_cpu.linear(self.weight_format, x, b[self.format.buffer], b["weight_scale"], b["bias"],
-                                  self.act, b["act_multiplier"], self.in_features)
+                                  self.act, b["act_multiplier"], self.in_features, b.get("bias_codes"))
             if y is not None:
                 return y
         return super().forward(x)
@@ -167,7 +195,8 @@ class QuantizedLinear(_QuantizedBase):
         return self.format.op("linear"), head + (act,) + tail
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        bias = "int32 codes" if self._buffers.get("bias_codes") is not None else self.bias is not None
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, "
                 f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
 
 
@@ -176,7 +205,7 @@ class QuantizedConv2d(_QuantizedBase):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
                  act: str = "per_token", act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
-                 weight_scale: Optional[torch.Tensor] = None):
+                 weight_scale: Optional[torch.Tensor] = None, bias_codes: Optional[torch.Tensor] = None):
         super().__init__()
         self._init_common(spec, act, act_multiplier, name, rule)
         self.weight_shape = tuple(weight.shape)
@@ -184,7 +213,7 @@ class QuantizedConv2d(_QuantizedBase):
         self.in_channels = weight.shape[1] * groups
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
         self._store_weight(weight.detach(), weight_scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._store_bias(bias, bias_codes)
 
     def _geometry(self) -> tuple:
         """Arguments after (x, weight, weight_scale, bias) and before the activation mode."""
@@ -220,10 +249,10 @@ class QuantizedConv1d(QuantizedConv2d):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, stride, padding, dilation, groups,
                  act: str = "per_token", act_multiplier: Optional[torch.Tensor] = None, name: str = "", rule: str = "",
-                 weight_scale: Optional[torch.Tensor] = None):
+                 weight_scale: Optional[torch.Tensor] = None, bias_codes: Optional[torch.Tensor] = None):
         (s,), (p,), (d,) = tuple(stride), tuple(padding), tuple(dilation)
         super().__init__(weight.unsqueeze(2), bias, spec, (1, s), (0, p), (1, d), groups, act, act_multiplier, name, rule,
-                         weight_scale)
+                         weight_scale, bias_codes)
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight as int8 ``[out, in/groups, k]``."""

@@ -11,6 +11,12 @@ keeps it in its ``act_multiplier`` buffer), or None for a dynamic one computed f
 (schema version 1). It stays where it was so that programs exported by earlier versions (``.pt2`` files name
 each argument, and torch's loader silently drops a name the schema no longer has: a static layer would turn
 dynamic) load with the same meaning. New graphs pass ``act_multiplier=``; passing both is an error.
+
+``bias_codes`` (schema version 3, keyword, last): an IntBias as int32 codes ``[N]`` on the step
+``weight_scale / act_multiplier``, added to the exact integer sums before the rescale
+(``y = fp32(acc + bias_codes) * weight_scale / act_multiplier``); it needs a static multiplier, int8 activations
+and one weight scale per row, and replaces ``bias``. Programs of versions 1-2 have no such argument: it defaults
+to None and they load and run as before.
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ class BitlabOp:
 
     def register_torch_dispatch(self, mode, rule) -> None:
         torch.library.register_torch_dispatch(self.qualname, mode, rule)
-SCHEMA_VERSION = 2  # 2: the static multiplier is the keyword ``act_multiplier`` (1: positional ``act_scale``)
+SCHEMA_VERSION = 3  # 3: integer bias codes ``bias_codes=``; 2: the static multiplier is the keyword ``act_multiplier``
+# (1: positional ``act_scale``)
 
 
 def resolve_multiplier(op: str, act_scale: Optional[Tensor], act_multiplier: Optional[Tensor]) -> Optional[Tensor]:
@@ -67,7 +74,7 @@ def resolve_multiplier(op: str, act_scale: Optional[Tensor], act_multiplier: Opt
 
 
 def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], n: int,
-                  act: str, static_multiplier: Optional[Tensor]) -> None:
+                  act: str, static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"bitlab.{op}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
     if act not in reference.ACT_MODES:
@@ -83,10 +90,31 @@ def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias
         raise KernelError(f"bitlab.{op}: bias of shape {tuple(bias.shape)} does not fit {n} output channels")
     if static_multiplier is not None and static_multiplier.numel() != 1:
         raise KernelError(f"bitlab.{op}: a static act_multiplier must hold one number, got shape {tuple(static_multiplier.shape)}")
+    if bias_codes is not None:
+        check_bias_codes(op, x, bias, bias_codes, n, act, static_multiplier, weight_scale)
+
+
+def check_bias_codes(op: str, x: Tensor, bias: Optional[Tensor], bias_codes: Tensor, n: int, act: str,
+                     static_multiplier: Optional[Tensor], weight_scale: Tensor) -> None:
+    """Integer bias codes are added to the integer sums: they need those sums on one step per row."""
+    if bias_codes.dtype != torch.int32 or bias_codes.shape != (n,):
+        raise KernelError(f"bitlab.{op}: bias_codes must be int32 [{n}], got {tuple(bias_codes.shape)} {bias_codes.dtype}")
+    if bias_codes.device != x.device:
+        raise KernelError(f"bitlab.{op}: bias_codes are on {bias_codes.device} but the input is on {x.device}")
+    if bias is not None:
+        raise KernelError(f"bitlab.{op}: got both bias and bias_codes; pass one (bias_codes: an IntBias, bias: float)")
+    if act == "none" or static_multiplier is None:
+        raise KernelError(f"bitlab.{op}: bias_codes are on the step weight_scale / act_multiplier, so they need int8 "
+                          f"activations with a static act_multiplier (got act={act!r}, act_multiplier="
+                          f"{'None' if static_multiplier is None else 'given'}); pass a float bias instead")
+    if weight_scale.dim() != 1:
+        raise KernelError(f"bitlab.{op}: bias_codes need one weight scale per row ([1] or [{n}]), got per-group "
+                          f"scales {tuple(weight_scale.shape)}; pass a float bias instead")
 
 
 def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                 act: str, static_multiplier: Optional[Tensor], packed: bool, in_features: int = -1) -> int:
+                 act: str, static_multiplier: Optional[Tensor], packed: bool, in_features: int = -1,
+                 bias_codes: Optional[Tensor] = None) -> int:
     """Validate the arguments of a linear op; return the number of output features."""
     if weight.dim() != 2:
         raise KernelError(f"bitlab.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -107,7 +135,7 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
             raise KernelError(f"bitlab.{op}: weight must be int8, got {weight.dtype}")
         if kw != k:
             raise KernelError(f"bitlab.{op}: input has K={k} features but the weight has shape {tuple(weight.shape)}")
-    _check_common(op, x, weight, weight_scale, bias, n, act, static_multiplier)
+    _check_common(op, x, weight, weight_scale, bias, n, act, static_multiplier, bias_codes)
     if weight_scale.dim() == 2 and k % weight_scale.shape[1]:
         raise KernelError(f"bitlab.{op}: {weight_scale.shape[1]} scale groups do not divide K={k}")
     return n
@@ -116,36 +144,40 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
 @BitlabOp
 def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                    act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
-                   act_multiplier: Optional[Tensor] = None) -> Tensor:
+                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """``y = x @ (Wq * weight_scale).T + bias`` with ternary ``Wq`` packed 2 bits per value and ``x``
     quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``).
     ``in_features`` (the true K; -1: trust ``x``) lets the op reject inputs whose K only matches the padding."""
     static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
-    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
-    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier)
+    check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
+                 bias_codes)
+    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
 
 
 @ternary_linear.register_fake
-def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None):
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None,
+      bias_codes=None):
     static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
-    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
+    n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
+                     bias_codes)
     return x.new_empty(*x.shape[:-1], n)
 
 
 @BitlabOp
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
-                act_multiplier: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """Like ``ternary_linear`` with int8 weights ``[N, K]``."""
     static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
-    check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
-    return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier)
+    check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False, bias_codes=bias_codes)
+    return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
 
 
 @int8_linear.register_fake
-def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None):
+def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
     static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
-    n = check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
+    n = check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False,
+                     bias_codes=bias_codes)
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -167,7 +199,7 @@ def conv2d_out_shape(op: str, x: Tensor, weight_shape: List[int], stride: List[i
 
 
 def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                 act, static_multiplier, packed: bool) -> List[int]:
+                 act, static_multiplier, packed: bool, bias_codes: Optional[Tensor] = None) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError(f"bitlab.{op}: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     if packed:
@@ -179,7 +211,7 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
         raise KernelError(f"bitlab.{op}: weight must be int8 of shape {list(weight_shape)}, got {tuple(weight.shape)} {weight.dtype}")
     if weight_scale.dim() != 1:
         raise KernelError(f"bitlab.{op}: conv weight scales must be per tensor [1] or per channel [Cout]")
-    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, static_multiplier)
+    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, static_multiplier, bias_codes)
     return conv2d_out_shape(op, x, weight_shape, stride, padding, dilation, groups)
 
 
@@ -187,40 +219,43 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
 def ternary_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                    weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                    act: str = "per_token", act_scale: Optional[Tensor] = None,
-                   act_multiplier: Optional[Tensor] = None) -> Tensor:
+                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """conv2d with packed ternary weights of ``weight_shape``; ``act="per_token"`` = one int8 scale per sample."""
     static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                 groups, act, static_multiplier, packed=True)
+                 groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
     return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                    groups, act, static_multiplier)
+                                    groups, act, static_multiplier, bias_codes=bias_codes)
 
 
 @ternary_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None, act_multiplier=None):
+      act_scale=None, act_multiplier=None, bias_codes=None):
     static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, static_multiplier, packed=True)
+                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
     return x.new_empty(shape)
 
 
 @BitlabOp
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], stride: List[int],
                 padding: List[int], dilation: List[int], groups: int, act: str = "per_token",
-                act_scale: Optional[Tensor] = None, act_multiplier: Optional[Tensor] = None) -> Tensor:
+                act_scale: Optional[Tensor] = None, act_multiplier: Optional[Tensor] = None,
+                bias_codes: Optional[Tensor] = None) -> Tensor:
     """conv2d with int8 weights ``[Cout, Cin/groups, kh, kw]``."""
     static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, groups,
-                 act, static_multiplier, packed=False)
-    return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
+                 act, static_multiplier, packed=False, bias_codes=bias_codes)
+    return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier,
+                                 bias_codes=bias_codes)
 
 
 @int8_conv2d.register_fake
-def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None):
+def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None,
+      bias_codes=None):
     static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, static_multiplier, packed=False)
+                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes)
     return x.new_empty(shape)
 
 
@@ -237,12 +272,12 @@ def _check_int4_weight(op: str, packed_weight: Tensor, k: int, n: int, in_featur
 
 
 def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-                      static_multiplier: Optional[Tensor], in_features: int) -> int:
+                      static_multiplier: Optional[Tensor], in_features: int, bias_codes: Optional[Tensor] = None) -> int:
     if x.dim() == 0:
         raise KernelError("bitlab.int4_linear: input must have at least one dim [..., K]; got a scalar")
     n = packed_weight.shape[0] if packed_weight.dim() == 2 else -1
     _check_int4_weight("int4_linear", packed_weight, x.shape[-1], n, in_features)
-    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, static_multiplier)
+    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, static_multiplier, bias_codes)
     if weight_scale.dim() == 2 and x.shape[-1] % weight_scale.shape[1]:
         raise KernelError(f"bitlab.int4_linear: {weight_scale.shape[1]} scale groups do not divide K={x.shape[-1]}")
     return n
@@ -251,29 +286,32 @@ def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bi
 @BitlabOp
 def int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
-                act_multiplier: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """Like ``ternary_linear`` with signed 2..4-bit weights packed two per byte along K (low nibble = even k),
     uint8 ``[N, ceil(K/2)]`` (:func:`bitlab_fx.quant.packing.pack_int4`)."""
     static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
-    return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
+    check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
+    return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features,
+                                 bias_codes=bias_codes)
 
 
 @int4_linear.register_fake
-def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None):
+def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None,
+      bias_codes=None):
     static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
+    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
     return x.new_empty(*x.shape[:-1], n)
 
 
 def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                      act, static_multiplier) -> List[int]:
+                      act, static_multiplier, bias_codes: Optional[Tensor] = None) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError("bitlab.int4_conv2d: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     _check_int4_weight("int4_conv2d", packed_weight, weight_shape[1] * weight_shape[2] * weight_shape[3], weight_shape[0])
     if weight_scale.dim() != 1:
         raise KernelError("bitlab.int4_conv2d: conv weight scales must be per tensor [1] or per channel [Cout]")
-    _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, static_multiplier)
+    _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, static_multiplier,
+                  bias_codes)
     return conv2d_out_shape("int4_conv2d", x, weight_shape, stride, padding, dilation, groups)
 
 
@@ -281,20 +319,21 @@ def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride
 def int4_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                 weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
-                act_multiplier: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """conv2d with signed 2..4-bit weights of ``weight_shape`` packed two per byte (flattened to ``[Cout, K]``)."""
     static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
-    check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act, static_multiplier)
+    check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act,
+                      static_multiplier, bias_codes)
     return reference.int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                 groups, act, static_multiplier)
+                                 groups, act, static_multiplier, bias_codes=bias_codes)
 
 
 @int4_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None, act_multiplier=None):
+      act_scale=None, act_multiplier=None, bias_codes=None):
     static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     return x.new_empty(check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                                         dilation, groups, act, static_multiplier))
+                                         dilation, groups, act, static_multiplier, bias_codes))
 
 
 def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, granularity: str) -> None:

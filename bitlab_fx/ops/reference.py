@@ -44,8 +44,10 @@ def quantize_int8(x2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
-    """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer."""
+               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127,
+               bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x @ (wq * weight_scale).T + bias`` with ``x`` quantized to int8 (``act``) and ``wq`` integer;
+    ``bias_codes`` (int32, an IntBias on the step ``weight_scale / static_multiplier``) join the integer sums."""
     k = x.shape[-1]
     n = wq.shape[0]
     x2 = x.reshape(-1, k).float()
@@ -58,21 +60,24 @@ def int_linear(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
         y = A.add_bias(x2 @ w.t(), bias, -1, x.dtype)
     else:
         s = act_multiplier(x2, act, static_multiplier)
-        y = A.linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w)
+        y = A.linear_from_codes(quantize_int8(x2, s), s, wq, ws, bias, x.dtype, max_abs_w, bias_codes)
     return y.reshape(*x.shape[:-1], n)
 
 
-def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1):
-    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 1)
+def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1,
+                   bias_codes=None):
+    return int_linear(x, unpack_ternary(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 1,
+                      bias_codes)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act="per_token", static_multiplier=None):
-    return int_linear(x, weight, weight_scale, bias, act, static_multiplier)
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", static_multiplier=None, bias_codes=None):
+    return int_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
 
 
 def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                stride: List[int], padding: List[int], dilation: List[int], groups: int,
-               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127) -> torch.Tensor:
+               act: str, static_multiplier: Optional[torch.Tensor], max_abs_w: int = 127,
+               bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """conv2d with integer weights ``wq [Cout, Cin/groups, kh, kw]``; ``act="per_token"`` means one scale per sample."""
     xf = x.float()
     if act == "none":
@@ -81,7 +86,7 @@ def int_conv2d(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bi
         return A.add_bias(y, bias, 1, x.dtype)
     s = act_multiplier(xf, act, static_multiplier, token_dims=3)
     return A.conv_from_codes(quantize_int8(xf, s), s, wq, weight_scale, bias, stride, padding, dilation, groups,
-                           x.dtype, max_abs_w)
+                             x.dtype, max_abs_w, bias_codes)
 
 
 def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[int]) -> torch.Tensor:
@@ -90,24 +95,30 @@ def unpack_conv_weight(unpack, packed_weight: torch.Tensor, weight_shape: List[i
 
 
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                   act="per_token", static_multiplier=None):
+                   act="per_token", static_multiplier=None, bias_codes=None):
     wq = unpack_conv_weight(unpack_ternary, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 1)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 1,
+                      bias_codes)
 
 
-def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", static_multiplier=None):
-    return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", static_multiplier=None,
+                bias_codes=None):
+    return int_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier,
+                      bias_codes=bias_codes)
 
 
-def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1):
+def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", static_multiplier=None, in_features=-1,
+                bias_codes=None):
     """``int_linear`` with weights of 2..4 bits packed two per byte (:func:`~bitlab_fx.quant.packing.pack_int4`)."""
-    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 8)
+    return int_linear(x, unpack_int4(packed_weight, x.shape[-1]), weight_scale, bias, act, static_multiplier, 8,
+                      bias_codes)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                act="per_token", static_multiplier=None):
+                act="per_token", static_multiplier=None, bias_codes=None):
     wq = unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 8)
+    return int_conv2d(x, wq, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier, 8,
+                      bias_codes)
 
 
 def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bits: int, signed: bool,

@@ -148,9 +148,21 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
     with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
         input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")
         weight_quantizer = gm.graph.create_node("get_attr", w_fq.target, name=f"{base}_weight_quantizer")
+        bias_kwargs = _int_bias_kwargs(gm, node.args[2], base)
     node.target = LAYER_KINDS[meta.op].exact
     node.kwargs = {**node.kwargs, "codes_from": codes.source, "weight": w_fq.args[0],
-                   "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid}
+                   "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid,
+                   **bias_kwargs}
+
+
+def _int_bias_kwargs(gm: fx.GraphModule, bias, base: str) -> dict:
+    """An IntBias ``fq(bias, weight)``: the exact call reads its quantizer and the float bias, and adds the integer
+    codes to its integer sums (as the converted op's ``bias_codes``)."""
+    if not (isinstance(bias, fx.Node) and bias.op == "call_module"
+            and isinstance(gm.get_submodule(bias.target), BiasFakeQuant)):
+        return {}
+    quantizer = gm.graph.create_node("get_attr", bias.target, name=f"{base}_bias_quantizer")
+    return {"bias_quantizer": quantizer, "bias_from": bias.args[0]}
 
 
 def _call_on(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:

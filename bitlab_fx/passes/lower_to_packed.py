@@ -11,7 +11,9 @@ input quantizer, fused; or a static quantizer's grid values, re-quantized exactl
 activation quantizers not fused (lower bits, unsigned, outputs) become ``bitlab.quantize_dequantize``
 calls (``lower_activations``). Weights of
 2..4 bits are packed two per byte (``bitlab.int4_linear``/``int4_conv2d``), 5..8 bits stored as int8;
-an IntBias is stored as its quantized value.
+an IntBias is stored as int32 codes (``bias_codes``, on the step ``weight_scale / act_multiplier``) that the op
+adds to its integer sums, or, on a layer whose op takes float activations (``act="none"``), as its quantized
+float value.
 
 A quantized layer's weight that other nodes also read (tied weights) stays float for them: it is kept
 on the container at the same path (``fc1.weight``), with a warning that its size saving is lost.
@@ -60,50 +62,71 @@ def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
     return f"{owner}.{name}" if owner else name
 
 
-def _layer_bias(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """The float bias, or its quantized value (integer codes times input_step * weight_step) under an IntBias."""
-    bias = gm.get_parameter(meta.bias) if meta.bias else None
+def _layer_bias(gm: fx.GraphModule, node: fx.Node, bias: Optional[torch.Tensor], weight: torch.Tensor, act: str):
+    """``(float bias, int32 bias codes)`` of a call: an IntBias that is on becomes its integer codes where the op
+    has integer sums (``act`` not ``"none"``: a static multiplier, the input half of the bias step), else its
+    quantized float value; a plain bias stays float."""
     bfq = _module_at(gm, node.args[2])
     if bias is None or not isinstance(bfq, BiasFakeQuant):
-        return bias
+        return bias, None
     with torch.no_grad():
-        return bfq.eval()(bias, weight)
+        if act != "none" and bfq.quantizes():
+            return None, bfq.codes(bias, weight)[0].to(torch.int32)
+        return bfq.eval()(bias, weight), None
+
+
+def _float_params(gm: fx.GraphModule, meta: LayerMeta, replaced: Dict[str, torch.nn.Module]):
+    """The layer's float ``(weight [out, in, ...], bias)``: in the graph module, or in the float module a container
+    already replaced (a second call of a shared weight)."""
+    def param(target):
+        path = next((p for p in replaced if target.startswith(p + ".")), None)
+        return gm.get_parameter(target) if path is None else getattr(replaced[path], target[len(path) + 1:])
+
+    w = param(meta.weight)
+    return (w.t() if meta.transposed else w), (param(meta.bias) if meta.bias else None)
 
 
 def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: WeightFakeQuant, act: str,
-                     act_multiplier: Optional[torch.Tensor]):
+                     act_multiplier: Optional[torch.Tensor], bias, bias_codes):
     weight = layer_weight(gm, meta)
-    bias = _layer_bias(gm, node, meta, weight)
     spec = wfq.spec
     g = wfq.step(weight) if spec.learned else None  # a learned step is packed as trained
     cls = LAYER_KINDS[meta.op].container
     geometry = tuple(node.args[3:7]) if meta.op != "linear" else ()  # stride, padding, dilation, groups
     return cls(weight, bias, spec, *geometry, act=act, act_multiplier=act_multiplier, name=meta.fqn,
-               rule=str(meta.rule), weight_scale=g)
+               rule=str(meta.rule), weight_scale=g, bias_codes=bias_codes)
 
 
-def _bias_arg(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, stored: Optional[str], get):
-    """The container's bias when this call uses the bias it was built with; else this call's own float bias
-    (a second call of a shared weight, e.g. ``F.linear(h, self.fc.weight)`` besides ``self.fc(x)``)."""
+def _bias_args(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, container, stored: Optional[str], bias, codes,
+               get):
+    """``(bias, bias_codes)`` of this call: the container's own when this call uses the bias it was built with
+    (a buffer of its own where this call's differ: another call of a shared weight behind another quantizer);
+    a different bias parameter goes in float (e.g. ``F.linear(h, self.fc.weight, b)`` besides ``self.fc(x)``)."""
     if meta.bias is None:
-        return None
-    if meta.bias == stored:
-        return get("bias")
-    old = node.args[2]
-    return old.args[0] if _module_at(gm, old) is not None else old  # an IntBias fq(bias, weight): its float bias
+        return None, None
+    if meta.bias != stored:
+        old = node.args[2]
+        return (old.args[0] if _module_at(gm, old) is not None else old), None  # an IntBias fq(bias, weight): float
+    if codes is not None:
+        return None, _own_buffer(container, "bias_codes", codes, get)
+    return _own_buffer(container, "bias", bias.detach(), get), None
+
+
+def _own_buffer(container, name: str, value: torch.Tensor, get):
+    """``get(name)`` when the container's buffer ``name`` holds ``value``, else a new buffer of the container
+    holding it (another call of a shared weight)."""
+    own = container._buffers.get(name)
+    if own is not None and own.shape == value.shape and own.dtype == value.dtype and torch.equal(own, value):
+        return get(name)
+    new = unique_name(container, name)
+    container.register_buffer(new, value)
+    return get(new)
 
 
 def _multiplier_arg(container, multiplier: Optional[torch.Tensor], get):
     """The static multiplier of this call: the container's own (stored when it was built), or, for another call
     of a shared weight behind another quantizer, a buffer of its own."""
-    if multiplier is None:
-        return None
-    own = container.act_multiplier
-    if own is not None and own.shape == multiplier.shape and torch.equal(own, multiplier):
-        return get("act_multiplier")
-    name = unique_name(container, "act_multiplier")
-    container.register_buffer(name, multiplier)
-    return get(name)
+    return None if multiplier is None else _own_buffer(container, "act_multiplier", multiplier, get)
 
 
 def _erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
@@ -194,8 +217,10 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
             continue  # float layer, or weight left float
         x_node, w_node = node.args[0], node.args[1]
         act, multiplier, x_in = _fused_activation(gm, x_node, meta)
+        weight, bias = _float_params(gm, meta, replaced)
+        bias, bias_codes = _layer_bias(gm, node, bias, weight, act)
         if meta.weight not in containers:
-            container = _build_container(gm, node, meta, wfq, act, multiplier)
+            container = _build_container(gm, node, meta, wfq, act, multiplier, bias, bias_codes)
             containers[meta.weight] = _container_path(gm, meta)
             container_bias[meta.weight] = meta.bias
             if isinstance(meta.object_type, type):
@@ -208,8 +233,9 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 n = gm.graph.get_attr(f"{path}.{name}")
                 own.add(n)
                 return n
-            op, args, kwargs = container.op_call(x_in, get, bias=_bias_arg(gm, node, meta, container_bias[meta.weight], get),
-                                         act=act, act_multiplier=_multiplier_arg(container, multiplier, get))
+            bias, bias_codes = _bias_args(gm, node, meta, container, container_bias[meta.weight], bias, bias_codes, get)
+            op, args, kwargs = container.op_call(x_in, get, bias=bias, act=act, bias_codes=bias_codes,
+                                                 act_multiplier=_multiplier_arg(container, multiplier, get))
             new = gm.graph.call_function(op, args, kwargs)
         new.meta.update(node.meta)
         # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from
@@ -217,7 +243,8 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         old_bias, w_src = node.args[2], w_node.args[0]
         bias_fq_args = old_bias.args if _module_at(gm, old_bias) is not None else ()  # IntBias fq(bias, weight)
-        quantizer_reads = [node.kwargs[k] for k in ("input_quantizer", "weight_quantizer") if k in node.kwargs]
+        quantizer_reads = [node.kwargs[k] for k in ("input_quantizer", "weight_quantizer", "bias_quantizer")
+                           if k in node.kwargs]
         gm.graph.erase_node(node)
         _erase_if_unused(gm, w_node, x_node if x_in is not x_node else None, old_bias, *quantizer_reads)
         _erase_if_unused(gm, *(a for a in bias_fq_args if a is not w_src))  # w_src goes below

@@ -8,6 +8,8 @@ Triton kernels) goes through these functions, so a converted model reproduces it
     y[m, n]    = fp32(acc) * w_step[n] / x_mult[m]               fp32, left to right
     y[m, n]    = sum_g(fp32(acc[m, n, g]) * w_step[n, g]) / x_mult[m]     (per-group, g left to right)
     y          = y + bias, then cast to the input dtype
+    y[m, n]    = fp32(acc[m, n] + bias_codes[n]) * w_step[n] / x_mult       an IntBias: integer codes on the step
+                                                                            w_step / x_mult join the exact sum
 
 ``xq = clamp(round(x * x_mult), -128, 127)`` (round half to even) with ``x_mult`` the activation
 *multiplier* (``127 / max|x|``, or a static one); ``w_step`` is the weight *step* (``W ≈ wq * w_step``).
@@ -105,6 +107,14 @@ def int_conv(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, grou
     return conv(xq.double(), wq.double(), None, stride, padding, dilation, groups)
 
 
+def add_bias_codes(acc: torch.Tensor, bias_codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``acc + bias_codes`` (along ``channel_dim``) exactly, then rounded once to fp32: integer bias codes join the
+    exact integer sums as the kernels add them to their int32 accumulators before the int -> fp32 conversion."""
+    shape: List[int] = [1] * acc.dim()
+    shape[channel_dim] = -1
+    return (acc.double() + bias_codes.double().reshape(shape)).float()
+
+
 def _scaled(acc: torch.Tensor, w_step: torch.Tensor) -> torch.Tensor:
     """``fp32(acc) * w_step``, in place when ``acc`` is already an fp32 temporary (same values, no allocation)."""
     if acc.dtype == torch.float32 and not acc.requires_grad and acc.shape == torch.broadcast_shapes(acc.shape, w_step.shape):
@@ -143,21 +153,27 @@ def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int, dt
 # -- a whole layer from its codes ----------------------------------------------------------------
 
 def linear_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: Optional[torch.Tensor], dtype: torch.dtype, max_abs_w: int = 127) -> torch.Tensor:
+                      bias: Optional[torch.Tensor], dtype: torch.dtype, max_abs_w: int = 127,
+                      bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y [M, N]`` from int8 codes ``xq [M, K]`` (multiplier ``s [M, 1]`` or ``[1, 1]``) and integer weights
-    ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic."""
+    ``wq [N, K]`` (step ``weight_scale``): the shared arithmetic. ``bias_codes [N]`` (an IntBias, one weight step
+    per row) join the integer sums; ``bias`` is a float bias added after the rescale."""
     ws = weight_scale.float()
     if ws.dim() == 2:
         acc = int_matmul_groups(xq, wq, ws.shape[1], max_abs_w)
     else:
         acc = int_matmul(xq, wq, max_abs_w)
+        if bias_codes is not None:
+            acc = add_bias_codes(acc, bias_codes, -1)
     return add_bias(rescale_linear(acc, ws, s), bias, -1, dtype)
 
 
 def conv_from_codes(xq: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor,
                     bias: Optional[torch.Tensor], stride, padding, dilation, groups: int, dtype: torch.dtype,
-                    max_abs_w: int = 127) -> torch.Tensor:
+                    max_abs_w: int = 127, bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A conv output from int8 codes ``xq`` (multiplier ``s`` per sample ``[B, 1...]`` or ``[1...]``) and integer
-    weights ``wq`` (one step per output channel): the shared arithmetic."""
+    weights ``wq`` (one step per output channel): the shared arithmetic (``bias_codes``: as in linear_from_codes)."""
     acc = int_conv(xq, wq, stride, padding, dilation, groups, max_abs_w)
+    if bias_codes is not None:
+        acc = add_bias_codes(acc, bias_codes, 1)
     return add_bias(rescale_conv(acc, weight_scale, s), bias, 1, dtype)

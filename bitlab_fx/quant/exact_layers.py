@@ -82,23 +82,33 @@ class _ExactForward(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor):
+    """``(float bias, integer bias codes)`` of the value: an IntBias that is fully on joins the integer sums as its
+    codes (as the converted op's ``bias_codes``); otherwise the bias argument is added in float."""
+    if bias is None or bias_quantizer is None or not bias_quantizer.quantizes():
+        return (None if bias is None else bias.detach()), None
+    return None, bias_quantizer.codes(bias_from, weight)[0]
+
+
 def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] = None, *, codes_from: torch.Tensor,
-           weight: torch.Tensor, input_quantizer, weight_quantizer, on_grid: bool = False) -> torch.Tensor:
-    """``F.linear(x_fq, w_fq, bias)`` whose value is the converted op's (see the module docstring)."""
+           weight: torch.Tensor, input_quantizer, weight_quantizer, on_grid: bool = False, bias_quantizer=None,
+           bias_from: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x_fq, w_fq, bias)`` whose value is the converted op's (see the module docstring); with an IntBias
+    (``bias_quantizer``, on the float bias ``bias_from``) its integer codes join the integer sums."""
     if not _use_codes(input_quantizer, weight_quantizer, on_grid):
         return F.linear(x_fq, w_fq, bias)
     k = x_fq.shape[-1]
     xq, mult = input_codes(codes_from, input_quantizer, 1)
     wq, w_step = weight_quantizer.codes(weight)
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
     y = A.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
-                                    None if bias is None else bias.detach(), x_fq.dtype,
-                                    P.weight_qrange(weight_quantizer.spec))
+                            float_bias, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.reshape(*x_fq.shape[:-1], wq.shape[0])
     return _ExactForward.apply(x_fq, w_fq, bias, y, None)
 
 
 def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer, weight_quantizer,
-          on_grid):
+          on_grid, bias_quantizer=None, bias_from=None):
     conv = F.conv1d if w_fq.dim() == 3 else F.conv2d
     if isinstance(padding, str) or not _use_codes(input_quantizer, weight_quantizer, on_grid):
         return conv(x_fq, w_fq, bias, stride, padding, dilation, groups)
@@ -106,9 +116,9 @@ def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weigh
     src = codes_from.unsqueeze(0) if unbatched else codes_from
     xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1)
     wq, w_step = weight_quantizer.codes(weight)
-    y = A.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1),
-                                  None if bias is None else bias.detach(), stride, padding, dilation, groups,
-                                  x_fq.dtype, P.weight_qrange(weight_quantizer.spec))
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
+    y = A.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1), float_bias, stride, padding,
+                          dilation, groups, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.squeeze(0) if unbatched else y
     if unbatched:  # convolution_backward needs a batch dim: the float call's autograd, the codes' value
         return P.straight_through(conv(x_fq, w_fq, bias, stride, padding, dilation, groups), y)
@@ -122,15 +132,15 @@ def _ints(v, n: int) -> list:
 
 
 def conv1d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
-           weight_quantizer, on_grid: bool = False):
+           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None):
     """``F.conv1d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
     return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
-                 weight_quantizer, on_grid)
+                 weight_quantizer, on_grid, bias_quantizer, bias_from)
 
 
 def conv2d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
-           weight_quantizer, on_grid: bool = False):
+           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None):
     """``F.conv2d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
     return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
-                 weight_quantizer, on_grid)
+                 weight_quantizer, on_grid, bias_quantizer, bias_from)
 

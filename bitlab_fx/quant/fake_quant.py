@@ -226,6 +226,16 @@ class BiasFakeQuant(_FakeQuant):
         g = (wfq.step(weight) if wfq is not None else P.weight_scale(weight, self.weight_spec)).reshape(-1)
         return g / self.input_fq.multiplier(weight.new_empty(0)).float().reshape(-1)
 
+    def quantizes(self) -> bool:
+        """Whether ``forward`` returns exactly ``codes * step`` (on, not blending in, its input quantizer on)."""
+        return self.enabled and self.mix >= 1.0 and self.input_fq.enabled
+
+    def codes(self, bias: torch.Tensor, weight: torch.Tensor):
+        """``(codes, step)``: the integer bias (fp32 whole numbers ``[N]``) and its step, what ``convert`` stores
+        as int32 and the layers add to their integer sums (``exact_layers``, the ops' ``bias_codes``)."""
+        step = self.step(weight)
+        return P.quantize_bias(bias.detach().float(), step, self.spec.bits), step
+
     def forward(self, bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self._active() or not self.input_fq.enabled:
             return bias

@@ -123,6 +123,22 @@ def test_every_config_matches_reference(cfg, scale, act, packed):
     _assert_matches(y, ref_fn(x, w, ws, b, act, None), exact=act != "none" and scale != "group")
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("packed", [True, False], ids=["tern", "int8"])
+def test_integer_bias_codes_join_the_sums_on_every_config(cfg, packed):
+    """An IntBias as int32 codes (``bias_codes``): added to the integer accumulator before the rescale, bit for bit
+    the reference on every path (the GEMV and dot epilogues, and after the split-K reduction)."""
+    x, wq, ws, _ = _problem(5, 448, 19, torch.float32, "channel", False, seed=2)
+    codes = torch.randint(-128, 128, (19,), dtype=torch.int32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    w = pack_ternary(wq) if packed else wq
+    fn, ref_fn = ((K.ternary_linear_triton, reference.ternary_linear) if packed
+                  else (K.int8_linear_triton, reference.int8_linear))
+    mult = torch.tensor([9.0], device=DEVICE)
+    y = fn(x, w, ws, None, "per_tensor", mult, config=CONFIGS[cfg], bias_codes=codes)
+    _assert_matches(y, ref_fn(x, w, ws, None, "per_tensor", mult, bias_codes=codes), exact=True)
+    assert not torch.equal(y, fn(x, w, ws, None, "per_tensor", mult, config=CONFIGS[cfg]))
+
+
 def test_default_configs_split_k_on_long_k():
     cfg = K.choose_config(1, 64, padded_k(8192))
     assert not cfg.use_dot and cfg.split_k > 1

@@ -91,7 +91,8 @@ def test_cuda_argument_binding_reads_both_names():
     assert _bind("ternary_linear", (x, w, s, None, "per_tensor", None, 64), {"act_multiplier": m})[5] is m
     assert _bind("ternary_linear", (x, w, s, None, "per_tensor", m, 64), {})[5] is m
     assert _bind("int8_linear", (x, w, s, None, "per_tensor", None, m), {})[5] is m
-    assert _bind("int8_linear", (x, w, s), {})[4:] == ("per_token", None, -1)
+    assert _bind("int8_linear", (x, w, s), {})[4:] == ("per_token", None, -1, None)
+    assert _bind("int8_linear", (x, w, s), {"bias_codes": m})[7] is m
 
 
 def test_ops_have_no_gradient_and_say_so_when_backpropagated():

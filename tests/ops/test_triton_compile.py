@@ -39,6 +39,14 @@ def test_default_configs_compile_without_spills_and_use_dp4a_or_int8_mma(report,
         assert any(ld.endswith((".64", ".128")) for ld in r.loads), r.loads  # vector loads of packed weights
 
 
+def test_integer_bias_codes_compile_in_both_paths(report):
+    from bitlab_fx.ops.cuda import kernels as K
+
+    for m in (1, 64):  # the dp4a GEMV and the int8 tensor-core path, each ending in the epilogue that adds the codes
+        r = report.compile_linear(K.choose_config(m, 2048, 2048), m, 2048, 2048, bias_codes=True)
+        assert r.local_bytes == 0 and r.shared_bytes <= SMEM[90]
+
+
 @pytest.mark.parametrize("case", ["int8-gemv", "group-gemv", "act-none-dot", "act-none-gemv", "group-dot"])
 def test_other_paths_compile_for_sm90(report, case):
     from bitlab_fx.ops.cuda import kernels as K

@@ -32,7 +32,7 @@ from . import torch_kernels
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
-_ABI = 7
+_ABI = 8
 _lock = threading.Lock()
 _lib = None  # ctypes library once loaded
 _failed = False  # build or load failed (warned once)
@@ -50,7 +50,8 @@ def _load():
                 raise _build.BuildError(f"library ABI {lib.bitlab_abi_version()} != {_ABI}")
             p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
             lib.bitlab_linear.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, i32, f32, p, i32]
-            lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
+            lib.bitlab_linear_b.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32, f32, p, i32]
+            lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, p, i32]
             lib.bitlab_linear_wo.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_expand_wo.argtypes = [p, i32, i64, i64, p, i32, i64, p, i32]
             lib.bitlab_im2col_s8.argtypes = [p] + [i64] * 14 + [p, i32]
@@ -138,7 +139,7 @@ def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool
 
 
 def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-            static_multiplier: Optional[Tensor]) -> Tensor:
+            static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None) -> Tensor:
     # Hot path of every converted layer at inference (decode calls it ~200 times per token): each avoidable
     # tensor op here costs 0.5-2 us, as much as the kernel itself on a small layer, so nothing is reshaped,
     # converted or allocated that the kernel does not need. The kernel reads x as [M, K] rows in memory.
@@ -164,8 +165,13 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
             code, static = 2, float(static_multiplier.reshape(-1)[0])
         else:
             code, static = _ACT[act], 0.0
-        rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
-                               static, out.data_ptr(), threads)
+        if bias_codes is None:
+            rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
+                                   static, out.data_ptr(), threads)
+        else:  # an IntBias: int32 codes added to the integer sums (contiguous int32, checked by the op)
+            bq = bias_codes.contiguous()
+            rc = lib.bitlab_linear_b(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp,
+                                     bq.data_ptr(), code, static, out.data_ptr(), threads)
     if rc != 0:
         what = "a weight-only" if act == "none" else "a"
         raise MemoryError(f"bitlab CPU kernel: out of memory for {what} [{m}, {k}] x [{n}, {k}] linear")
@@ -192,22 +198,26 @@ def _weight_only_expanded(lib, wfmt: int, x: Tensor, x2: Tensor, w: Tensor, ws: 
 
 
 def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
-                   act_multiplier=None):
+                   act_multiplier=None, bias_codes=None):
     static_multiplier = _schema.resolve_multiplier("ternary_linear", act_scale, act_multiplier)
-    _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features)
+    _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
+                         bias_codes)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=True):
-        return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier)
-    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, static_multiplier)
+        return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier,
+                                        bias_codes=bias_codes)
+    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None):
+def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None,
+                bias_codes=None):
     static_multiplier = _schema.resolve_multiplier("int8_linear", act_scale, act_multiplier)
-    _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False)
+    _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False,
+                         bias_codes=bias_codes)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
-        return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier)
-    return _linear(lib, 1, x, weight, weight_scale, bias, act, static_multiplier)
+        return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
+    return _linear(lib, 1, x, weight, weight_scale, bias, act, static_multiplier, bias_codes)
 
 
 def _conv_codes(x: Tensor, act: str, static_multiplier: Optional[Tensor]):
@@ -235,7 +245,8 @@ def _im2col_int8(lib, codes: Tensor, kh: int, kw: int, stride, padding, dilation
 
 
 def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                 weight_shape, stride, padding, dilation, act: str, static_multiplier: Optional[Tensor]) -> Tensor:
+                 weight_shape, stride, padding, dilation, act: str, static_multiplier: Optional[Tensor],
+                 bias_codes: Optional[Tensor] = None) -> Tensor:
     """groups=1 conv2d: quantize x exactly like the reference, gather the int8 patches, run the linear kernel."""
     cout, cin, kh, kw = weight_shape
     codes, s = _conv_codes(x, act, static_multiplier)
@@ -248,11 +259,12 @@ def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor
     ws, kind, groups = _scales(weight_scale, cout)
     w = weight.reshape(cout, -1).contiguous()
     b = None if bias is None else bias.float().contiguous()
+    bq = None if bias_codes is None else bias_codes.contiguous()
     m = batch * length
     out = torch.empty(m, cout, dtype=torch.float32)
     if m:
         rc = lib.bitlab_linear_q(cols.data_ptr(), s_rows.data_ptr(), m, k, w.data_ptr(), wfmt, cout, ws.data_ptr(),
-                                 kind, groups, _ptr(b), out.data_ptr(), torch.get_num_threads())
+                                 kind, groups, _ptr(b), _ptr(bq), out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise MemoryError("bitlab CPU kernel: out of memory in conv2d")
     y = out.reshape(batch, length, cout).transpose(1, 2).reshape(batch, cout, ho, wo)
@@ -260,52 +272,56 @@ def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor
 
 
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                   act="per_token", act_scale=None, act_multiplier=None):
+                   act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
     static_multiplier = _schema.resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, static_multiplier, packed=True)
+                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                        groups, act, static_multiplier)
+                                        groups, act, static_multiplier, bias_codes=bias_codes)
     return _conv_im2col(lib, 0, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        static_multiplier)
+                        static_multiplier, bias_codes)
 
 
-def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None):
+def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None,
+                act_multiplier=None, bias_codes=None):
     static_multiplier = _schema.resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, static_multiplier, packed=False)
+                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
-        return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
+        return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act,
+                                     static_multiplier, bias_codes=bias_codes)
     return _conv_im2col(lib, 1, x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, act,
-                        static_multiplier)
+                        static_multiplier, bias_codes)
 
 
 def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
-                act_multiplier=None):
+                act_multiplier=None, bias_codes=None):
     """2..4-bit weights straight from their nibbles (two per byte): the decode loop at M=1, the batched GEMM
     otherwise; CPUs without AVX2 (and scale groups that do not cover whole 64-k chunks) unpack to int8 in C."""
     static_multiplier = _schema.resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
+    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
-        return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features)
-    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, static_multiplier)
+        return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features,
+                                     bias_codes=bias_codes)
+    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                act="per_token", act_scale=None, act_multiplier=None):
+                act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
     static_multiplier = _schema.resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                              act, static_multiplier)
+                              act, static_multiplier, bias_codes)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
-        return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier)
+        return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier,
+                           bias_codes=bias_codes)
     return _conv_im2col(lib, 2, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        static_multiplier)
+                        static_multiplier, bias_codes)
 
 
 _registered = False

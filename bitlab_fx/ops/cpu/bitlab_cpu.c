@@ -18,6 +18,7 @@
  *   xq    = clamp(round_half_even(x * s), -128, 127)
  *   acc   = sum_k xq[m,k] * w[n,k]                 exact int32
  *   y     = (float)acc * ws[n] / s[m]  (+ bias[n]) per tensor / per channel
+ *   y     = (float)(acc + bias_q[n]) * ws[n] / s[m]   with integer bias codes (IntBias: step ws[n] / s)
  *   y     = (sum_g (float)acc_g * ws[n,g]) / s[m]  per group
  *
  * Ternary weights are packed as codes c = w + 1 in {0,1,2} (see quant/packing.py): in each
@@ -404,22 +405,32 @@ static int run_job(job_t *j, int nthreads) {
     return j->failed ? -1 : 0;
 }
 
-/* y[M,N] = linear(x[M,K]) with activation quantization; returns 0 on success. */
-int bitlab_linear(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
-                  int ws_kind, int64_t G, const float *bias, int act, float static_s, float *out, int nthreads) {
+/* y[M,N] = linear(x[M,K]) with activation quantization, plus integer bias codes bias_q[N] (or NULL) added to
+ * the exact int32 sums before the rescale; returns 0 on success. */
+int bitlab_linear_b(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
+                    int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, int act, float static_s,
+                    float *out, int nthreads) {
     job_t j;
     memset(&j, 0, sizeof j);
     j.x = x; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
-    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.act = act; j.static_s = static_s; j.out = out;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.bias_q = bias_q; j.act = act; j.static_s = static_s;
+    j.out = out;
     return run_job(&j, nthreads);
+}
+
+/* bitlab_linear_b without integer bias codes (the C++ dispatcher kernels and older callers call this one) */
+int bitlab_linear(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
+                  int ws_kind, int64_t G, const float *bias, int act, float static_s, float *out, int nthreads) {
+    return bitlab_linear_b(x, M, K, w, wfmt, N, ws, ws_kind, G, bias, NULL, act, static_s, out, nthreads);
 }
 
 /* Same with pre-quantized activations xq[M,K] and their multipliers s[M] (conv via im2col). */
 int bitlab_linear_q(const int8_t *xq, const float *s, int64_t M, int64_t K, const void *w, int wfmt, int64_t N,
-                    const float *ws, int ws_kind, int64_t G, const float *bias, float *out, int nthreads) {
+                    const float *ws, int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, float *out,
+                    int nthreads) {
     job_t j;
     memset(&j, 0, sizeof j);
     j.xq_in = xq; j.s_in = s; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
-    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.act = ACT_GIVEN; j.out = out;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.bias_q = bias_q; j.act = ACT_GIVEN; j.out = out;
     return run_job(&j, nthreads);
 }

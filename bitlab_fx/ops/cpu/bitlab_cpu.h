@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#define BITLAB_ABI 7
+#define BITLAB_ABI 8
 #ifndef BITLAB_PART
 #define BITLAB_PART 0 /* the compile job (_build.py); 0: every file (one job, or a file compiled on its own) */
 #endif
@@ -58,6 +58,7 @@ typedef struct {
     int ws_kind;           /* 0 per tensor, 1 per channel, 2 per group */
     int64_t G, gs;         /* groups, group size in k */
     const float *bias;     /* [N] or NULL */
+    const int32_t *bias_q; /* [N] integer bias codes added to the exact int32 sums before the rescale, or NULL */
     int act;
     float static_s;
     float *out;            /* [M, N] fp32 */
@@ -150,8 +151,15 @@ static inline int weight_at(const void *w, int wfmt, int64_t n, int64_t K, int64
     return ((const int8_t *)w)[n * K + k];
 }
 
+/* acc + bias_q[n]: the integer bias codes join the exact int32 sum (one scale per row of the weight; computed
+ * mod 2^32 like the sums themselves: the result is exact while it fits int32) */
+static inline int32_t with_bias_q(const int32_t *bias_q, int64_t n, int32_t acc) {
+    return bias_q ? (int32_t)((uint32_t)acc + (uint32_t)bias_q[n]) : acc;
+}
+
 /* The body of a function returning y[m, n] from the exact integer dot products of each group,
- * a(g) = sum_k xq * w over group g (A: that expression in g); used by tiles.c and gemm.c. */
+ * a(g) = sum_k xq * w over group g (A: that expression in g); used by tiles.c and gemm.c. Integer bias
+ * codes (bias_q) only come with one scale group. */
 #define RESCALE_BODY(A)                                                                                 \
     float y;                                                                                          \
     if (j->ws_kind == 2) {                                                                            \
@@ -164,7 +172,7 @@ static inline int weight_at(const void *w, int wfmt, int64_t n, int64_t K, int64
         y = y / j->s[m];                                                                              \
     } else {                                                                                          \
         const int64_t g = 0;                                                                          \
-        y = (float)(A) * j->ws[j->ws_kind ? n : 0] / j->s[m];                                        \
+        y = (float)with_bias_q(j->bias_q, n, (A)) * j->ws[j->ws_kind ? n : 0] / j->s[m];             \
     }                                                                                                 \
     if (j->bias) y = y + j->bias[n];                                                                  \
     return y;

@@ -20,13 +20,14 @@ static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job
                                                                        int32_t off) {
     __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
     __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[0])));
+    if (j->bias_q) exact = _mm_add_epi32(exact, _mm_loadu_si128((const __m128i *)(j->bias_q + n)));
     __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(exact), ws), _mm_set1_ps(j->s[0]));
     if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
     _mm_storeu_ps(j->out + n, y);
 }
 
 static inline __attribute__((always_inline)) void store1_row(const job_t *j, int64_t n, int32_t acc, int32_t off) {
-    int32_t exact = (int32_t)((uint32_t)acc - (uint32_t)off * (uint32_t)j->gsum[0]);
+    int32_t exact = with_bias_q(j->bias_q, n, (int32_t)((uint32_t)acc - (uint32_t)off * (uint32_t)j->gsum[0]));
     float y = (float)exact * j->ws[j->ws_kind ? n : 0] / j->s[0];
     if (j->bias) y = y + j->bias[n];
     j->out[n] = y;
@@ -158,7 +159,7 @@ static TGT_VNNI int decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) {
             int32_t tail = 0;
             for (int64_t k = chunks * 32; k < K; k++) tail += (int32_t)row[k] * j->xq[k];
             /* = sum_k xq * w; the partial sums may wrap, the result is exact mod 2^32 (and in range) */
-            t[r] = (int32_t)((uint32_t)t[r] - 128u * (uint32_t)ws[r] + (uint32_t)tail);
+            t[r] = with_bias_q(j->bias_q, n + r, (int32_t)((uint32_t)t[r] - 128u * (uint32_t)ws[r] + (uint32_t)tail));
         }
         if (nr == 4) {
             __m128i exact = _mm_loadu_si128((const __m128i *)t);

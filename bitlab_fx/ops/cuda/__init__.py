@@ -65,13 +65,15 @@ def _remember_kernels(kernels_list) -> None:
 
 
 def _check_and_run(name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                   act: str, static_multiplier: Optional[Tensor], in_features: int) -> Tensor:
+                   act: str, static_multiplier: Optional[Tensor], in_features: int,
+                   bias_codes: Optional[Tensor] = None) -> Tensor:
     packed = _OPS[name]
     extra = {} if in_features == -1 else {"in_features": in_features}
-    _schema.check_linear(name, x, weight, weight_scale, bias, act, static_multiplier, packed, **extra)
+    _schema.check_linear(name, x, weight, weight_scale, bias, act, static_multiplier, packed, bias_codes=bias_codes,
+                         **extra)
     k = _kernels()
     fn = k.ternary_linear_triton if packed else k.int8_linear_triton
-    return fn(x, weight, weight_scale, bias, act, static_multiplier)
+    return fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
 
 
 def _eager(name: str):
@@ -104,19 +106,23 @@ def _decompose(name: str):
     return rule
 
 
-_ARG_NAMES = {True: ("x", "packed_weight", "weight_scale", "bias", "act", "act_scale", "in_features", "act_multiplier"),
-              False: ("x", "weight", "weight_scale", "bias", "act", "act_scale", "act_multiplier")}
-_DEFAULTS = {"bias": None, "act": "per_token", "act_scale": None, "in_features": -1, "act_multiplier": None}
+_ARG_NAMES = {True: ("x", "packed_weight", "weight_scale", "bias", "act", "act_scale", "in_features", "act_multiplier",
+                     "bias_codes"),
+              False: ("x", "weight", "weight_scale", "bias", "act", "act_scale", "act_multiplier", "bias_codes")}
+_DEFAULTS = {"bias": None, "act": "per_token", "act_scale": None, "in_features": -1, "act_multiplier": None,
+             "bias_codes": None}
 
 
 def _bind(name: str, args, kwargs):
-    """``(x, weight, weight_scale, bias, act, static multiplier, in_features)`` of a call, by the op's schema."""
+    """``(x, weight, weight_scale, bias, act, static multiplier, in_features, bias_codes)`` of a call, by the op's
+    schema."""
     names = _ARG_NAMES[_OPS[name]]
     bound = dict(zip(names, args))
     bound.update(kwargs)
     get = lambda n: bound[n] if n in bound else _DEFAULTS[n]  # noqa: E731
     multiplier = _schema.resolve_multiplier(name, get("act_scale"), get("act_multiplier"))
-    return (get("x"), get(names[1]), get("weight_scale"), get("bias"), get("act"), multiplier, get("in_features"))
+    return (get("x"), get(names[1]), get("weight_scale"), get("bias"), get("act"), multiplier, get("in_features"),
+            get("bias_codes"))
 
 
 def register() -> None:

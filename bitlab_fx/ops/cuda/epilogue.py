@@ -1,7 +1,9 @@
 """Triton epilogue of the linear kernels, and the split-K reduction kernel that ends in it.
 
 * ``_epilogue``: as in ``reference.py``, ``y = float(acc) * ws[n] / s[m] + bias`` (per-group scales are
-  already applied to ``acc``), cast to ``x.dtype`` and stored; ``WS_*`` name the weight-scale kinds.
+  already applied to ``acc``), cast to ``x.dtype`` and stored; ``WS_*`` name the weight-scale kinds. With
+  ``BIAS_CODES`` the bias is int32 codes (an IntBias) added to the integer ``acc`` first:
+  ``y = float(acc + bias_codes[n]) * ws[n] / s[m]``.
 * ``_splitk_reduce_kernel``: sums the ``[SPLIT_K, M, N]`` partials of ``linear._linear_kernel`` in a fixed
   order (deterministic, no atomics) and applies the epilogue.
 """
@@ -27,8 +29,12 @@ def _to_out_dtype(y, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
-              WS_MODE: tl.constexpr, ACT_FLOAT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """``acc [BN, BM]`` -> ``out[m, n] = float(acc) * ws[n] / s[m] + bias[n]`` (ws already applied per group)."""
+              WS_MODE: tl.constexpr, ACT_FLOAT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+              BIAS_CODES: tl.constexpr = False):
+    """``acc [BN, BM]`` -> ``out[m, n] = float(acc) * ws[n] / s[m] + bias[n]`` (ws already applied per group), or
+    ``float(acc + bias_codes[n]) * ws[n] / s[m]`` with integer bias codes (``BIAS_CODES``: int32 ``bias_ptr``)."""
+    if HAS_BIAS and BIAS_CODES:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0)[:, None]
     y = acc.to(tl.float32)
     if WS_MODE == 0:
         y = y * tl.load(ws_ptr)
@@ -37,7 +43,7 @@ def _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_
     if not ACT_FLOAT:
         s = tl.load(s_ptr + offs_m, mask=mask_m, other=1.0)
         y = tl.math.div_rn(y, s[None, :])
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_CODES:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     y = _to_out_dtype(y, out_ptr.dtype.element_ty, INTERPRET)
@@ -47,7 +53,8 @@ def _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr, M, N, SPLIT_K,
                           WS_MODE: tl.constexpr, ACT_FLOAT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                          BIAS_CODES: tl.constexpr = False):
     """Sum the ``SPLIT_K`` partials of one tile in split order (deterministic), then the epilogue."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,4 +66,4 @@ def _splitk_reduce_kernel(part_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr, M, N, SPLI
     for sk in range(1, SPLIT_K):
         acc += tl.load(ptrs + sk * M * N, mask=mask, other=0)
     _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
-              WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET)
+              WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET, BIAS_CODES)

@@ -84,13 +84,14 @@ def _ensure_self_check(x: Tensor) -> None:
 
 
 def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-                static_multiplier: Optional[Tensor], packed: bool, config: Optional[LinearConfig]) -> Tensor:
+                static_multiplier: Optional[Tensor], packed: bool, config: Optional[LinearConfig],
+                bias_codes: Optional[Tensor] = None) -> Tensor:
     _ensure_self_check(x)
     k = x.shape[-1]
     n = weight.shape[0]
     if not supports(k, weight_scale):
         wq_fn = reference.ternary_linear if packed else reference.int8_linear
-        return wq_fn(x, weight, weight_scale, bias, act, static_multiplier)
+        return wq_fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -112,7 +113,7 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
         stride_xm = k_pad
     launch = functools.partial(_launch_linear, xin=xin, weight=weight, ws=ws, s=s, bias=bias, m=m, n=n, k=k,
                                k_pad=k_pad, groups=groups, group_size=group_size, packed=packed, act_float=act_float,
-                               ws_mode=ws_mode, stride_xm=stride_xm)
+                               ws_mode=ws_mode, stride_xm=stride_xm, bias_codes=bias_codes)
     if config is None:
         config = _pick_config(launch, x2, m, n, k_pad, group_size, (packed, act_float, ws_mode, x.dtype))
     else:
@@ -153,19 +154,20 @@ def _pick_config(launch, x2: Tensor, m: int, n: int, k_pad: int, group_size: int
 
 def ternary_linear_triton(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                           act: str = "per_token", static_multiplier: Optional[Tensor] = None,
-                          config: Optional[LinearConfig] = None) -> Tensor:
+                          config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """``bitlab.ternary_linear`` with the Triton kernels, on the tensors' device (no argument checks).
 
-    ``config`` overrides the tile shape chosen by :func:`choose_config` (tests and benchmark sweeps).
+    ``config`` overrides the tile shape chosen by :func:`choose_config` (tests and benchmark sweeps);
+    ``bias_codes``: an IntBias as int32 codes, added to the integer sums (the op's ``bias_codes=``).
     """
-    return _int_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, True, config)
+    return _int_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, True, config, bias_codes)
 
 
 def int8_linear_triton(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                        act: str = "per_token", static_multiplier: Optional[Tensor] = None,
-                       config: Optional[LinearConfig] = None) -> Tensor:
+                       config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
     """``bitlab.int8_linear`` with the Triton kernels (int8 weights ``[N, K]``)."""
-    return _int_linear(x, weight, weight_scale, bias, act, static_multiplier, False, config)
+    return _int_linear(x, weight, weight_scale, bias, act, static_multiplier, False, config, bias_codes)
 
 
 KERNELS = [_quant_act_kernel, _linear_kernel, _splitk_reduce_kernel]

@@ -81,10 +81,13 @@ def uses_words(cfg: LinearConfig, packed: bool, act_float: bool, k: int) -> bool
 
 
 def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, m, n, k, k_pad, groups, group_size,
-                   packed, act_float, ws_mode, stride_xm) -> None:
-    """Launch ``_linear_kernel`` (and the split-K reduction) with tile config ``cfg``, writing ``out [M, N]``."""
+                   packed, act_float, ws_mode, stride_xm, bias_codes=None) -> None:
+    """Launch ``_linear_kernel`` (and the split-K reduction) with tile config ``cfg``, writing ``out [M, N]``.
+    ``bias_codes`` (int32, an IntBias) take the bias slot and join the integer sums in the epilogue."""
     iters = -(-k_pad // (cfg.nb * BLOCK))
     per_split = -(-iters // cfg.split_k)
+    codes = bias_codes is not None
+    bias = bias_codes if codes else bias
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else ws
     partial = cfg.split_k > 1
@@ -101,11 +104,11 @@ def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, 
         xin, weight, ws, s, bias_arg, dest, m, n, k, k_pad, groups, max(group_size, 1), stride_xm, weight.stride(0),
         per_split, PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=has_bias, WRITE_PARTIAL=partial,
         USE_DOT=cfg.use_dot, WORDS=words, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, INTERPRET=interp,
-        ASM=not interp and _asm_ok(out.device),
+        ASM=not interp and _asm_ok(out.device), BIAS_CODES=codes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rbm = min(16, triton.next_power_of_2(m))
         rgrid = (triton.cdiv(n, 64), triton.cdiv(m, rbm))
         _launch(_splitk_reduce_kernel)[rgrid](
             dest, ws, s, bias_arg, out, m, n, cfg.split_k, WS_MODE=ws_mode, ACT_FLOAT=act_float, HAS_BIAS=has_bias,
-            BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, num_warps=4)
+            BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, BIAS_CODES=codes, num_warps=4)
