@@ -7,7 +7,9 @@
 Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a 16-token prompt, greedy;
 prefill tokens/s = prompt length / time of one forward over it (logits of the last token only, as
 llama.cpp computes them and as ``generate`` asks for them). Rounds interleave the runtimes (the VM is
-noisy); the table shows medians and the spread (min-max). bitlab runtimes quantize every decoder linear
+noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-compiled][-greedy]``: eager or
+``bfx.compile_for_decode``; decoding with ``generate`` or, with ``-greedy``, ``bfx.greedy_decode`` (one model
+call per token on a static cache, no generate machinery). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
 the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
 (their CPU time under torch.profiler) and the rest (HF model code, generate). llama.cpp peers (``bench`` extra: gguf,
@@ -65,10 +67,8 @@ def convert(model, decoder: str):
 
 
 def compiled(model):
-    """The converted model with a static KV cache and its forward compiled (inductor, CPU)."""
-    model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, dynamic=False, fullgraph=False)
-    return model
+    """The converted model with a static KV cache and its forward compiled (``bfx.compile_for_decode``)."""
+    return bfx.compile_for_decode(model)
 
 
 class HFRunner:
@@ -81,6 +81,7 @@ class HFRunner:
             t0 = time.perf_counter()
             out = self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, **self.kw)
             return time.perf_counter() - t0, out
+
 
     def warm_up(self):
         self._generate(2)
@@ -96,6 +97,15 @@ class HFRunner:
             self.model(self.prefill_ids, logits_to_keep=1)
             tp = time.perf_counter() - t0
         return (self.n - 1) / (tn - t1), self.prefill_ids.shape[1] / tp, out[0, self.prompt.shape[1]:].tolist()
+
+
+class GreedyRunner(HFRunner):
+    """Decodes with ``bfx.greedy_decode`` (a static cache, one model call per token) instead of ``generate``."""
+
+    def _generate(self, n):
+        t0 = time.perf_counter()
+        out = bfx.greedy_decode(self.model, self.prompt, n)
+        return time.perf_counter() - t0, out
 
 
 def kernel_share(runner: HFRunner) -> tuple:
@@ -122,11 +132,13 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
         elif name == "bf16":
             runners[name] = HFRunner(copy.deepcopy(model).to(torch.bfloat16), prompt, prefill_ids, args.new_tokens)
         elif name.startswith("bitlab-"):
-            decoder = name.split("-")[1]
+            decoder, flags = name.split("-")[1], name.split("-")[2:]  # bitlab-<decoder>[-compiled][-greedy]
+            if set(flags) - {"compiled", "greedy"}:
+                raise SystemExit(f"unknown runtime {name!r}: bitlab-<ternary|int4|int8>[-compiled][-greedy]")
             cm = converted.setdefault(decoder, convert(model, decoder))
-            if name.endswith("-compiled"):
+            if "compiled" in flags:
                 cm = compiled(copy.deepcopy(cm))
-            runners[name] = HFRunner(cm, prompt, prefill_ids, args.new_tokens)
+            runners[name] = (GreedyRunner if "greedy" in flags else HFRunner)(cm, prompt, prefill_ids, args.new_tokens)
         elif name.startswith("llamacpp"):
             miss = llm_peers.missing()
             if miss:

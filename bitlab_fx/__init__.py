@@ -8,7 +8,7 @@
 2
 """
 from .api import convert, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, prepare_qat
-from .decode import compile_for_decode
+from .decode import compile_for_decode, greedy_decode
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, ExportError, KernelError
 from .export import export_gguf, export_onnx
@@ -27,7 +27,7 @@ __all__ = [
     "prepare_qat", "convert", "summary", "Summary", "save_quantized", "load_quantized",
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
-    "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode",
+    "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode", "greedy_decode",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
     "export_gguf", "export_onnx",

@@ -14,6 +14,7 @@ reason and the model decodes eagerly from then on.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -87,3 +88,64 @@ def _is_compile_failure(e: Exception) -> bool:
     module = type(e).__module__ or ""
     return module.startswith(("torch._dynamo", "torch._inductor")) or type(e).__name__ in (
         "BackendCompilerFailed", "InductorError", "Unsupported", "CppCompileError")
+
+
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                  eos_token_id: Optional[int] = None) -> torch.Tensor:
+    """Greedy decoding without ``generate()``'s per-token machinery: ``input_ids`` followed by up to
+    ``max_new_tokens`` tokens (fewer when every row has produced ``eos_token_id``), the tokens
+    ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` gives for unpadded prompts.
+
+    For a Hugging Face causal LM (converted or float, compiled with :func:`compile_for_decode` or not): one
+    prefill call on the prompt (last position's logits only), then one call per token on a static KV cache kept
+    on the model and reused across calls (so a compiled forward keeps its graphs); no logits processors,
+    stopping criteria objects or attention-mask bookkeeping. Rows of a batch must have the same length (no
+    padding: use ``generate`` with an attention mask for ragged prompts)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ConvertError(f"greedy_decode: input_ids must be a [batch, length] int64 tensor, got "
+                           f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                           f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
+        raise ConvertError(f"greedy_decode: {type(model).__name__} is not a Hugging Face causal LM (no config/"
+                           "generate); call the model yourself")
+    if max_new_tokens < 1:
+        raise ConvertError(f"greedy_decode: max_new_tokens={max_new_tokens}; ask for at least one token")
+    batch, length = input_ids.shape
+    out = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=input_ids.device)
+    out[:, :length] = input_ids
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    with torch.inference_mode():  # (the cache's tensors are inference tensors: reset them in inference mode too)
+        cache = {_cache_kwarg(model): _static_cache(model, batch, length + max_new_tokens)}
+        logits = model(input_ids, **cache, use_cache=True, logits_to_keep=1,
+                       cache_position=torch.arange(length, device=input_ids.device)).logits
+        for i in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            out[:, length + i] = token
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+                if bool(done.all()):
+                    return out[:, :length + i + 1]
+            if i + 1 < max_new_tokens:
+                position = torch.full((1,), length + i, dtype=torch.long, device=input_ids.device)
+                logits = model(token[:, None], **cache, use_cache=True, cache_position=position).logits
+    return out
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    forward = getattr(type(model).forward, "__wrapped__", type(model).forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _static_cache(model: nn.Module, batch: int, length: int):
+    """The model's static KV cache for ``batch`` rows of up to ``length`` positions, reset (made anew when too small)."""
+    import transformers
+
+    kept = model.__dict__.get("_bitlab_static_cache")
+    if kept is not None and kept[0] == batch and kept[1] >= length:
+        kept[2].reset()
+        return kept[2]
+    size = max(length, 256)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=size)
+    model.__dict__["_bitlab_static_cache"] = (batch, size, cache)
+    return cache

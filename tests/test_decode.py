@@ -64,3 +64,27 @@ def test_refuses_what_it_cannot_compile(converted):
     mlp = bfx.convert(bfx.prepare_qat(torch.nn.Sequential(torch.nn.Linear(8, 8)), bfx.ternary()).eval())
     with pytest.raises(bfx.ConvertError, match="no Hugging Face generate"):
         bfx.compile_for_decode(mlp)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_greedy_decode_gives_generates_tokens_eager_and_compiled(name):
+    cm, ids = _convert(name)
+    want = _greedy(cm, ids, n=5)
+    assert torch.equal(bfx.greedy_decode(cm, ids, 5), want)
+    assert torch.equal(bfx.greedy_decode(cm, ids, 5), want)  # the kept cache, reset
+    fast = bfx.compile_for_decode(copy.deepcopy(cm))
+    assert torch.equal(bfx.greedy_decode(fast, ids, 5), want)
+    two = torch.cat([ids, ids.flip(1)])
+    assert torch.equal(bfx.greedy_decode(cm, two, 3), _greedy(cm, two, n=3))
+
+
+def test_greedy_decode_stops_at_eos_and_refuses_bad_input(converted):
+    cm, ids = converted
+    first = int(bfx.greedy_decode(cm, ids, 1)[0, -1])
+    assert bfx.greedy_decode(cm, ids, 8, eos_token_id=first).shape[1] == ids.shape[1] + 1
+    with pytest.raises(bfx.ConvertError, match="int64"):
+        bfx.greedy_decode(cm, ids.float(), 3)
+    with pytest.raises(bfx.ConvertError, match="at least one"):
+        bfx.greedy_decode(cm, ids, 0)
+    with pytest.raises(bfx.ConvertError, match="not a Hugging Face causal LM"):
+        bfx.greedy_decode(torch.nn.Linear(2, 2), ids, 2)
