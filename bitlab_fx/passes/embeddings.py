@@ -35,13 +35,17 @@ def _check_config(config, rule: Rule, fqn: str, embedding: nn.Embedding) -> None
                           "which packed codes cannot do; remove max_norm or leave this embedding float")
 
 
+def _plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding``, or a subclass that keeps its forward (a lookup of ``weight`` rows)."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+
+
 def prepare_embeddings(model: nn.Module, mapping: QConfigMapping) -> Set[Rule]:
     """Swap each embedding a rule names for a FakeQuantEmbedding, in place; returns the rules used."""
     used: Set[Rule] = set()
     swaps = []
     for fqn, module in model.named_modules():
-        if type(module) is not nn.Embedding and not (isinstance(module, nn.Embedding)
-                                                      and type(module).forward is nn.Embedding.forward):
+        if not _plain_embedding(module):
             continue
         config, rule = mapping.resolve_explicit(fqn, nn.Embedding)
         if rule is None:
@@ -62,8 +66,8 @@ def prepare_embeddings(model: nn.Module, mapping: QConfigMapping) -> Set[Rule]:
 def reject_embedding_rules(model: nn.Module, mapping: QConfigMapping, where: str) -> None:
     """Raise where a rule quantizes an embedding in a capture that cannot hold the prepared embedding."""
     for fqn, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and mapping.resolve_explicit(fqn, nn.Embedding)[0] is not None:
-            rule = mapping.resolve_explicit(fqn, nn.Embedding)[1]
+        config, rule = mapping.resolve_explicit(fqn, nn.Embedding) if _plain_embedding(module) else (None, None)
+        if config is not None:
             raise ConfigError(f"prepare_qat({where}): rule {rule} quantizes the embedding {fqn!r}, which only the fx "
                               "frontend supports; use frontend='fx' (the default), or drop the embedding rule")
 
