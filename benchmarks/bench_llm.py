@@ -7,7 +7,8 @@
 Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a 16-token prompt, greedy;
 prefill tokens/s = prompt length / time of one forward over it (logits of the last token only, as
 llama.cpp computes them and as ``generate`` asks for them). Rounds interleave the runtimes (the VM is
-noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-compiled][-greedy]``: eager or
+noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-unfused][-compiled][-greedy]``:
+``-unfused`` converts with ``fuse_siblings=False`` (one op call per layer); eager or
 ``bfx.compile_for_decode``; decoding with ``generate`` or, with ``-greedy``, ``bfx.greedy_decode`` (one model
 call per token on a static cache, no generate machinery). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
@@ -61,9 +62,9 @@ def load_model(args):
     return model, None
 
 
-def convert(model, decoder: str):
+def convert(model, decoder: str, fuse_siblings: bool = True):
     qc = bfx.QConfigMapping().set_global(DECODERS[decoder]()).set_module_name("lm_head", bfx.int8())
-    return bfx.convert(bfx.prepare_qat(copy.deepcopy(model), qc).eval(), inplace=True)
+    return bfx.convert(bfx.prepare_qat(copy.deepcopy(model), qc).eval(), inplace=True, fuse_siblings=fuse_siblings)
 
 
 def compiled(model):
@@ -132,10 +133,13 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
         elif name == "bf16":
             runners[name] = HFRunner(copy.deepcopy(model).to(torch.bfloat16), prompt, prefill_ids, args.new_tokens)
         elif name.startswith("bitlab-"):
-            decoder, flags = name.split("-")[1], name.split("-")[2:]  # bitlab-<decoder>[-compiled][-greedy]
-            if set(flags) - {"compiled", "greedy"}:
-                raise SystemExit(f"unknown runtime {name!r}: bitlab-<ternary|int4|int8>[-compiled][-greedy]")
-            cm = converted.setdefault(decoder, convert(model, decoder))
+            decoder, flags = name.split("-")[1], name.split("-")[2:]  # bitlab-<decoder>[-unfused][-compiled][-greedy]
+            if set(flags) - {"unfused", "compiled", "greedy"}:
+                raise SystemExit(f"unknown runtime {name!r}: bitlab-<ternary|int4|int8>[-unfused][-compiled][-greedy]")
+            if "unfused" in flags:
+                cm = convert(model, decoder, fuse_siblings=False)
+            else:
+                cm = converted.setdefault(decoder, convert(model, decoder))
             if "compiled" in flags:
                 cm = compiled(copy.deepcopy(cm))
             runners[name] = (GreedyRunner if "greedy" in flags else HFRunner)(cm, prompt, prefill_ids, args.new_tokens)
