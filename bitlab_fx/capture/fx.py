@@ -13,9 +13,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError
-from ..layer_kinds import LAYER_KINDS
 from ..nn.embedding import FakeQuantEmbedding
 from ..passes._common import is_hf_conv1d
+from ..passes.normalize import module_kind
 from .inputs import guard_none_inputs, none_default_params
 from .modes import follow_mode
 
@@ -30,10 +30,9 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_hf_conv1d(m) or isinstance(m, FakeQuantEmbedding):  # HF GPT-2 Conv1D: one node, normalize reads its
             return True  # [in, out] weight transposed; a prepared embedding: one node, swapped again by convert
-        # subclasses of a quantizable layer type that keep its forward stay one node, like the originals
-        for kind in LAYER_KINDS.values():
-            if isinstance(m, kind.module) and type(m).forward is kind.module.forward:
-                return True
+        # subclasses of a quantizable layer type that compute what it computes stay one node, like the originals
+        if module_kind(m) is not None:
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -139,6 +138,8 @@ def trace_fx(model: nn.Module, example_inputs: Optional[tuple] = None, *, none_d
     ``example_kwargs`` as None.
     """
     concrete = none_default_params(model, example_inputs, example_kwargs) if none_defaults else {}
+    for m in model.modules():  # check nn.Linear subclasses with their own forward now, not while fx patches calls
+        module_kind(m)
     tracer = _RecordingTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)

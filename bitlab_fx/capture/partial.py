@@ -137,4 +137,21 @@ def layer_graph(layer: nn.Module) -> Optional[fx.GraphModule]:
     op = kind if kind in CONV_DIMS else "linear"
     out.meta[META] = LayerMeta(fqn="", object_type=CONV_FUNCTIONALS.get(op, F.linear), op=op, weight="weight",
                                bias=None if b is None else "bias", transposed=kind == "conv1d_hf")
-    return fx.GraphModule(layer, g, type(layer).__name__)
+    return keep_public_attributes(fx.GraphModule(layer, g, type(layer).__name__), layer)
+
+
+# GraphModule's deepcopy sets the attributes kept under this key of ``meta`` again (pickling keeps them anyway)
+_PRESERVED = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+def keep_public_attributes(gm: fx.GraphModule, layer: nn.Module) -> fx.GraphModule:
+    """Give ``gm`` the plain public attributes of the layer it replaces (``stride``, ``kernel_size``, ``padding``,
+    ``in_features``, ...): eager model code reads them (Whisper's ``self.conv1.stride[0]``, MobileNetV2's TF-style
+    padding). Tensors, modules and names a GraphModule uses itself are not copied. They survive deepcopy and pickling."""
+    public = {k: v for k, v in vars(layer).items()
+              if not k.startswith("_") and k != "training" and not hasattr(fx.GraphModule, k)
+              and not isinstance(v, (torch.Tensor, nn.Module))}
+    for k, v in public.items():
+        setattr(gm, k, v)
+    gm.meta.setdefault(_PRESERVED, {}).update(public)
+    return gm

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .layer_forms import float_reason
 from ._common import (CONV_DIMS, CONV_FUNCTIONALS, FUNCTIONALS, META, MODULES, RECORD_KEY, LayerMeta, Record,
                       is_hf_conv1d, ntuple)
 
@@ -98,13 +99,13 @@ def _functional_meta(node: fx.Node, kind: str) -> Optional[LayerMeta]:
 
 
 def module_kind(module: nn.Module) -> Optional[str]:
-    """"linear"/"conv1d"/"conv2d" for nn.Linear/nn.Conv1d/nn.Conv2d and subclasses that keep their forward;
-    "conv1d_hf" for HF Conv1D (a linear layer)."""
+    """"linear"/"conv1d"/"conv2d" for nn.Linear/nn.Conv1d/nn.Conv2d and subclasses that compute the same
+    (``layer_forms``: not parametrized, forward kept or a verified plain linear map); "conv1d_hf" for HF Conv1D."""
     if is_hf_conv1d(module):
         return "conv1d_hf"
     for cls, kind in MODULES.items():
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            return kind
+        if isinstance(module, cls):
+            return kind if float_reason(module) is None else None
     return None
 
 
@@ -119,6 +120,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 reason = _module_call_to_functional(gm, node, module, kind)
                 if reason:
                     skipped[node.target] = reason
+            elif float_reason(module) is not None:  # parametrized weight, a subclass that is not the plain layer
+                skipped[node.target] = float_reason(module)
             elif isinstance(module, nn.modules.conv._ConvNd):  # Conv3d, ConvTranspose*: listed, left float
                 skipped[node.target] = (f"{type(module).__name__} is not supported (nn.Linear, nn.Conv1d and nn.Conv2d "
                                         "are)")

@@ -63,7 +63,7 @@ class _ExactForward(torch.autograd.Function):
         ctx.save_for_backward(x_fq, w_fq)
         ctx.geometry = geometry
         ctx.bias_shape = None if bias is None else bias.shape
-        return y
+        return y.detach()  # a new tensor, not the input as-is (an output view could not be modified in place)
 
     @staticmethod
     def backward(ctx, grad):
