@@ -4,7 +4,12 @@
 
 Brevitas swaps layers (QuantConv2d(weight_bit_width=3, bias_quant=Int8Bias), QuantReLU(bit_width=4),
 QuantIdentity(bit_width=4) for the input). Here the model stays plain torch.nn and one QConfigMapping
-says the same thing: 3-bit weights, 4-bit model input, 4-bit unsigned ReLU outputs, 8-bit biases.
+says the same thing, rule for rule: 3-bit weights and 8-bit biases everywhere, a 4-bit input quantizer on
+conv1 only (the QuantIdentity), 4-bit unsigned ReLU outputs. The layers after conv1 have no input quantizer:
+the quantized ReLU outputs reach them through max-pool and flatten, and each IntBias takes its step from
+that ReLU's quantizer (input_step * weight_step), as in Brevitas. Converted, every conv/linear is integer
+arithmetic (codes x 3-bit weights + int32 bias codes in an int32 accumulator) with the requantization to
+4 bits (bitlab.quantize_dequantize after each ReLU) explicit in the graph, which this script prints.
 Data: scikit-learn's digits (8x8 grey) resized to 32x32x3, the input size of LeNet-5.
 Trains fp32, fine-tunes the W3A4 model with QAT from the fp32 weights, converts it (weights packed two
 per byte, bitlab ops), and prints fp32 vs QAT vs converted accuracy and the saved file sizes. Last, for
@@ -48,13 +53,23 @@ class LeNet(nn.Module):
 
 
 def low_precision_mapping() -> bfx.QConfigMapping:
-    """Brevitas' LowPrecisionLeNet in one mapping: W3 (per channel), 4-bit input, uint4 ReLUs, Int8Bias."""
-    act4 = dict(bits=4, dynamic=False, granularity="per_tensor")  # static scales, observed in training
+    """Brevitas' LowPrecisionLeNet in one mapping: W3 (per channel) and Int8Bias on every layer, a 4-bit input
+    quantizer on conv1 (QuantIdentity), uint4 ReLUs (QuantReLU). Brevitas' activation scales are static (one
+    per tensor, observed while training): ``dynamic=False, granularity="per_tensor"``, which IntBias needs."""
+    w3 = bfx.IntWeight(bits=3)                                          # weight_bit_width=3
+    static = {"dynamic": False, "granularity": "per_tensor"}
     return (bfx.QConfigMapping()
-            .set_global(bfx.QuantConfig(weight=bfx.IntWeight(bits=3),
-                                        input=bfx.IntActivation(signed=True, **act4),   # = QuantIdentity(bit_width=4)
-                                        bias=bfx.IntBias(bits=8)))                      # = bias_quant=Int8Bias
-            .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(signed=False, **act4))))  # = QuantReLU(4)
+            .set_global(bfx.QuantConfig(weight=w3, bias=bfx.IntBias(bits=8)))                   # bias_quant=Int8Bias
+            .set_module_name("conv1", bfx.QuantConfig(weight=w3, bias=bfx.IntBias(bits=8),
+                                                      input=bfx.IntActivation(bits=4, **static)))  # QuantIdentity(4)
+            .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(bits=4, signed=False, **static))))
+
+
+def integer_graph(converted) -> str:
+    """The converted forward as fx prints it, without the buffer reads (``x = self.fc1.packed_weight``) and the
+    ``...= None`` clean-ups: one line per op."""
+    lines = [line.split(";  ")[0] for line in converted.code.strip().splitlines()[1:]]
+    return "\n".join(line for line in lines if line.strip() and not (" = self." in line and "(" not in line))
 
 
 def load_digits_32x32(seed: int = 0):
@@ -123,20 +138,21 @@ def main(argv=None):
     qat = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "W3A4 QAT", seed=1, history=curves["W3A4 QAT"], test=(xte, yte))
     acc_qat = accuracy(qat, xte, yte)
 
-    print("3) convert: weights packed two per byte, bitlab ops, fused quantize-dequantize")
+    print("3) convert: weights packed two per byte, int32 bias codes, integer ops, explicit requantization")
     converted = bfx.convert(qat)
     acc_conv = accuracy(converted, xte, yte)
     with torch.no_grad():
         a, b = qat(xte), converted(xte)
     rel = ((a - b).abs().max() / a.abs().max()).item()
-    print("  converted graph (first lines):\n" + "\n".join(converted.code.strip().splitlines()[1:8]) + "\n    ...")
+    print("  converted graph:\n" + integer_graph(converted))
     print(bfx.summary(converted))
 
     sizes = {"fp32": saved_bytes(fp32), "QAT (prepared)": saved_bytes(qat), "converted": saved_bytes(converted)}
     print(f"\n{'model':<16}{'test acc':>10}{'state_dict bytes':>20}")
     for (name, size), acc in zip(sizes.items(), (acc_fp32, acc_qat, acc_conv)):
         print(f"{name:<16}{acc:>9.2f}%{size:>20,}")
-    print(f"converted vs QAT: max relative output difference {rel:.2e}, same predictions: {torch.equal(a.argmax(1), b.argmax(1))}")
+    print(f"converted vs QAT: bitwise equal {torch.equal(a, b)} (max relative difference {rel:.2e}), "
+          f"same predictions: {torch.equal(a.argmax(1), b.argmax(1))}")
     print(f"W3A4 accuracy gap to fp32: {acc_fp32 - acc_qat:+.2f} points; converted file {sizes['fp32'] / sizes['converted']:.1f}x smaller")
 
     print("\n4) post-training quantization, no training: int8 weights, static int8 inputs calibrated in eval mode")
@@ -147,7 +163,8 @@ def main(argv=None):
             ptq(xtr[i:i + 64])
     acc_ptq = accuracy(bfx.convert(ptq), xte, yte)
     print(f"  W8A8 PTQ (calibrated, converted): {acc_ptq:.2f}% (fp32 {acc_fp32:.2f}%)")
-    result = {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel, "ptq": acc_ptq}
+    result = {"fp32": acc_fp32, "qat": acc_qat, "converted": acc_conv, "sizes": sizes, "rel": rel, "ptq": acc_ptq,
+              "bitwise": torch.equal(a, b)}
     if args.json:
         record = {"example": "lenet", "args": vars(args), "accuracy": {"fp32": acc_fp32, "W3A4 QAT": acc_qat,
                   "converted": acc_conv, "W8A8 PTQ": acc_ptq}, "curves": curves, "sizes": sizes, "date": time.strftime("%Y-%m-%d")}

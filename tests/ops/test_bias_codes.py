@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import bitlab_fx as bfx
-from bitlab_fx.ops import _schema, reference
-from bitlab_fx.ops import cpu
+from bitlab_fx.ops import _schema, cpu, reference
 from bitlab_fx.quant.packing import pack_int4, pack_ternary
 
 LIB = cpu.kernel_library()
@@ -77,7 +76,7 @@ def test_reference_adds_the_codes_to_the_integer_sums(monkeypatch, fmt):
 
 def test_codes_differ_from_a_float_bias_added_after_the_rescale():
     """The point of the integer path: fp32(acc + codes) * step is not fp32(acc) * step + codes * bias_step."""
-    x, xq, wq, ws, mult, codes = _layer("int8", 64, 300, 13, True, seed=1)
+    x, _xq, wq, ws, mult, codes = _layer("int8", 64, 300, 13, True, seed=1)
     y = _call("int8", x, wq, ws, mult, codes)
     float_bias = codes.float() * (ws / mult)
     y_float = torch.ops.bitlab.int8_linear(x, wq, ws, float_bias, "per_tensor", act_multiplier=mult)
@@ -108,16 +107,16 @@ def test_conv2d_ops_add_the_codes(isa, fmt):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bias=torch.zeros(8)), "got both bias and bias_codes"),
-    (dict(act="none"), "need int8 activations with a static act_multiplier"),
-    (dict(act_multiplier=None), r"act_multiplier=None"),
-    (dict(codes=torch.zeros(8, dtype=torch.int64)), r"bias_codes must be int32 \[8\]"),
-    (dict(codes=torch.zeros(7, dtype=torch.int32)), r"bias_codes must be int32 \[8\]"),
-    (dict(weight_scale=torch.ones(8, 2)), "need one weight scale per row"),
+    ({"bias": torch.zeros(8)}, "got both bias and bias_codes"),
+    ({"act": "none"}, "need int8 activations with a static act_multiplier"),
+    ({"act_multiplier": None}, r"act_multiplier=None"),
+    ({"codes": torch.zeros(8, dtype=torch.int64)}, r"bias_codes must be int32 \[8\]"),
+    ({"codes": torch.zeros(7, dtype=torch.int32)}, r"bias_codes must be int32 \[8\]"),
+    ({"weight_scale": torch.ones(8, 2)}, "need one weight scale per row"),
 ])
 def test_bad_bias_codes_are_kernel_errors_that_say_what(kwargs, message):
-    args = dict(bias=None, act="per_tensor", act_multiplier=torch.tensor([2.0]),
-                codes=torch.zeros(8, dtype=torch.int32), weight_scale=torch.ones(8))
+    args = {"bias": None, "act": "per_tensor", "act_multiplier": torch.tensor([2.0]),
+                "codes": torch.zeros(8, dtype=torch.int32), "weight_scale": torch.ones(8)}
     args.update(kwargs)
     w = torch.zeros(8, 64, dtype=torch.int8)
     with pytest.raises(bfx.KernelError, match=message):

@@ -8,7 +8,7 @@ from torch import nn
 import bitlab_fx as bfx
 from bitlab_fx.passes.input_scale import trace_scale
 
-STATIC = dict(dynamic=False, granularity="per_tensor")
+STATIC = {"dynamic": False, "granularity": "per_tensor"}
 W3_B8 = bfx.QuantConfig(weight=bfx.IntWeight(3), bias=bfx.IntBias(8))  # no input=: the step comes from upstream
 
 
