@@ -93,6 +93,16 @@ def prepare_partial(model: nn.Module, mapping: QConfigMapping, plan: Plan, root_
     return model
 
 
+def keep_float(model: nn.Module, path: str, layer: nn.Module, reason: str) -> None:
+    """Put the float ``layer`` back at ``path`` of a prepared model (instead of its prepared graph), with ``reason``
+    recorded for the summary."""
+    record = bitlab_meta(model)
+    set_submodule(model, path, layer)
+    record.parts.pop(path, None)
+    record.float_layers[path] = ""
+    record.skipped[path] = reason
+
+
 def convert_partial(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Lower every prepared part of a partially traced model, in place (``fuse``: see ``convert_graph``)."""
     record = bitlab_meta(model)

@@ -174,6 +174,7 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
         skipped.update({qualify(path, k): v for k, v in gm.meta[RECORD_KEY].skipped.items()})
     for path, rule in record.float_layers.items():
         rows[path] = _float_row(model, path, rule)
+    skipped.update(record.skipped)  # lone layers kept float after prepare (e.g. weights read outside their call)
     rows.update(embedding_rows(model))
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
