@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from tabulate import tabulate
 from torch import fx, nn
 
 from .errors import ConfigError
+from .float_weights import float_weights
 from .nn.quantized import _QuantizedBase
 from .passes.embeddings import embedding_rows
 from .passes._common import META, RECORD_KEY, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
@@ -88,14 +89,21 @@ class Summary:
     traced: Dict[str, str] = field(default_factory=dict)
     untraced: Dict[str, str] = field(default_factory=dict)
     eager_weights: Dict[str, List[int]] = field(default_factory=dict)
+    float_weights: Dict[str, Tuple[List[int], str]] = field(default_factory=dict)
 
     @property
     def totals(self) -> Dict[str, Any]:
+        """Counts over the rows; ``quantized_share``: quantized parameters over all matmul-shaped ones (the rows,
+        ``eager_weights`` and ``float_weights``)."""
         before = sum(r["bytes_fp32"] for r in self.rows)
         after = sum(r["bytes_quant"] for r in self.rows)
+        quantized = sum(r["params"] for r in self.rows if r["weight"] != "float")
+        every = sum(r["params"] for r in self.rows) + sum(math.prod(s) for s in self.eager_weights.values()) + sum(
+            math.prod(s) for s, _ in self.float_weights.values())
         return {"layers": len(self.rows), "quantized": sum(r["weight"] != "float" for r in self.rows),
                 "params": sum(r["params"] for r in self.rows), "bytes_fp32": before, "bytes_quant": after,
-                "compression": before / after if after else 1.0}  # nothing quantizable: nothing saved
+                "compression": before / after if after else 1.0,  # nothing quantizable: nothing saved
+                "quantized_share": quantized / every if every else 0.0}
 
     def __str__(self) -> str:
         t = self.totals
@@ -119,6 +127,11 @@ class Summary:
             text += (f"\nfloat weights of untraced modules ({n:,} params, not in the table): "
                      + ", ".join(f"{k} {list(s)}" for k, s in self.eager_weights.items())
                      + "; make their module traceable, or wrap those uses in nn.Linear/nn.Conv modules")
+        if self.float_weights:
+            n = sum(math.prod(s) for s, _ in self.float_weights.values())
+            text += f"\nother float weights ({n:,} params, not in the table):\n" + "\n".join(
+                f"  {k} {list(s)}: {why}" for k, (s, why) in self.float_weights.items())
+        text += f"\nquantized share of the matmul-shaped weights, by parameters: {t['quantized_share']:.1%}"
         return text
 
     __repr__ = __str__
@@ -144,7 +157,9 @@ def summary(model: nn.Module) -> Summary:
         seen.add(key)
         rows.append(_row(model, node, meta))
     rows += embedding_rows(model).values()
-    return Summary(stage, rows, dict(model.meta[RECORD_KEY].skipped))
+    skipped = dict(model.meta[RECORD_KEY].skipped)
+    covered = {n for node in layer_nodes(model) for n in (node.meta[META].weight, node.meta[META].bias) if n}
+    return Summary(stage, rows, skipped, float_weights=float_weights(model, covered, covered_modules=set(skipped)))
 
 
 def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
@@ -175,9 +190,12 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
     for path, rule in record.float_layers.items():
         rows[path] = _float_row(model, path, rule)
     skipped.update(record.skipped)  # lone layers kept float after prepare (e.g. weights read outside their call)
+    covered = {qualify(path, n) for path in record.parts for node in layer_nodes(model.get_submodule(path))
+               for n in (node.meta[META].weight, node.meta[META].bias) if n}
     rows.update(embedding_rows(model))
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
     eager = {qualify(path, name): list(p.shape) for path in record.untraced
              for name, p in model.get_submodule(path).named_parameters(recurse=False) if p.dim() >= 2}
-    return Summary(record.stage, ordered, skipped, dict(record.parts), dict(record.untraced), eager)
+    others = float_weights(model, covered | set(eager), set(record.untraced), set(skipped) | set(record.float_layers))
+    return Summary(record.stage, ordered, skipped, dict(record.parts), dict(record.untraced), eager, others)

@@ -103,7 +103,7 @@ def plan_partial(module: nn.Module, calls: Dict[int, tuple], path: str = "", pla
     if module_kind(module) is not None:
         plan.layers[path] = module
         return plan
-    if not _has_layer(module):
+    if not _has_layer(module) or isinstance(module, nn.MultiheadAttention):  # MHA reads out_proj.weight itself
         return plan
     if path and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         gm, reason = _try_trace(module, calls)
