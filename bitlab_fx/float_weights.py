@@ -63,9 +63,11 @@ def _skip(module: nn.Module) -> bool:
 
 
 def float_weights(model: nn.Module, covered: Set[str], untraced: Optional[Set[str]] = None,
-                  covered_modules: Set[str] = frozenset()) -> Dict[str, Tuple[List[int], str]]:
+                  covered_modules: Set[str] = frozenset(),
+                  known: Optional[Dict[str, str]] = None) -> Dict[str, Tuple[List[int], str]]:
     """``{parameter name: (shape, reason)}`` for parameters of >= 2 dims that are neither in ``covered`` (names of
-    weights in the summary's rows) nor under a module of ``covered_modules`` (layers listed as left float)."""
+    weights in the summary's rows) nor under a module of ``covered_modules`` (float rows); ``known``: layers already
+    left float with a reason (a graph's skipped calls), whose weights get that reason."""
     found = {}
     untraced = untraced or set()
     for path, module in model.named_modules():
@@ -78,5 +80,6 @@ def float_weights(model: nn.Module, covered: Set[str], untraced: Optional[Set[st
                     owner_path.startswith(f"{m}.") for m in covered_modules):
                 continue
             owner = model.get_submodule(owner_path)
-            found[name] = (list(p.shape), _reason(model, owner_path, owner, p, untraced))
+            why = (known or {}).get(owner_path) or _reason(model, owner_path, owner, p, untraced)
+            found[name] = (list(p.shape), why)
     return found

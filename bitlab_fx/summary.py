@@ -159,7 +159,7 @@ def summary(model: nn.Module) -> Summary:
     rows += embedding_rows(model).values()
     skipped = dict(model.meta[RECORD_KEY].skipped)
     covered = {n for node in layer_nodes(model) for n in (node.meta[META].weight, node.meta[META].bias) if n}
-    return Summary(stage, rows, skipped, float_weights=float_weights(model, covered, covered_modules=set(skipped)))
+    return Summary(stage, rows, skipped, float_weights=float_weights(model, covered, known=skipped))
 
 
 def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
@@ -197,5 +197,5 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
     ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
     eager = {qualify(path, name): list(p.shape) for path in record.untraced
              for name, p in model.get_submodule(path).named_parameters(recurse=False) if p.dim() >= 2}
-    others = float_weights(model, covered | set(eager), set(record.untraced), set(skipped) | set(record.float_layers))
+    others = float_weights(model, covered | set(eager), set(record.untraced), set(record.float_layers), skipped)
     return Summary(record.stage, ordered, skipped, dict(record.parts), dict(record.untraced), eager, others)

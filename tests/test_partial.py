@@ -1,6 +1,8 @@
 """Partial tracing (capture/partial.py plans, partial.py prepares and converts): the largest traceable parts
 become prepared graphs, supported layers under untraceable parents become lone-layer graphs, the model keeps
 its class, and mapping rules see the original fully-qualified names."""
+import pickle
+
 import torch
 from torch import fx, nn
 
@@ -64,3 +66,26 @@ def test_converted_partial_model_equals_prepared_bitwise():
         cm = bfx.convert(pm)
         assert type(cm) is Gated and torch.equal(cm(x), want)
     assert bfx.summary(cm).stage == "converted"
+
+
+class TfPadded(nn.Module):  # reads its conv's geometry, as MobileNetV2's TF padding and Whisper's encoder do
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        pad = self.conv.kernel_size[0] - self.conv.stride[0]
+        h = self.conv(nn.functional.pad(x, (0, pad, 0, pad))) if x.sum() > -1e9 else x
+        return self.fc(h.mean((2, 3)))
+
+
+def test_lone_layers_keep_the_public_attributes_model_code_reads():
+    x = torch.randn(2, 3, 8, 8)
+    pm = bfx.prepare_qat(TfPadded(), bfx.ternary(), (x,))
+    assert bfx.summary(pm).traced == {"conv": "layer", "fc": "layer"}
+    assert (pm.conv.stride, pm.conv.kernel_size, pm.conv.padding, pm.fc.in_features) == ((2, 2), (3, 3), (0, 0), 4)
+    cm = bfx.convert(pm.eval())  # (a copy)
+    assert cm.conv.stride == (2, 2) and pickle.loads(pickle.dumps(cm)).conv.stride == (2, 2)
+    with torch.no_grad():
+        assert torch.allclose(cm(x), pm(x), atol=1e-5)

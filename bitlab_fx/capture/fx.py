@@ -15,6 +15,7 @@ from torch import fx, nn
 from ..errors import CaptureError
 from ..nn.embedding import FakeQuantEmbedding
 from ..passes._common import is_hf_conv1d
+from ..passes.layer_forms import float_reason
 from ..passes.normalize import module_kind
 from .inputs import guard_none_inputs, none_default_params
 from .modes import follow_mode
@@ -30,8 +31,9 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_hf_conv1d(m) or isinstance(m, FakeQuantEmbedding):  # HF GPT-2 Conv1D: one node, normalize reads its
             return True  # [in, out] weight transposed; a prepared embedding: one node, swapped again by convert
-        # subclasses of a quantizable layer type that compute what it computes stay one node, like the originals
-        if module_kind(m) is not None:
+        # subclasses of a quantizable layer type stay one node, like the originals (normalize quantizes those that
+        # compute what it computes and lists the others as left float, with the reason)
+        if module_kind(m) is not None or float_reason(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
 
