@@ -16,7 +16,7 @@ class Mixer(nn.Module):  # data-dependent control flow: not traceable; its layer
 
     def forward(self, x):  # [B, L, C]
         h = self.conv(x.transpose(1, 2)).transpose(1, 2) if x.sum() > -1e9 else x
-        step = h @ self.dt.weight.T  # the weight itself, outside the layer call
+        step = h @ self.dt.weight.t()  # the weight itself, outside the layer call
         return self.out(step.to(self.out.weight.dtype))  # the dtype only
 
 
@@ -26,7 +26,7 @@ def test_layer_whose_weight_is_needed_outside_its_call_stays_float():
     pm = bfx.prepare_qat(Mixer(), bfx.ternary(), (x,))
     s = bfx.summary(pm)
     assert {r["layer"]: r["weight"] for r in s.rows} == {"conv": "ternary", "dt": "float", "out": "ternary"}
-    assert "read outside its layer call" in s.skipped["dt"] and "h @ self.dt.weight.T" in s.skipped["dt"]
+    assert "read outside its layer call" in s.skipped["dt"] and "h @ self.dt.weight.t()" in s.skipped["dt"]
     assert type(pm.dt) is nn.Linear  # the float layer itself, back in place
     pm(x).sum().backward()
     assert pm.dt.weight.grad is not None
