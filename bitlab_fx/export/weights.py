@@ -74,6 +74,12 @@ def check_converted(model: torch.nn.Module, fmt: str) -> None:
                           "run bfx.prepare_qat(model, qconfig) (train or calibrate) and bfx.convert(...) first; "
                           "a float model exports with the runtime's own tools (convert_hf_to_gguf.py, "
                           "torch.onnx.export)")
+    coded = [m.name or path for path, m in model.named_modules()
+             if isinstance(m, _QuantizedBase) and m._buffers.get("bias_codes") is not None]
+    if coded:
+        raise ExportError(f"{fmt} export does not write integer biases yet: layer(s) {', '.join(map(repr, coded[:5]))} "
+                          "store their IntBias as int32 codes added to the integer sums; convert a model whose rules "
+                          "have no bias=IntBias(...) (a float bias) to export it")
 
 
 def converted_layers(model: torch.nn.Module) -> dict[str, _QuantizedBase]:
