@@ -13,7 +13,7 @@ members' (it is registered after them) and makes their buffers views of its rows
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ class FusedLinears(nn.Module):
         return torch.cat([b if b is not None else like.new_zeros(m.out_features) for b, m in zip(biases, members)])
 
     def _point_members_at_rows(self) -> None:
+        self.__dict__["_row_calls"] = {}  # rows_call's prepared arguments, made again from the new buffers
         buffer, start = self.members[0].format.buffer, 0
         for m, n in zip(self.members, self.out_features):
             m._buffers[buffer] = self._buffers[buffer][start:start + n]
@@ -84,19 +85,27 @@ class FusedLinears(nn.Module):
         op, args = first._op_and_args(head, self.act)
         return op, args, {}
 
-    def rows_call(self, x: torch.Tensor, first: int, last: int) -> List[torch.Tensor]:
-        """The outputs of members ``first..last`` (consecutive) on ``x``: one op call on their rows."""
+    def rows_call(self, x: torch.Tensor, first: int, last: int) -> Tuple[torch.Tensor, ...]:
+        """The outputs of members ``first..last`` (consecutive) on ``x``: one op call on their rows (its arguments
+        prepared once per row range: this runs once per token in eager decoding)."""
+        prepared = self.__dict__["_row_calls"].get((first, last))
+        if prepared is None:
+            prepared = self.__dict__["_row_calls"][(first, last)] = self._prepare_rows(first, last)
+        op, args, fmt, splits = prepared
+        y = None
+        if direct_cpu.eligible(x):  # eager CPU inference without the C++ kernels: skip the dispatcher (nn.quantized)
+            y = direct_cpu.linear(fmt, x, args[0], args[1], args[2], self.act, None, self.in_features)
+        if y is None:
+            y = op(x, *args)
+        return y.split(splits, dim=-1) if len(splits) > 1 else (y,)
+
+    def _prepare_rows(self, first: int, last: int) -> tuple:
         start, stop = sum(self.out_features[:first]), sum(self.out_features[:last + 1])
         m0, b = self.members[0], self._buffers
         weight, scale = b[m0.format.buffer][start:stop], b["weight_scale"][start:stop]
         bias = None if b["bias"] is None else b["bias"][start:stop]
-        y = None
-        if direct_cpu.eligible(x):  # eager CPU inference without the C++ kernels: skip the dispatcher (nn.quantized)
-            y = direct_cpu.linear(m0.weight_format, x, weight, scale, bias, self.act, None, self.in_features)
-        if y is None:
-            op, args = m0._op_and_args((x, weight, scale, bias), self.act)
-            y = op(*args)
-        return list(y.split(self.out_features[first:last + 1], dim=-1))
+        op, args = m0._op_and_args((None, weight, scale, bias), self.act)
+        return op, args[1:], m0.weight_format, self.out_features[first:last + 1]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every member's output on ``x`` (views of one op call's output)."""

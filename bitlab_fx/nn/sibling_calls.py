@@ -28,18 +28,21 @@ class SiblingCalls:
         self._kept = None  # (input, its version, {member: output}) of the last shared call
 
     def __call__(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        kept = self._kept
+        if kept is not None and kept[0] is x:  # a run's output computed for this very tensor
+            out = kept[2].pop(index, None)
+            if out is not None and (kept[1] is None or kept[1] == x._version):
+                return out
         if self.runs is None:
             return self._watch(index, x)
         run = self.runs.get(index)
         if run is None:
             return self.fused.rows_call(x, index, index)[0]
-        kept = self._kept
-        if kept is not None and kept[0] is x and index in kept[2] and (kept[1] is None or kept[1] == x._version):
-            return kept[2].pop(index)
-        outs = dict(zip(range(run[0], run[1] + 1), self.fused.rows_call(x, *run)))
-        own = outs.pop(index)
-        self._kept = (x, None if x.is_inference() else x._version, outs)
-        return own
+        first = run[0]
+        outs = self.fused.rows_call(x, *run)
+        self._kept = (x, None if x.is_inference() else x._version,
+                      {first + i: y for i, y in enumerate(outs) if first + i != index})
+        return outs[index - first]
 
     def _watch(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Compute alone, and learn the runs once a member is called again (one round seen)."""
