@@ -88,9 +88,10 @@ class FusedLinears(nn.Module):
     def rows_call(self, x: torch.Tensor, first: int, last: int) -> Tuple[torch.Tensor, ...]:
         """The outputs of members ``first..last`` (consecutive) on ``x``: one op call on their rows (its arguments
         prepared once per row range: this runs once per token in eager decoding)."""
-        prepared = self.__dict__["_row_calls"].get((first, last))
+        cache = self.__dict__.setdefault("_row_calls", {})
+        prepared = cache.get((first, last))
         if prepared is None:
-            prepared = self.__dict__["_row_calls"][(first, last)] = self._prepare_rows(first, last)
+            prepared = cache[(first, last)] = self._prepare_rows(first, last)
         op, args, fmt, splits = prepared
         y = None
         if direct_cpu.eligible(x):  # eager CPU inference without the C++ kernels: skip the dispatcher (nn.quantized)
@@ -111,6 +112,11 @@ class FusedLinears(nn.Module):
         """Every member's output on ``x`` (views of one op call's output)."""
         op, args, kwargs = self.op_call(x)
         return list(op(*args, **kwargs).split(self.out_features, dim=-1))
+
+    def __getstate__(self):  # the prepared calls hold op objects, which do not pickle: made again after loading
+        state = self.__dict__.copy()
+        state.pop("_row_calls", None)
+        return state
 
     def _apply(self, fn, recurse=True):
         scale = self._buffers["weight_scale"]  # the steps stay fp32 in any compute dtype (as in the members)

@@ -1,6 +1,7 @@
 """Sibling fusion at convert: layers that read the same input run as one op call, with unchanged outputs."""
 import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -66,7 +67,8 @@ def test_copies_and_dtype_moves_keep_the_members_on_the_fused_rows():
     fused, plain = _converted(model), _converted(model, fuse=False)
     twin = copy.deepcopy(fused)
     x = torch.randn(4, 32)
-    assert torch.equal(twin(x), plain(x))
+    fused(x)  # (prepared calls in flight must not stop pickling)
+    assert torch.equal(twin(x), plain(x)) and torch.equal(pickle.loads(pickle.dumps(fused))(x), plain(x))
     group = next(m for m in twin.modules() if isinstance(m, FusedLinears))
     assert twin.k.packed_weight.untyped_storage().data_ptr() == group.packed_weight.untyped_storage().data_ptr()
     half = fused.to(torch.bfloat16)
