@@ -13,6 +13,7 @@ reason and the model decodes eagerly from then on.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -91,7 +92,7 @@ def _is_compile_failure(e: Exception) -> bool:
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-                  eos_token_id: Optional[int] = None) -> torch.Tensor:
+                  eos_token_id: Optional[int] = None, recheck_guards: bool = False) -> torch.Tensor:
     """Greedy decoding without ``generate()``'s per-token machinery: ``input_ids`` followed by up to
     ``max_new_tokens`` tokens (fewer when every row has produced ``eos_token_id``), the tokens
     ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` gives for unpadded prompts.
@@ -100,7 +101,13 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     prefill call on the prompt (last position's logits only), then one call per token on a static KV cache kept
     on the model and reused across calls (so a compiled forward keeps its graphs); no logits processors,
     stopping criteria objects or attention-mask bookkeeping. Rows of a batch must have the same length (no
-    padding: use ``generate`` with an attention mask for ragged prompts)."""
+    padding: use ``generate`` with an attention mask for ragged prompts).
+
+    With a forward compiled by :func:`compile_for_decode`, the first decode step of a call runs torch.compile's
+    guard checks; the later steps of the same call only check what tells the compiled graphs apart
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): between them only token values and positions
+    change. Do not change the model (dtype, device, replaced weights) from another thread during a call;
+    ``recheck_guards=True`` checks every step."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ConvertError(f"greedy_decode: input_ids must be a [batch, length] int64 tensor, got "
                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
@@ -114,7 +121,9 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     out = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=input_ids.device)
     out[:, :length] = input_ids
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    with torch.inference_mode():  # (the cache's tensors are inference tensors: reset them in inference mode too)
+    compiled = getattr(getattr(model, "forward", None), "_bitlab_compiled", False)
+    # (the cache's tensors are inference tensors: reset them in inference mode too)
+    with torch.inference_mode(), contextlib.ExitStack() as later_steps:
         cache = {_cache_kwarg(model): _static_cache(model, batch, length + max_new_tokens)}
         logits = model(input_ids, **cache, use_cache=True, logits_to_keep=1,
                        cache_position=torch.arange(length, device=input_ids.device)).logits
@@ -128,6 +137,11 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
             if i + 1 < max_new_tokens:
                 position = torch.full((1,), length + i, dtype=torch.long, device=input_ids.device)
                 logits = model(token[:, None], **cache, use_cache=True, cache_position=position).logits
+                if i == 0 and compiled and recheck_guards is False:
+                    # the first step ran torch.compile's guards and found (or compiled) the decode graph; the later
+                    # steps of this call pass the same model, cache object, shapes, dtypes and modes (only token
+                    # values and positions change), so checking only what tells the graphs apart is enough
+                    later_steps.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     return out
 
 
