@@ -98,7 +98,8 @@ class FusedLinears(nn.Module):
             y = direct_cpu.linear(fmt, x, args[0], args[1], args[2], self.act, None, self.in_features)
         if y is None:
             y = op(x, *args)
-        return y.split(splits, dim=-1) if len(splits) > 1 else (y,)
+        # contiguous like each member's own output (model code may .view() it); a no-op for one token
+        return tuple(part.contiguous() for part in y.split(splits, dim=-1)) if len(splits) > 1 else (y,)
 
     def _prepare_rows(self, first: int, last: int) -> tuple:
         start, stop = sum(self.out_features[:first]), sum(self.out_features[:last + 1])
@@ -109,9 +110,9 @@ class FusedLinears(nn.Module):
         return op, args[1:], m0.weight_format, self.out_features[first:last + 1]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Every member's output on ``x`` (views of one op call's output)."""
+        """Every member's output on ``x`` (contiguous, like each member's own)."""
         op, args, kwargs = self.op_call(x)
-        return list(op(*args, **kwargs).split(self.out_features, dim=-1))
+        return [part.contiguous() for part in op(*args, **kwargs).split(self.out_features, dim=-1)]
 
     def __getstate__(self):  # the prepared calls hold op objects, which do not pickle: made again after loading
         state = self.__dict__.copy()

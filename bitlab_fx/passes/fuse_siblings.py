@@ -3,14 +3,14 @@
 ::
 
     q = ternary_linear(x, q.packed_weight, ...)        qkv = ternary_linear(x, qkv_fused.packed_weight, ...)
-    k = ternary_linear(x, k.packed_weight, ...)   ->   q = narrow(qkv, -1, 0, 64)
-    v = ternary_linear(x, v.packed_weight, ...)        k = narrow(qkv, -1, 64, 32) ...
+    k = ternary_linear(x, k.packed_weight, ...)   ->   q = narrow(qkv, -1, 0, 64).contiguous()
+    v = ternary_linear(x, v.packed_weight, ...)        k = narrow(qkv, -1, 64, 32).contiguous() ...
 
 Siblings: linear op nodes on the same input node with the same format, input width, activation mode and
 step shape (``nn.fused.fusion_key``), each its own layer with one step per row or per group. The fused
 rows live in a :class:`~bitlab_fx.nn.fused.FusedLinears` registered on the graph module; the members keep
 their modules, names and ``state_dict`` keys (their buffers become views of the fused rows). Each member's
-``LayerMeta`` moves to its ``narrow`` node, so ``bfx.summary`` still lists every layer. The outputs are the
+``LayerMeta`` moves to its output node, so ``bfx.summary`` still lists every layer. The outputs are the
 unfused layers' outputs exactly (one quantization of the same input; rows are computed independently).
 """
 from __future__ import annotations
@@ -56,6 +56,8 @@ def _fuse(gm: fx.GraphModule, nodes: List[fx.Node]) -> None:
         start = 0
         for node, n in zip(nodes, fused.out_features):
             part = gm.graph.call_function(torch.narrow, (out, -1, start, n))
+            # contiguous like the member's own output (later code may .view() it); a no-op for one token
+            part = gm.graph.call_method("contiguous", (part,))
             part.meta[META] = node.meta[META]
             start += n
             node.replace_all_uses_with(part)

@@ -44,6 +44,14 @@ def test_self_attention_pattern_and_a_changed_or_repeated_input():
     assert torch.equal(calls(2, h), ref[2](h))
 
 
+def test_shared_outputs_are_contiguous_for_several_tokens():
+    calls, ref = _group()
+    h = torch.randn(2, 7, 48)
+    for _ in range(2):
+        outs = [calls(i, h) for i in range(3)]
+    assert all(o.is_contiguous() for o in outs) and torch.equal(outs[2].view(-1, 16), ref[2](h).view(-1, 16))
+
+
 def test_copies_do_not_carry_outputs_in_flight():
     calls, ref = _group()
     h = torch.randn(1, 48)

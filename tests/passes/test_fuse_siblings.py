@@ -52,6 +52,26 @@ def test_siblings_become_one_call_with_the_same_outputs_names_and_state(bias):
     assert group.names == ["q", "k", "v"] and fused.q.packed_weight.data_ptr() == group.packed_weight.data_ptr()
 
 
+class Flat(nn.Module):
+    """Model code that merges dims of a projection's output with view (needs a contiguous output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.a(x).view(-1, 16) + self.b(x).view(-1, 16)
+
+
+def test_fused_outputs_are_contiguous_like_the_members_own():
+    torch.manual_seed(1)
+    model = Flat()
+    fused, plain = _converted(model), _converted(model, fuse=False)
+    assert len(_ops(fused)) == 1
+    x = torch.randn(3, 5, 32)
+    assert torch.equal(fused(x), plain(x))
+
+
 def test_load_state_dict_writes_through_to_the_fused_rows():
     torch.manual_seed(1)
     a = _converted(QKV())
