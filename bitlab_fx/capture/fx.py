@@ -45,9 +45,17 @@ class _RecordingTracer(fx.Tracer):
         return out
 
 
+# errors of torch.fx itself whose own words do not say what is wrong with the model: what to say instead
+_FX_ERRORS = {
+    "code: co_varnames is too small": "forward wrapped by a (*args, **kwargs) decorator (e.g. transformers' "
+                                      "deprecate_kwarg): fx cannot trace it as a graph root",
+}
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {_FX_ERRORS.get(line, line)}"
 
 
 # frames inside torch or bitlab_fx are not the user's line
