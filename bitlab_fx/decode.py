@@ -137,12 +137,19 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
             if i + 1 < max_new_tokens:
                 position = torch.full((1,), length + i, dtype=torch.long, device=input_ids.device)
                 logits = model(token[:, None], **cache, use_cache=True, cache_position=position).logits
-                if i == 0 and compiled and recheck_guards is False:
+                if i == 0 and compiled and not recheck_guards and _default_stance():
                     # the first step ran torch.compile's guards and found (or compiled) the decode graph; the later
                     # steps of this call pass the same model, cache object, shapes, dtypes and modes (only token
                     # values and positions change), so checking only what tells the graphs apart is enough
                     later_steps.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     return out
+
+
+def _default_stance() -> bool:
+    """Whether torch.compile runs with its default stance (not one the caller set, e.g. "force_eager"), which
+    greedy_decode may then narrow to skipping non-differentiating guards without changing the caller's choice."""
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)  # (no public getter in torch)
+    return getattr(stance, "stance", "default") == "default" and getattr(stance, "backend", None) is None
 
 
 def _cache_kwarg(model: nn.Module) -> str:
