@@ -51,26 +51,37 @@ def compile_for_decode(model: nn.Module, *, backend: Union[str, Callable] = "ind
                            "another library?); compile it with torch.compile(model.forward) instead")
     config.cache_implementation = "static"
     eager = bound.__func__
-    # torch.compile keeps its compiled graphs on the code object, which every model of the class shares: a copy
-    # of the function with a code object of its own keeps this model's graphs (and backend) to itself
-    own = types.FunctionType(eager.__code__.replace(), eager.__globals__, eager.__name__, eager.__defaults__,
-                             eager.__closure__)
-    own.__kwdefaults__ = eager.__kwdefaults__
-    functools.update_wrapper(own, eager)
-    compiled = torch.compile(own, backend=backend, fullgraph=fullgraph, dynamic=False, options=options)
+    # one compiled function for prompts and one for single-token decode steps: each keeps only its own graphs, so
+    # a decode step's guards never have to tell it apart from the prompt graphs (greedy_decode relies on that)
+    compiled = {kind: torch.compile(_own_copy(eager), backend=backend, fullgraph=fullgraph, dynamic=False,
+                                    options=options) for kind in ("prompt", "step")}
     # bound as a method: a deepcopy of the model rebinds it to the copy (a closure over ``model`` would not)
     model.forward = types.MethodType(_with_eager_fallback(compiled, eager, type(model).__name__), model)
     return model
 
 
-def _with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Callable:
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: torch.compile keeps its graphs on the code object, which every model
+    of the class shares, so a copy keeps this model's graphs (and backend) to itself."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn)
+
+
+def _is_decode_step(args: tuple, kwargs: dict) -> bool:
+    """A call on one new token per row (``input_ids`` of shape ``[batch, 1]``), as decoding makes after the prompt."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
+
+
+def _with_eager_fallback(compiled: dict, eager: Callable, name: str) -> Callable:
     state = {"failed": False}
 
     @functools.wraps(eager)
     def forward(self, *args: Any, **kwargs: Any):
         if not state["failed"]:
             try:
-                return compiled(self, *args, **kwargs)
+                return compiled["step" if _is_decode_step(args, kwargs) else "prompt"](self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001  (any compiler failure: decode eagerly instead)
                 if not _is_compile_failure(e):
                     raise
