@@ -89,3 +89,12 @@ def test_greedy_decode_stops_at_eos_and_refuses_bad_input(converted):
         bfx.greedy_decode(cm, ids, 0)
     with pytest.raises(bfx.ConvertError, match="not a Hugging Face causal LM"):
         bfx.greedy_decode(torch.nn.Linear(2, 2), ids, 2)
+
+
+def test_single_token_steps_go_to_their_own_compiled_function():
+    from bitlab_fx.decode import _is_decode_step
+
+    assert _is_decode_step((torch.zeros(2, 1, dtype=torch.long),), {})
+    assert _is_decode_step((), {"input_ids": torch.zeros(1, 1, dtype=torch.long)})
+    assert not _is_decode_step((torch.zeros(1, 7, dtype=torch.long),), {})
+    assert not _is_decode_step((), {"inputs_embeds": torch.zeros(1, 1, 8)})
