@@ -5,26 +5,8 @@ import pytest
 import torch
 
 import bitlab_fx as bfx
-from bitlab_fx.ops import _schema, cpu, reference
+from bitlab_fx.ops import _schema, reference
 from bitlab_fx.quant.packing import pack_int4, pack_ternary
-
-LIB = cpu.kernel_library()
-ISAS = [name for name in ("scalar", "avx2", "vnni") if LIB is not None and cpu.set_isa(name) == name]
-if LIB is not None:
-    cpu.set_isa(None)
-PATHS = ISAS + [f"{name}+batched" for name in ISAS if name != "scalar"]
-
-
-@pytest.fixture(params=PATHS or ["none"])
-def isa(request):
-    if LIB is None:
-        pytest.skip("no CPU kernel")
-    name, _, batched = request.param.partition("+")
-    cpu.set_isa(name)
-    cpu.set_batched_min_m(1 if batched else 0)
-    yield name
-    cpu.set_isa(None)
-    cpu.set_batched_min_m(0)
 
 
 FORMATS = {  # weight format -> (op, weight codes range, pack)

@@ -19,27 +19,9 @@ import bitlab_fx  # noqa: F401  (defines torch.ops.bitlab)
 from bitlab_fx.ops import cpu, reference
 from bitlab_fx.quant.packing import pack_int4, pack_ternary
 
-LIB = cpu.kernel_library()
+from _kernel_paths import LIB  # (the isa fixture of every kernel path: tests/ops/conftest.py)
+
 needs_kernel = pytest.mark.skipif(LIB is None, reason="CPU kernel could not be built here")
-ISAS = [name for name in ("scalar", "avx2", "vnni") if LIB is not None and cpu.set_isa(name) == name]
-if LIB is not None:
-    cpu.set_isa(None)
-
-
-# "+batched": the batched GEMM path (tokens in vector lanes) for every M, not only from its threshold up
-PATHS = ISAS + [f"{name}+batched" for name in ISAS if name != "scalar"]
-
-
-@pytest.fixture(params=PATHS or ["none"])
-def isa(request):
-    if LIB is None:
-        pytest.skip("no CPU kernel")
-    name, _, batched = request.param.partition("+")
-    cpu.set_isa(name)
-    cpu.set_batched_min_m(1 if batched else 0)
-    yield name
-    cpu.set_isa(None)
-    cpu.set_batched_min_m(0)
 
 
 def _weights(n, k, kind, g=None, gen=None):

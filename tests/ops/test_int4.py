@@ -11,13 +11,13 @@ import bitlab_fx as bfx
 from bitlab_fx.ops import cpu, reference
 from bitlab_fx.quant.packing import pack_int4
 
-needs_kernel = pytest.mark.skipif(cpu.kernel_library() is None, reason="the CPU kernel could not be built here")
-ISAS = [name for name in ("scalar", "avx2", "vnni") if cpu.kernel_library() is not None and cpu.set_isa(name) == name]
-cpu.set_isa(None)
+from _kernel_paths import ISAS, LIB
+
+needs_kernel = pytest.mark.skipif(LIB is None, reason="the CPU kernel could not be built here")
 
 
 @pytest.fixture(params=ISAS or ["none"])
-def isa(request):
+def isa(request):  # (this file: each ISA, without the batched-path variants of tests/ops/conftest.py)
     if not ISAS:
         pytest.skip("no CPU kernel")
     cpu.set_isa(request.param)
