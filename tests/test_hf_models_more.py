@@ -52,14 +52,18 @@ def _check_trains_converts_agrees(model, ex, kw):
     return pm, cm
 
 
+def _generates_alike(prepared, converted):
+    prompt = IDS[:1, :4]
+    assert torch.equal(converted.generate(prompt, max_new_tokens=3, do_sample=False),
+                       prepared.generate(prompt, max_new_tokens=3, do_sample=False))
+
+
 def test_falcon_linear_subclass_layers_are_quantized_and_generate():
     model, ex, kw = _build("falcon")
     n = sum(isinstance(m, nn.Linear) for m in model.modules())
     pm, cm = _check_trains_converts_agrees(model, ex, kw)
     assert bfx.summary(pm).totals["quantized"] == n == 5  # 4 FalconLinear + the head
-    prompt = IDS[:1, :4]
-    assert torch.equal(cm.generate(prompt, max_new_tokens=3, do_sample=False),
-                       pm.generate(prompt, max_new_tokens=3, do_sample=False))
+    _generates_alike(pm, cm)
 
 
 def test_mamba_weights_read_by_the_mixer_stay_float_and_generate():
@@ -69,9 +73,7 @@ def test_mamba_weights_read_by_the_mixer_stay_float_and_generate():
     floats = {r["layer"] for r in s.rows if r["weight"] == "float"}
     assert floats == {"backbone.layers.0.mixer.conv1d", "backbone.layers.0.mixer.dt_proj"}
     assert all("read outside its layer call" in s.skipped[k] for k in floats)
-    prompt = IDS[:1, :4]
-    assert torch.equal(cm.generate(prompt, max_new_tokens=3, do_sample=False),
-                       pm.generate(prompt, max_new_tokens=3, do_sample=False))
+    _generates_alike(pm, cm)
 
 
 def test_whisper_conv_stride_is_read_from_lone_layers():
