@@ -27,6 +27,7 @@ from ..quant import primitives as P
 from ..quant.fake_quant import WeightFakeQuant
 from ..quant.formats import WeightFormat, format_of
 from ..quant.packing import FORMAT_VERSION
+from .quantized import apply_keeping_dtype
 
 
 def _row_local(spec) -> bool:
@@ -135,11 +136,7 @@ class QuantizedEmbedding(nn.Module):
                                f"{FORMAT_VERSION}); load a file converted from the same model with the same qconfig")
 
     def _apply(self, fn, recurse=True):
-        scale = self._buffers["weight_scale"]  # the steps stay fp32 in any compute dtype; only the device follows
-        super()._apply(fn, recurse)
-        if self._buffers["weight_scale"].dtype != scale.dtype:
-            self._buffers["weight_scale"] = scale.to(device=self._buffers["weight_scale"].device)
-        return self
+        return apply_keeping_dtype(self, fn, recurse, ["weight_scale"])
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, weight={self.weight_format}({self.spec.granularity}), "

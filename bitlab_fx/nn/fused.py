@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ops.cpu import direct as direct_cpu
-from .quantized import QuantizedLinear
+from .quantized import QuantizedLinear, apply_keeping_dtype
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -111,8 +111,7 @@ class FusedLinears(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every member's output on ``x`` (contiguous, like each member's own)."""
-        op, args, kwargs = self.op_call(x)
-        return [part.contiguous() for part in op(*args, **kwargs).split(self.out_features, dim=-1)]
+        return list(self.rows_call(x, 0, len(self.members) - 1))
 
     def __getstate__(self):  # the prepared calls hold op objects, which do not pickle: made again after loading
         state = self.__dict__.copy()
@@ -120,10 +119,7 @@ class FusedLinears(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
-        scale = self._buffers["weight_scale"]  # the steps stay fp32 in any compute dtype (as in the members)
-        super()._apply(fn, recurse)
-        if self._buffers["weight_scale"].dtype != scale.dtype:
-            self._buffers["weight_scale"] = scale.to(device=self._buffers["weight_scale"].device)
+        apply_keeping_dtype(self, fn, recurse, ["weight_scale"])  # (the steps stay fp32, as in the members)
         self._point_members_at_rows()
         return self
 

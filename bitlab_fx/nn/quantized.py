@@ -41,6 +41,19 @@ def upgrade_legacy_keys(state: dict, prefix: str) -> None:
             state[prefix + new] = state.pop(prefix + old)
 
 
+def apply_keeping_dtype(module: nn.Module, fn, recurse: bool, names) -> nn.Module:
+    """``nn.Module._apply`` (what ``.to()``/``.half()``/``.cuda()`` run) that keeps the dtype of the buffers ``names``:
+    model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales, which stay fp32 (so
+    converted == prepared holds in any dtype); only their device follows. For every module holding steps."""
+    kept = {k: module._buffers[k] for k in names if module._buffers.get(k) is not None}
+    nn.Module._apply(module, fn, recurse)
+    for k, old in kept.items():
+        new = module._buffers[k]
+        if new.dtype != old.dtype:
+            module._buffers[k] = old.to(device=new.device)
+    return module
+
+
 _NO_KWARGS: dict = {}  # read only
 _OWN = object()  # op_call default: this layer's own bias / activation mode / static multiplier
 
@@ -153,15 +166,8 @@ class _QuantizedBase(nn.Module):
                                "same qconfig (activation granularity and dynamic/static included)")
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) changes the compute dtype, never the precision of the scales:
-        # they stay fp32 (so converted == prepared holds in any dtype); only their device follows.
-        scales = {k: v for k, v in self._buffers.items() if v is not None and (k == "weight_scale" or k.startswith("act_multiplier"))}
-        super()._apply(fn, recurse)
-        for k, old in scales.items():
-            new = self._buffers[k]
-            if new.dtype != old.dtype:
-                self._buffers[k] = old.to(device=new.device)
-        return self
+        scales = [k for k in self._buffers if k == "weight_scale" or k.startswith("act_multiplier")]
+        return apply_keeping_dtype(self, fn, recurse, scales)
 
     def packed_bytes(self) -> int:
         """Bytes of the stored weight, scales, bias (or integer bias codes) and static activation scale."""

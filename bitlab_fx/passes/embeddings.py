@@ -22,6 +22,8 @@ from ..mapping import QConfigMapping, Rule
 from ..nn.embedding import FakeQuantEmbedding, QuantizedEmbedding
 from ..nn.quantized import QuantizedLinear
 from ..passes._common import set_submodule
+from ..quant import primitives as P
+from ..quant.formats import converted_weight_bytes
 
 
 def _check_config(config, rule: Rule, fqn: str, embedding: nn.Embedding) -> None:
@@ -100,7 +102,7 @@ def _stored_once_elsewhere(model: nn.Module, fqn: str, m: nn.Module) -> bool:
     if isinstance(m, QuantizedEmbedding):
         ptr = m.stored_weight.data_ptr()
         return any(isinstance(x, QuantizedLinear) and x.stored_weight.data_ptr() == ptr for x in model.modules())
-    for name, sub in model.named_modules():
+    for sub in model.modules():
         fq = getattr(sub, "_weight_fq", None)  # a prepared lone layer holds its weight and quantizer
         if sub is not m and getattr(sub, "weight", None) is m.weight and getattr(fq, "spec", None) == m.spec:
             return True
@@ -110,9 +112,6 @@ def _stored_once_elsewhere(model: nn.Module, fqn: str, m: nn.Module) -> bool:
 def embedding_rows(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     """Summary rows of the model's quantized embeddings (prepared: projected bytes; converted: measured). A table
     stored once for a tied LM head is counted in the head's row (0 params and bytes here, type "Embedding (tied)")."""
-    from ..quant import primitives as P
-    from ..quant.formats import converted_weight_bytes
-
     rows = {}
     for fqn, m in model.named_modules():
         if not isinstance(m, (FakeQuantEmbedding, QuantizedEmbedding)):
