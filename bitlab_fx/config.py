@@ -6,7 +6,7 @@ as shorthands wherever a spec is expected, so ``QuantConfig(weight="ternary", in
 
 >>> import bitlab_fx as bfx
 >>> bfx.ternary()
-QuantConfig(weight=TernaryWeight(granularity='per_channel', scale='absmean'), input=IntActivation(bits=8, signed=True, granularity='per_token', dynamic=True, learned=False), output=None, bias=None)
+QuantConfig(weight=TernaryWeight(granularity='per_channel', scale='absmean'), input=IntActivation(bits=8, signed=True, granularity='per_token', dynamic=True, learned=False), output=None, bias=None, train_kernel='fake_quant')
 >>> bfx.QuantConfig(weight="int4", input="int8").weight
 IntWeight(bits=4, granularity='per_channel', scale='absmax')
 """
@@ -23,6 +23,7 @@ WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 WEIGHT_SCALES = ("absmean", "absmax", "learned")  # TernaryWeight
 INT_WEIGHT_SCALES = ("absmax", "learned")  # IntWeight
+TRAIN_KERNELS = ("fake_quant", "int8")  # QuantConfig.train_kernel: how a prepared layer computes its training forward
 
 
 @dataclass(frozen=True)
@@ -222,18 +223,24 @@ class QuantConfig:
     - ``input``: :class:`IntActivation` applied to the layer's input.
     - ``output``: :class:`IntActivation` applied to the output of any module or function.
     - ``bias``: :class:`IntBias`.
+    - ``train_kernel``: ``"fake_quant"`` (default) or ``"int8"``: the prepared layer's forward runs as an integer
+      matmul on int8 activation codes and saves those codes (not the float input) for the backward
+      (``quant/integer_train.py``); same values and gradients. Layers without int8 input codes keep fake quant.
     """
 
     weight: Optional[Union[TernaryWeight, IntWeight]] = None
     input: Optional[IntActivation] = None
     output: Optional[IntActivation] = None
     bias: Optional[IntBias] = None
+    train_kernel: str = "fake_quant"
 
     def __post_init__(self):
         object.__setattr__(self, "weight", _weight_spec(self.weight))
         object.__setattr__(self, "input", _activation_spec(self.input))
         object.__setattr__(self, "output", _activation_spec(self.output))
         object.__setattr__(self, "bias", _bias_spec(self.bias))
+        if self.train_kernel not in TRAIN_KERNELS:
+            raise ConfigError(f"QuantConfig(train_kernel={self.train_kernel!r}): use one of {', '.join(TRAIN_KERNELS)}")
         if self.bias is not None and self.weight is None:
             raise ConfigError("QuantConfig(bias=IntBias(...)) needs a quantized weight: the bias step is "
                               "input_step * weight_step; add weight=IntWeight(...) or TernaryWeight(...)")
@@ -245,8 +252,8 @@ class QuantConfig:
         out = {}
         for f in dataclasses.fields(self):
             spec = getattr(self, f.name)
-            if spec is None:
-                out[f.name] = None
+            if spec is None or isinstance(spec, str):  # a field left float, or train_kernel
+                out[f.name] = spec
                 continue
             d = {"type": type(spec).__name__}
             for sf in dataclasses.fields(spec):
@@ -261,7 +268,8 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.from_dict expects a dict, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"QuantConfig.from_dict: unknown field(s) {sorted(unknown)}; use weight, input, output, bias")
+            raise ConfigError(f"QuantConfig.from_dict: unknown field(s) {sorted(unknown)}; use weight, input, output, bias, "
+                              "train_kernel")
         kinds = {"TernaryWeight": TernaryWeight, "IntWeight": IntWeight, "IntActivation": IntActivation, "IntBias": IntBias}
         kwargs = {}
         for name, spec in d.items():
@@ -290,6 +298,8 @@ class QuantConfig:
             parts.append(f"O{self.output.bits}{'' if self.output.signed else 'u'}")
         if self.bias is not None:
             parts.append(f"B{self.bias.bits}")
+        if self.train_kernel != "fake_quant":
+            parts.append(f"train:{self.train_kernel}")
         return " ".join(parts) or "float"
 
 
