@@ -11,7 +11,7 @@ from .api import convert, disable_fake_quant, disable_observer, enable_fake_quan
 from .decode import compile_for_decode, greedy_decode
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, ExportError, KernelError
-from .export import export_gguf, export_onnx
+from .export import export_gguf, export_onnx, export_onnx_decoder
 from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
@@ -30,5 +30,5 @@ __all__ = [
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode", "greedy_decode",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
-    "export_gguf", "export_onnx",
+    "export_gguf", "export_onnx", "export_onnx_decoder",
 ]

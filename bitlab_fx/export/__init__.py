@@ -6,5 +6,6 @@ format's own layout; nothing is re-quantized. The format packages (``gguf``, ``o
 """
 from .gguf import export_gguf
 from .onnx import export_onnx
+from .onnx_decoder import OnnxDecoder, export_onnx_decoder
 
-__all__ = ["export_gguf", "export_onnx"]
+__all__ = ["export_gguf", "export_onnx", "export_onnx_decoder", "OnnxDecoder"]

@@ -27,7 +27,8 @@ def export_onnx(model: torch.nn.Module, path: str, example_inputs: tuple, exampl
 
     ``example_inputs`` (and ``example_kwargs``, e.g. ``attention_mask``) are what the model is called with;
     dimension 0 of every tensor input is the dynamic batch unless ``dynamic_batch=False``. Hugging Face
-    models are exported without a KV cache (``use_cache=False``). Needs the ``export`` extra.
+    models are exported without a KV cache (``use_cache=False``); for decoding with a cache, see
+    :func:`bfx.export_onnx_decoder <bitlab_fx.export.onnx_decoder.export_onnx_decoder>`. Needs the ``export`` extra.
 
     >>> import torch, tempfile, os, bitlab_fx as bfx
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -35,20 +36,37 @@ def export_onnx(model: torch.nn.Module, path: str, example_inputs: tuple, exampl
     >>> bfx.export_onnx(cm, os.path.join(tempfile.mkdtemp(), "mlp.onnx"), (torch.randn(2, 64),))["0"]
     'MatMulNBits(bits=2, block_size=128)'
     """
-    from . import onnx_lowering
-
     check_converted(model, "ONNX")
     example_kwargs = dict(example_kwargs or {})
     model = model.eval()
-    program = _torch_onnx_export(model, tuple(example_inputs), example_kwargs, dynamic_batch)
-    proto = program.model_proto
+    program = _export_without_cache(model, tuple(example_inputs), example_kwargs, dynamic_batch)
     if dynamic_batch:
-        _check_dynamic_batch(proto, example_inputs, example_kwargs)
-    lowered = onnx_lowering.lower_placeholders(proto)
+        _check_dynamic_batch(program.model_proto, example_inputs, example_kwargs)
+    return lower_and_save(program, path)
+
+
+def lower_and_save(program, path: str) -> dict:
+    """Lower the placeholders of an exported ``program`` (:mod:`.onnx_lowering`) and write it to ``path``;
+    returns {layer: the ONNX nodes it became}."""
     import onnx
 
+    from . import onnx_lowering
+
+    proto = program.model_proto  # (a new proto each time it is read: lower and save this one)
+    lowered = onnx_lowering.lower_placeholders(proto)
     onnx.save(proto, os.fspath(path))
     return lowered
+
+
+def torch_onnx_export(model, example_inputs: tuple, example_kwargs: dict, shapes, **names):
+    """``torch.onnx.export`` with the bitlab ops' translations (``names``: ``input_names`` / ``output_names``)."""
+    from . import onnx_translations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(model, example_inputs, kwargs=example_kwargs or None, dynamo=True,
+                                 opset_version=_OPSET, dynamic_shapes=shapes, verbose=False,
+                                 custom_translation_table=onnx_translations.table(), optimize=True, **names)
 
 
 def _dynamic_shapes(example_inputs: tuple, example_kwargs: dict, dynamic_batch: bool):
@@ -59,9 +77,7 @@ def _dynamic_shapes(example_inputs: tuple, example_kwargs: dict, dynamic_batch: 
     return tuple(mark(v) for v in example_inputs) + ({k: mark(v) for k, v in example_kwargs.items()},)
 
 
-def _torch_onnx_export(model, example_inputs: tuple, example_kwargs: dict, dynamic_batch: bool):
-    from . import onnx_translations
-
+def _export_without_cache(model, example_inputs: tuple, example_kwargs: dict, dynamic_batch: bool):
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     if use_cache:
@@ -72,11 +88,7 @@ def _torch_onnx_export(model, example_inputs: tuple, example_kwargs: dict, dynam
     elif shapes is not None:
         shapes = {**dict(zip(_positional_names(model, len(example_inputs)), shapes[:-1])), **shapes[-1]}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.onnx.export(model, example_inputs, kwargs=example_kwargs or None, dynamo=True,
-                                     opset_version=_OPSET, dynamic_shapes=shapes, verbose=False,
-                                     custom_translation_table=onnx_translations.table(), optimize=True)
+        return torch_onnx_export(model, example_inputs, example_kwargs, shapes)
     except Exception as err:  # torch.export's constraint errors, the ONNX exporter's conversion errors
         text = str(err)
         if dynamic_batch and ("batch" in text or "Constraint" in text or "specializ" in text):
