@@ -17,6 +17,14 @@ dynamic) load with the same meaning. New graphs pass ``act_multiplier=``; passin
 (``y = fp32(acc + bias_codes) * weight_scale / act_multiplier``); it needs a static multiplier, int8 activations
 and one weight scale per row, and replaces ``bias``. Programs of versions 1-2 have no such argument: it defaults
 to None and they load and run as before.
+
+``act_bits`` and ``bias_bits`` (schema version 4, keywords, last; defaults 8 and 0: earlier programs load
+unchanged). ``act_bits``: the op quantizes ``x`` to signed codes of that many bits (2..8;
+``qmax = 2**(act_bits-1) - 1``, ``s = qmax / max|x|`` when dynamic, codes clamped to ``[-qmax - 1, qmax]``): a
+4-bit dynamic input quantizer fused into the layer's op. ``bias_bits`` (an IntBias on a *dynamic* multiplier,
+2..32): the float ``bias`` is quantized at run time, per token, on that token's step
+``weight_scale / s[token]`` (``codes[t, n] = clamp(round(bias[n] / (weight_scale[n] / s[t])), ...)``), and the
+codes are added to the integer sums like ``bias_codes`` (a conv's token is a sample).
 """
 from __future__ import annotations
 
@@ -60,7 +68,7 @@ class BitlabOp:
 
     def register_torch_dispatch(self, mode, rule) -> None:
         torch.library.register_torch_dispatch(self.qualname, mode, rule)
-SCHEMA_VERSION = 3  # 3: integer bias codes ``bias_codes=``; 2: the static multiplier is the keyword ``act_multiplier``
+SCHEMA_VERSION = 4  # 4: ``act_bits=``, ``bias_bits=`` (per-token integer biases); 3: integer bias codes ``bias_codes=``; 2: the static multiplier is the keyword ``act_multiplier``
 # (1: positional ``act_scale``)
 
 
@@ -74,7 +82,8 @@ def resolve_multiplier(op: str, act_scale: Optional[Tensor], act_multiplier: Opt
 
 
 def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], n: int,
-                  act: str, static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None) -> None:
+                  act: str, static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None,
+                  act_bits: int = 8, bias_bits: int = 0) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"bitlab.{op}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16")
     if act not in reference.ACT_MODES:
@@ -92,6 +101,32 @@ def _check_common(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias
         raise KernelError(f"bitlab.{op}: a static act_multiplier must hold one number, got shape {tuple(static_multiplier.shape)}")
     if bias_codes is not None:
         check_bias_codes(op, x, bias, bias_codes, n, act, static_multiplier, weight_scale)
+    check_bits(op, act, act_bits, bias_bits, bias, bias_codes, weight_scale)
+
+
+def check_bits(op: str, act: str, act_bits: int, bias_bits: int, bias: Optional[Tensor],
+               bias_codes: Optional[Tensor], weight_scale: Tensor) -> None:
+    """``act_bits`` (the codes the op quantizes ``x`` to) and ``bias_bits`` (a per-token integer bias)."""
+    if not isinstance(act_bits, int) or not 2 <= act_bits <= 8:
+        raise KernelError(f"bitlab.{op}: act_bits={act_bits!r}; use 2..8 (signed activation codes)")
+    if act_bits != 8 and act == "none":
+        raise KernelError(f"bitlab.{op}: act_bits={act_bits} with act='none' (float activations have no codes); "
+                          "pass act='per_token' or 'per_tensor', or act_bits=8")
+    if bias_bits == 0:
+        return
+    if not isinstance(bias_bits, int) or not 2 <= bias_bits <= 32:
+        raise KernelError(f"bitlab.{op}: bias_bits={bias_bits!r}; use 0 (a float bias) or 2..32 (an IntBias "
+                          "quantized per token)")
+    if bias is None or bias_codes is not None:
+        raise KernelError(f"bitlab.{op}: bias_bits={bias_bits} quantizes the float bias per token, so it needs "
+                          f"bias= (a float [N] tensor) and no bias_codes (got bias={'None' if bias is None else 'given'}"
+                          f", bias_codes={'None' if bias_codes is None else 'given'})")
+    if act == "none":
+        raise KernelError(f"bitlab.{op}: bias_bits={bias_bits} puts the bias on the step weight_scale / multiplier "
+                          "of each token, and act='none' has no multiplier; pass bias_bits=0")
+    if weight_scale.dim() != 1:
+        raise KernelError(f"bitlab.{op}: bias_bits needs one weight scale per row ([1] or [N]), got per-group "
+                          f"scales {tuple(weight_scale.shape)}; pass bias_bits=0 (a float bias)")
 
 
 def check_bias_codes(op: str, x: Tensor, bias: Optional[Tensor], bias_codes: Tensor, n: int, act: str,
@@ -114,7 +149,8 @@ def check_bias_codes(op: str, x: Tensor, bias: Optional[Tensor], bias_codes: Ten
 
 def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                  act: str, static_multiplier: Optional[Tensor], packed: bool, in_features: int = -1,
-                 bias_codes: Optional[Tensor] = None) -> int:
+                 bias_codes: Optional[Tensor] = None,
+                 act_bits: int = 8, bias_bits: int = 0) -> int:
     """Validate the arguments of a linear op; return the number of output features."""
     if weight.dim() != 2:
         raise KernelError(f"bitlab.{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -135,7 +171,7 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
             raise KernelError(f"bitlab.{op}: weight must be int8, got {weight.dtype}")
         if kw != k:
             raise KernelError(f"bitlab.{op}: input has K={k} features but the weight has shape {tuple(weight.shape)}")
-    _check_common(op, x, weight, weight_scale, bias, n, act, static_multiplier, bias_codes)
+    _check_common(op, x, weight, weight_scale, bias, n, act, static_multiplier, bias_codes, act_bits, bias_bits)
     if weight_scale.dim() == 2 and k % weight_scale.shape[1]:
         raise KernelError(f"bitlab.{op}: {weight_scale.shape[1]} scale groups do not divide K={k}")
     return n
@@ -144,40 +180,45 @@ def check_linear(op: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias:
 @BitlabOp
 def ternary_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                    act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
-                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+                   act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """``y = x @ (Wq * weight_scale).T + bias`` with ternary ``Wq`` packed 2 bits per value and ``x``
     quantized to int8 on the fly (``act``: ``"per_token"``, ``"per_tensor"`` or ``"none"``).
     ``in_features`` (the true K; -1: trust ``x``) lets the op reject inputs whose K only matches the padding."""
     static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
     check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
-                 bias_codes)
-    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
+                 bias_codes, act_bits=act_bits, bias_bits=bias_bits)
+    return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes,
+                                    act_bits=act_bits, bias_bits=bias_bits)
 
 
 @ternary_linear.register_fake
 def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None,
-      bias_codes=None):
+      bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("ternary_linear", act_scale, act_multiplier)
     n = check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
-                     bias_codes)
+                     bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     return x.new_empty(*x.shape[:-1], n)
 
 
 @BitlabOp
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
-                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+                act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """Like ``ternary_linear`` with int8 weights ``[N, K]``."""
     static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
-    check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False, bias_codes=bias_codes)
-    return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
+    check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False, bias_codes=bias_codes,
+                 act_bits=act_bits, bias_bits=bias_bits)
+    return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes,
+                                 act_bits=act_bits, bias_bits=bias_bits)
 
 
 @int8_linear.register_fake
-def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
+def _(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("int8_linear", act_scale, act_multiplier)
     n = check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False,
-                     bias_codes=bias_codes)
+                     bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -199,7 +240,8 @@ def conv2d_out_shape(op: str, x: Tensor, weight_shape: List[int], stride: List[i
 
 
 def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                 act, static_multiplier, packed: bool, bias_codes: Optional[Tensor] = None) -> List[int]:
+                 act, static_multiplier, packed: bool, bias_codes: Optional[Tensor] = None,
+                 act_bits: int = 8, bias_bits: int = 0) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError(f"bitlab.{op}: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     if packed:
@@ -211,7 +253,8 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
         raise KernelError(f"bitlab.{op}: weight must be int8 of shape {list(weight_shape)}, got {tuple(weight.shape)} {weight.dtype}")
     if weight_scale.dim() != 1:
         raise KernelError(f"bitlab.{op}: conv weight scales must be per tensor [1] or per channel [Cout]")
-    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, static_multiplier, bias_codes)
+    _check_common(op, x, weight, weight_scale, bias, weight_shape[0], act, static_multiplier, bias_codes,
+                  act_bits, bias_bits)
     return conv2d_out_shape(op, x, weight_shape, stride, padding, dilation, groups)
 
 
@@ -219,21 +262,25 @@ def check_conv2d(op: str, x, weight, weight_scale, bias, weight_shape, stride, p
 def ternary_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                    weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                    act: str = "per_token", act_scale: Optional[Tensor] = None,
-                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                   act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+                   act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """conv2d with packed ternary weights of ``weight_shape``; ``act="per_token"`` = one int8 scale per sample."""
     static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                 groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
+                 groups, act, static_multiplier, packed=True, bias_codes=bias_codes,
+                 act_bits=act_bits, bias_bits=bias_bits)
     return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                    groups, act, static_multiplier, bias_codes=bias_codes)
+                                    groups, act, static_multiplier, bias_codes=bias_codes,
+                                    act_bits=act_bits, bias_bits=bias_bits)
 
 
 @ternary_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None, act_multiplier=None, bias_codes=None):
+      act_scale=None, act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
+                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes,
+                         act_bits=act_bits, bias_bits=bias_bits)
     return x.new_empty(shape)
 
 
@@ -241,21 +288,23 @@ def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilat
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], stride: List[int],
                 padding: List[int], dilation: List[int], groups: int, act: str = "per_token",
                 act_scale: Optional[Tensor] = None, act_multiplier: Optional[Tensor] = None,
-                bias_codes: Optional[Tensor] = None) -> Tensor:
+                bias_codes: Optional[Tensor] = None,
+                act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """conv2d with int8 weights ``[Cout, Cin/groups, kh, kw]``."""
     static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, groups,
-                 act, static_multiplier, packed=False, bias_codes=bias_codes)
+                 act, static_multiplier, packed=False, bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier,
-                                 bias_codes=bias_codes)
+                                 bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
 
 
 @int8_conv2d.register_fake
 def _(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None, act_multiplier=None,
-      bias_codes=None):
+      bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     shape = check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes)
+                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes,
+                         act_bits=act_bits, bias_bits=bias_bits)
     return x.new_empty(shape)
 
 
@@ -272,12 +321,14 @@ def _check_int4_weight(op: str, packed_weight: Tensor, k: int, n: int, in_featur
 
 
 def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-                      static_multiplier: Optional[Tensor], in_features: int, bias_codes: Optional[Tensor] = None) -> int:
+                      static_multiplier: Optional[Tensor], in_features: int, bias_codes: Optional[Tensor] = None,
+                      act_bits: int = 8, bias_bits: int = 0) -> int:
     if x.dim() == 0:
         raise KernelError("bitlab.int4_linear: input must have at least one dim [..., K]; got a scalar")
     n = packed_weight.shape[0] if packed_weight.dim() == 2 else -1
     _check_int4_weight("int4_linear", packed_weight, x.shape[-1], n, in_features)
-    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, static_multiplier, bias_codes)
+    _check_common("int4_linear", x, packed_weight, weight_scale, bias, n, act, static_multiplier, bias_codes,
+                  act_bits, bias_bits)
     if weight_scale.dim() == 2 and x.shape[-1] % weight_scale.shape[1]:
         raise KernelError(f"bitlab.int4_linear: {weight_scale.shape[1]} scale groups do not divide K={x.shape[-1]}")
     return n
@@ -286,32 +337,36 @@ def check_int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bi
 @BitlabOp
 def int4_linear(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                 act: str = "per_token", act_scale: Optional[Tensor] = None, in_features: int = -1,
-                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+                act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """Like ``ternary_linear`` with signed 2..4-bit weights packed two per byte along K (low nibble = even k),
     uint8 ``[N, ceil(K/2)]`` (:func:`bitlab_fx.quant.packing.pack_int4`)."""
     static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
+    check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes,
+                      act_bits=act_bits, bias_bits=bias_bits)
     return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features,
-                                 bias_codes=bias_codes)
+                                 bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
 
 
 @int4_linear.register_fake
 def _(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1, act_multiplier=None,
-      bias_codes=None):
+      bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
+    n = check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes,
+                          act_bits=act_bits, bias_bits=bias_bits)
     return x.new_empty(*x.shape[:-1], n)
 
 
 def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                      act, static_multiplier, bias_codes: Optional[Tensor] = None) -> List[int]:
+                      act, static_multiplier, bias_codes: Optional[Tensor] = None,
+                      act_bits: int = 8, bias_bits: int = 0) -> List[int]:
     if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise KernelError("bitlab.int4_conv2d: weight_shape must have 4 ints and stride/padding/dilation 2 each")
     _check_int4_weight("int4_conv2d", packed_weight, weight_shape[1] * weight_shape[2] * weight_shape[3], weight_shape[0])
     if weight_scale.dim() != 1:
         raise KernelError("bitlab.int4_conv2d: conv weight scales must be per tensor [1] or per channel [Cout]")
     _check_common("int4_conv2d", x, packed_weight, weight_scale, bias, weight_shape[0], act, static_multiplier,
-                  bias_codes)
+                  bias_codes, act_bits, bias_bits)
     return conv2d_out_shape("int4_conv2d", x, weight_shape, stride, padding, dilation, groups)
 
 
@@ -319,21 +374,23 @@ def check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride
 def int4_conv2d(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                 weight_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 act: str = "per_token", act_scale: Optional[Tensor] = None,
-                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                act_multiplier: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+                act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """conv2d with signed 2..4-bit weights of ``weight_shape`` packed two per byte (flattened to ``[Cout, K]``)."""
     static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act,
-                      static_multiplier, bias_codes)
+                      static_multiplier, bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     return reference.int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                 groups, act, static_multiplier, bias_codes=bias_codes)
+                                 groups, act, static_multiplier, bias_codes=bias_codes,
+                                 act_bits=act_bits, bias_bits=bias_bits)
 
 
 @int4_conv2d.register_fake
 def _(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups, act="per_token",
-      act_scale=None, act_multiplier=None, bias_codes=None):
+      act_scale=None, act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     return x.new_empty(check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                                         dilation, groups, act, static_multiplier, bias_codes))
+                                         dilation, groups, act, static_multiplier, bias_codes, act_bits=act_bits, bias_bits=bias_bits))
 
 
 def check_quantize_dequantize(x: Tensor, multiplier: Optional[Tensor], bits: int, granularity: str) -> None:

@@ -10,6 +10,8 @@ Triton kernels) goes through these functions, so a converted model reproduces it
     y          = y + bias, then cast to the input dtype
     y[m, n]    = fp32(acc[m, n] + bias_codes[n]) * w_step[n] / x_mult       an IntBias: integer codes on the step
                                                                             w_step / x_mult join the exact sum
+    y[m, n]    = fp32(acc[m, n] + bias_codes[m, n]) * w_step[n] / x_mult[m]  an IntBias on a per-token multiplier:
+                 bias_codes[m, n] = clamp(round(b[n] / (w_step[n] / x_mult[m])), ...)   one step per token
 
 ``xq = clamp(round(x * x_mult), -128, 127)`` (round half to even) with ``x_mult`` the activation
 *multiplier* (``127 / max|x|``, or a static one); ``w_step`` is the weight *step* (``W ≈ wq * w_step``).
@@ -45,6 +47,23 @@ def codes(x: torch.Tensor, mult: torch.Tensor, qmin: int, qmax: int) -> torch.Te
 def int8_codes(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
     """The int8 codes every bitlab op computes from its input: :func:`codes` on ``[-128, 127]``."""
     return codes(x, mult, -128, 127)
+
+
+def bias_codes(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """IntBias codes ``clamp(round(b / step), -2**(bits-1), 2**(bits-1)-1)`` (fp32 whole numbers, no gradient);
+    ``step = input_step * weight_step = w_step / x_mult``."""
+    with torch.no_grad():
+        q = 2 ** (bits - 1)
+        return torch.clamp(torch.round(b.detach().float() / step), -q, q - 1)
+
+
+def token_bias_codes(b: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor, bits: int) -> torch.Tensor:
+    """IntBias codes ``[T, N]`` of the bias ``b [N]`` when the input multiplier is one per token (``x_mult``: T
+    numbers, e.g. ``[T, 1]`` or ``[B, 1, 1, 1]``; one number gives ``[1, N]``): the step of token ``t`` and channel
+    ``n`` is ``w_step[n] / x_mult[t]`` (input step times weight step, as Brevitas computes a bias step from a
+    run-time input scale). The codes are made at run time: the kernels compute the same expression in fp32."""
+    step = w_step.float().reshape(1, -1) / x_mult.float().reshape(-1, 1)
+    return bias_codes(b, step, bits)
 
 
 def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -108,10 +127,16 @@ def int_conv(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, grou
 
 
 def add_bias_codes(acc: torch.Tensor, bias_codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``acc + bias_codes`` (along ``channel_dim``) exactly, then rounded once to fp32: integer bias codes join the
-    exact integer sums as the kernels add them to their int32 accumulators before the int -> fp32 conversion."""
+    """``acc + bias_codes`` exactly, then rounded once to fp32: integer bias codes join the exact integer sums as the
+    kernels add them to their int32 accumulators before the int -> fp32 conversion. ``bias_codes [N]`` run along
+    ``channel_dim``; per-token codes ``[T, N]`` (:func:`token_bias_codes`) along the first two dims of ``acc``
+    (the rows of a linear ``[M, N]``, the samples of a conv ``[B, N, ...]``)."""
     shape: List[int] = [1] * acc.dim()
-    shape[channel_dim] = -1
+    if bias_codes.dim() == 2:
+        shape[0] = bias_codes.shape[0]
+        shape[1] = -1
+    else:
+        shape[channel_dim] = -1
     return (acc.double() + bias_codes.double().reshape(shape)).float()
 
 

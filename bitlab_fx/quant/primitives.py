@@ -204,10 +204,8 @@ def quantize_activation(x: torch.Tensor, s: torch.Tensor, spec: IntActivation) -
 
 def quantize_bias(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer bias codes (fp32 whole numbers): ``clamp(round(b / step), -2**(bits-1), 2**(bits-1)-1)``;
-    ``step = input_step * weight_step`` (per output channel or one number)."""
-    with torch.no_grad():
-        q = 2 ** (bits - 1)
-        return torch.clamp(torch.round(b.detach().float() / step), -q, q - 1)
+    ``step = input_step * weight_step`` (per output channel or one number). Defined in :mod:`.arithmetic`."""
+    return A.bias_codes(b, step, bits)
 
 
 def fake_quantize_bias(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

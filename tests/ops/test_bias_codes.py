@@ -106,12 +106,13 @@ def test_bad_bias_codes_are_kernel_errors_that_say_what(kwargs, message):
                                      act_multiplier=args["act_multiplier"], bias_codes=args["codes"])
 
 
-def test_schema_version_3_keeps_calls_without_codes_unchanged():
-    assert _schema.SCHEMA_VERSION == 3
+def test_schema_versions_3_and_4_keep_calls_without_codes_unchanged():
+    assert _schema.SCHEMA_VERSION == 4  # 3: bias_codes; 4: act_bits, bias_bits (per-token integer biases)
     for name in ("ternary_linear", "int8_linear", "int4_linear", "ternary_conv2d", "int8_conv2d", "int4_conv2d"):
         schema = getattr(torch.ops.bitlab, name).default._schema
-        last = schema.arguments[-1]
-        assert last.name == "bias_codes" and last.kwarg_only is False and str(last.default_value) == "None"
+        last = [(a.name, str(a.default_value)) for a in schema.arguments[-3:]]
+        assert last == [("bias_codes", "None"), ("act_bits", "8"), ("bias_bits", "0")]
+        assert not any(a.kwarg_only for a in schema.arguments[-3:])
     x, xq, wq, ws, mult, _ = _layer("ternary", 3, 128, 8, True)
     y = torch.ops.bitlab.ternary_linear(x, pack_ternary(wq), ws, None, "per_tensor", mult, 128)  # a version-1 call
     assert torch.equal(y, _expected(xq, wq, ws, mult, torch.zeros(8, dtype=torch.int32)))

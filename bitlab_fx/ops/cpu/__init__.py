@@ -32,7 +32,7 @@ from . import torch_kernels
 
 _ISA = {"scalar": 0, "avx2": 1, "vnni": 2}
 _ACT = {"per_token": 0, "per_tensor": 1}
-_ABI = 8
+_ABI = 9
 _lock = threading.Lock()
 _lib = None  # ctypes library once loaded
 _failed = False  # build or load failed (warned once)
@@ -50,8 +50,8 @@ def _load():
                 raise _build.BuildError(f"library ABI {lib.bitlab_abi_version()} != {_ABI}")
             p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
             lib.bitlab_linear.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, i32, f32, p, i32]
-            lib.bitlab_linear_b.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32, f32, p, i32]
-            lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, p, i32]
+            lib.bitlab_linear_b.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32, i32, f32, p, i32]
+            lib.bitlab_linear_q.argtypes = [p, p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32, p, i32]
             lib.bitlab_linear_wo.argtypes = [p, i64, i64, p, i32, i64, p, i32, i64, p, p, i32]
             lib.bitlab_expand_wo.argtypes = [p, i32, i64, i64, p, i32, i64, p, i32]
             lib.bitlab_im2col_s8.argtypes = [p] + [i64] * 14 + [p, i32]
@@ -139,7 +139,8 @@ def _supported(x: Tensor, weight_scale: Tensor, act: str, ternary: bool) -> bool
 
 
 def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-            static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None) -> Tensor:
+            static_multiplier: Optional[Tensor], bias_codes: Optional[Tensor] = None, act_bits: int = 8,
+            bias_bits: int = 0) -> Tensor:
     # Hot path of every converted layer at inference (decode calls it ~200 times per token): each avoidable
     # tensor op here costs 0.5-2 us, as much as the kernel itself on a small layer, so nothing is reshaped,
     # converted or allocated that the kernel does not need. The kernel reads x as [M, K] rows in memory.
@@ -149,6 +150,11 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
     m = xf.numel() // k if k else 0
     if m == 0:
         return x.new_empty(x.shape[:-1] + (n,))
+    if act_bits != 8:  # codes of fewer bits: quantized here (as the conv path does), the kernel takes them
+        codes, s = _act_codes(xf.reshape(m, k), act, static_multiplier, 1, act_bits)
+        out = _from_codes(lib, wfmt, codes, s.reshape(-1).expand(m), weight, weight_scale, bias, bias_codes, bias_bits)
+        out = out.view(*x.shape[:-1], n) if x.dim() != 2 else out
+        return out if x.dtype is torch.float32 else out.to(x.dtype)
     ws, kind, groups = _scales(weight_scale, n)
     w = weight if weight.is_contiguous() else weight.contiguous()
     if act == "none" and m > 2 and (n * k <= _WO_EXACT_MAX_WEIGHTS or m > 32):
@@ -165,19 +171,38 @@ def _linear(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bia
             code, static = 2, float(static_multiplier.reshape(-1)[0])
         else:
             code, static = _ACT[act], 0.0
-        if bias_codes is None:
+        if bias_codes is None and not bias_bits:
             rc = lib.bitlab_linear(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp, code,
                                    static, out.data_ptr(), threads)
-        else:  # an IntBias: int32 codes added to the integer sums (contiguous int32, checked by the op)
-            bq = bias_codes.contiguous()
+        else:  # an IntBias: int32 codes (contiguous int32, checked by the op), or the float bias quantized per token
+            bq = None if bias_codes is None else bias_codes.contiguous()
             rc = lib.bitlab_linear_b(xf.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind, groups, bp,
-                                     bq.data_ptr(), code, static, out.data_ptr(), threads)
+                                     _ptr(bq), bias_bits, code, static, out.data_ptr(), threads)
     if rc != 0:
         what = "a weight-only" if act == "none" else "a"
         raise MemoryError(f"bitlab CPU kernel: out of memory for {what} [{m}, {k}] x [{n}, {k}] linear")
     if x.dim() != 2:
         out = out.view(*x.shape[:-1], n)
     return out if x.dtype is torch.float32 else out.to(x.dtype)
+
+
+def _from_codes(lib, wfmt: int, codes: Tensor, s_rows: Tensor, weight: Tensor, weight_scale: Tensor,
+                bias: Optional[Tensor], bias_codes: Optional[Tensor], bias_bits: int) -> Tensor:
+    """``[M, N]`` fp32 from activation codes ``[M, K]`` (fp32 whole numbers or int8) and their multipliers ``s_rows
+    [M]`` (``bitlab_linear_q``: the conv path, and linear layers with codes of fewer than 8 bits)."""
+    m, k = codes.shape
+    n = weight.shape[0]
+    xq = codes.to(torch.int8).contiguous()
+    s = _f32(s_rows)
+    ws, kind, groups = _scales(weight_scale, n)
+    w = weight.reshape(n, -1).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    bq = None if bias_codes is None else bias_codes.contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m and lib.bitlab_linear_q(xq.data_ptr(), s.data_ptr(), m, k, w.data_ptr(), wfmt, n, ws.data_ptr(), kind,
+                                 groups, _ptr(b), _ptr(bq), bias_bits, out.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"bitlab CPU kernel: out of memory for a [{m}, {k}] x [{n}, {k}] product of codes")
+    return out
 
 
 def _weight_only_expanded(lib, wfmt: int, x: Tensor, x2: Tensor, w: Tensor, ws: Tensor, kind: int, groups: int,
@@ -198,37 +223,38 @@ def _weight_only_expanded(lib, wfmt: int, x: Tensor, x2: Tensor, w: Tensor, ws: 
 
 
 def ternary_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
-                   act_multiplier=None, bias_codes=None):
+                   act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = _schema.resolve_multiplier("ternary_linear", act_scale, act_multiplier)
     _schema.check_linear("ternary_linear", x, packed_weight, weight_scale, bias, act, static_multiplier, True, in_features,
-                         bias_codes)
+                         bias_codes, act_bits, bias_bits)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=True):
         return reference.ternary_linear(x, packed_weight, weight_scale, bias, act, static_multiplier,
-                                        bias_codes=bias_codes)
-    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes)
+                                        bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
+    return _linear(lib, 0, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes, act_bits, bias_bits)
 
 
 def int8_linear(x, weight, weight_scale, bias=None, act="per_token", act_scale=None, act_multiplier=None,
-                bias_codes=None):
+                bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = _schema.resolve_multiplier("int8_linear", act_scale, act_multiplier)
     _schema.check_linear("int8_linear", x, weight, weight_scale, bias, act, static_multiplier, packed=False,
-                         bias_codes=bias_codes)
+                         bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
-        return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
-    return _linear(lib, 1, x, weight, weight_scale, bias, act, static_multiplier, bias_codes)
+        return reference.int8_linear(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes,
+                                     act_bits=act_bits, bias_bits=bias_bits)
+    return _linear(lib, 1, x, weight, weight_scale, bias, act, static_multiplier, bias_codes, act_bits, bias_bits)
 
 
-def _conv_codes(x: Tensor, act: str, static_multiplier: Optional[Tensor]):
-    """The int8 codes (as fp32 integers) of a conv input ``[B, C, H, W]`` and the multiplier ``s``
-    (``[B, 1, 1, 1]`` per token, else ``[1, 1, 1, 1]``): ``reference.quantize_int8(x, reference.act_multiplier(x,
-    ...))``, with rounding and clamping in place (fewer fp32 temporaries)."""
-    xf = _f32(x)
-    s = reference.act_multiplier(xf, act, static_multiplier, token_dims=3)
+def _act_codes(xf: Tensor, act: str, static_multiplier: Optional[Tensor], token_dims: int, act_bits: int = 8):
+    """The activation codes (as fp32 integers) of an fp32 input and the multiplier ``s`` (``[M, 1...]`` per token,
+    else ``[1...]``): ``reference.quantize_int8(x, reference.act_multiplier(x, ...), act_bits)``, with rounding and
+    clamping in place (fewer fp32 temporaries)."""
+    s = reference.act_multiplier(xf, act, static_multiplier, token_dims, act_bits)
+    qmax = reference.act_qmax(act_bits)
     q = torch.mul(xf, s)
     q.round_()
-    q.clamp_(-128, 127)
+    q.clamp_(-qmax - 1, qmax)
     return q, s
 
 
@@ -246,82 +272,75 @@ def _im2col_int8(lib, codes: Tensor, kh: int, kw: int, stride, padding, dilation
 
 def _conv_im2col(lib, wfmt: int, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                  weight_shape, stride, padding, dilation, act: str, static_multiplier: Optional[Tensor],
-                 bias_codes: Optional[Tensor] = None) -> Tensor:
-    """groups=1 conv2d: quantize x exactly like the reference, gather the int8 patches, run the linear kernel."""
+                 bias_codes: Optional[Tensor] = None, act_bits: int = 8, bias_bits: int = 0) -> Tensor:
+    """groups=1 conv2d: quantize x exactly like the reference, gather the int8 patches, run the linear kernel
+    (a sample's rows share its multiplier, so per-token bias codes are per sample, as in the reference)."""
     cout, cin, kh, kw = weight_shape
-    codes, s = _conv_codes(x, act, static_multiplier)
+    codes, s = _act_codes(_f32(x), act, static_multiplier, 3, act_bits)
     batch = x.shape[0]
     ho, wo = _schema.conv2d_out_shape("conv2d", x, list(weight_shape), stride, padding, dilation, 1)[2:]
     cols = _im2col_int8(lib, codes, kh, kw, stride, padding, dilation, ho, wo)
     length = ho * wo
-    k = cols.shape[1]
     s_rows = s.reshape(-1).expand(batch).repeat_interleave(length).contiguous()
-    ws, kind, groups = _scales(weight_scale, cout)
-    w = weight.reshape(cout, -1).contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    bq = None if bias_codes is None else bias_codes.contiguous()
-    m = batch * length
-    out = torch.empty(m, cout, dtype=torch.float32)
-    if m:
-        rc = lib.bitlab_linear_q(cols.data_ptr(), s_rows.data_ptr(), m, k, w.data_ptr(), wfmt, cout, ws.data_ptr(),
-                                 kind, groups, _ptr(b), _ptr(bq), out.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("bitlab CPU kernel: out of memory in conv2d")
+    out = _from_codes(lib, wfmt, cols, s_rows, weight, weight_scale, bias, bias_codes, bias_bits)
     y = out.reshape(batch, length, cout).transpose(1, 2).reshape(batch, cout, ho, wo)
     return y.to(x.dtype).contiguous()
 
 
 def ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                   act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
+                   act="per_token", act_scale=None, act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = _schema.resolve_multiplier("ternary_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("ternary_conv2d", x, packed_weight, weight_scale, bias, weight_shape, stride, padding,
-                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes)
+                         dilation, groups, act, static_multiplier, packed=True, bias_codes=bias_codes,
+                         act_bits=act_bits, bias_bits=bias_bits)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         return reference.ternary_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation,
-                                        groups, act, static_multiplier, bias_codes=bias_codes)
+                                        groups, act, static_multiplier, bias_codes, act_bits, bias_bits)
     return _conv_im2col(lib, 0, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        static_multiplier, bias_codes)
+                        static_multiplier, bias_codes, act_bits, bias_bits)
 
 
 def int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act="per_token", act_scale=None,
-                act_multiplier=None, bias_codes=None):
+                act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = _schema.resolve_multiplier("int8_conv2d", act_scale, act_multiplier)
     _schema.check_conv2d("int8_conv2d", x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation,
-                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes)
+                         groups, act, static_multiplier, packed=False, bias_codes=bias_codes, act_bits=act_bits,
+                         bias_bits=bias_bits)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         return reference.int8_conv2d(x, weight, weight_scale, bias, stride, padding, dilation, groups, act,
-                                     static_multiplier, bias_codes=bias_codes)
+                                     static_multiplier, bias_codes, act_bits, bias_bits)
     return _conv_im2col(lib, 1, x, weight, weight_scale, bias, list(weight.shape), stride, padding, dilation, act,
-                        static_multiplier, bias_codes)
+                        static_multiplier, bias_codes, act_bits, bias_bits)
 
 
 def int4_linear(x, packed_weight, weight_scale, bias=None, act="per_token", act_scale=None, in_features=-1,
-                act_multiplier=None, bias_codes=None):
+                act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     """2..4-bit weights straight from their nibbles (two per byte): the decode loop at M=1, the batched GEMM
     otherwise; CPUs without AVX2 (and scale groups that do not cover whole 64-k chunks) unpack to int8 in C."""
     static_multiplier = _schema.resolve_multiplier("int4_linear", act_scale, act_multiplier)
-    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes)
+    _schema.check_int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features, bias_codes,
+                              act_bits, bias_bits)
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=False):
         return reference.int4_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, in_features,
-                                     bias_codes=bias_codes)
-    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes)
+                                     bias_codes, act_bits, bias_bits)
+    return _linear(lib, 2, x, packed_weight, weight_scale, bias, act, static_multiplier, bias_codes, act_bits, bias_bits)
 
 
 def int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                act="per_token", act_scale=None, act_multiplier=None, bias_codes=None):
+                act="per_token", act_scale=None, act_multiplier=None, bias_codes=None, act_bits=8, bias_bits=0):
     static_multiplier = _schema.resolve_multiplier("int4_conv2d", act_scale, act_multiplier)
     _schema.check_int4_conv2d(x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, groups,
-                              act, static_multiplier, bias_codes)
+                              act, static_multiplier, bias_codes, act_bits, bias_bits)
     lib = kernel_library()
     if lib is None or groups != 1 or act == "none":
         w8 = reference.unpack_conv_weight(unpack_int4, packed_weight, weight_shape)
         return int8_conv2d(x, w8, weight_scale, bias, stride, padding, dilation, groups, act, static_multiplier,
-                           bias_codes=bias_codes)
+                           bias_codes=bias_codes, act_bits=act_bits, bias_bits=bias_bits)
     return _conv_im2col(lib, 2, x, packed_weight, weight_scale, bias, weight_shape, stride, padding, dilation, act,
-                        static_multiplier, bias_codes)
+                        static_multiplier, bias_codes, act_bits, bias_bits)
 
 
 _registered = False

@@ -19,6 +19,9 @@
  *   acc   = sum_k xq[m,k] * w[n,k]                 exact int32
  *   y     = (float)acc * ws[n] / s[m]  (+ bias[n]) per tensor / per channel
  *   y     = (float)(acc + bias_q[n]) * ws[n] / s[m]   with integer bias codes (IntBias: step ws[n] / s)
+ *   y     = (float)(acc + bq[m,n]) * ws[n] / s[m]    an IntBias on a dynamic multiplier: the float bias quantized
+ *           per token, bq[m,n] = clamp(round(bias[n] / (ws[n] / s[m])), -2^(bits-1), 2^(bits-1) - 1)
+ *   (the epilogue: epilogue1 / int_bias_at in bitlab_cpu.h, shared by every path)
  *   y     = (sum_g (float)acc_g * ws[n,g]) / s[m]  per group
  *
  * Ternary weights are packed as codes c = w + 1 in {0,1,2} (see quant/packing.py): in each
@@ -405,32 +408,48 @@ static int run_job(job_t *j, int nthreads) {
     return j->failed ? -1 : 0;
 }
 
+/* The biases of a job: a float bias added after the rescale, stored integer codes bias_q, or (bias_bits > 0)
+ * the float bias quantized per token on each token's step and added to the integer sums (int_bias_at). */
+static void set_biases(job_t *j, const float *bias, const int32_t *bias_q, int bias_bits) {
+    j->bias_q = bias_q;
+    if (bias_bits > 0 && bias) {
+        j->bias_tok = bias;
+        j->bias_bits = bias_bits;
+    } else {
+        j->bias = bias;
+    }
+}
+
 /* y[M,N] = linear(x[M,K]) with activation quantization, plus integer bias codes bias_q[N] (or NULL) added to
- * the exact int32 sums before the rescale; returns 0 on success. */
+ * the exact int32 sums before the rescale, or with bias_bits > 0 the float bias quantized per token and added
+ * there; returns 0 on success. */
 int bitlab_linear_b(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
-                    int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, int act, float static_s,
-                    float *out, int nthreads) {
+                    int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, int bias_bits, int act,
+                    float static_s, float *out, int nthreads) {
     job_t j;
     memset(&j, 0, sizeof j);
     j.x = x; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
-    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.bias_q = bias_q; j.act = act; j.static_s = static_s;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.act = act; j.static_s = static_s;
     j.out = out;
+    set_biases(&j, bias, bias_q, bias_bits);
     return run_job(&j, nthreads);
 }
 
-/* bitlab_linear_b without integer bias codes (the C++ dispatcher kernels and older callers call this one) */
+/* bitlab_linear_b without integer biases (the C++ dispatcher kernels and older callers call this one) */
 int bitlab_linear(const float *x, int64_t M, int64_t K, const void *w, int wfmt, int64_t N, const float *ws,
                   int ws_kind, int64_t G, const float *bias, int act, float static_s, float *out, int nthreads) {
-    return bitlab_linear_b(x, M, K, w, wfmt, N, ws, ws_kind, G, bias, NULL, act, static_s, out, nthreads);
+    return bitlab_linear_b(x, M, K, w, wfmt, N, ws, ws_kind, G, bias, NULL, 0, act, static_s, out, nthreads);
 }
 
-/* Same with pre-quantized activations xq[M,K] and their multipliers s[M] (conv via im2col). */
+/* Same with pre-quantized activations xq[M,K] and their multipliers s[M] (conv via im2col; activation codes of
+ * fewer than 8 bits). */
 int bitlab_linear_q(const int8_t *xq, const float *s, int64_t M, int64_t K, const void *w, int wfmt, int64_t N,
-                    const float *ws, int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, float *out,
-                    int nthreads) {
+                    const float *ws, int ws_kind, int64_t G, const float *bias, const int32_t *bias_q, int bias_bits,
+                    float *out, int nthreads) {
     job_t j;
     memset(&j, 0, sizeof j);
     j.xq_in = xq; j.s_in = s; j.M = M; j.K = K; j.N = N; j.wfmt = wfmt; j.w = w; j.ws = ws; j.ws_kind = ws_kind;
-    j.G = G; j.gs = G > 0 ? K / G : K; j.bias = bias; j.bias_q = bias_q; j.act = ACT_GIVEN; j.out = out;
+    j.G = G; j.gs = G > 0 ? K / G : K; j.act = ACT_GIVEN; j.out = out;
+    set_biases(&j, bias, bias_q, bias_bits);
     return run_job(&j, nthreads);
 }

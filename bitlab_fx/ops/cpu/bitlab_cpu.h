@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#define BITLAB_ABI 8
+#define BITLAB_ABI 9
 #ifndef BITLAB_PART
 #define BITLAB_PART 0 /* the compile job (_build.py); 0: every file (one job, or a file compiled on its own) */
 #endif
@@ -59,6 +59,8 @@ typedef struct {
     int64_t G, gs;         /* groups, group size in k */
     const float *bias;     /* [N] or NULL */
     const int32_t *bias_q; /* [N] integer bias codes added to the exact int32 sums before the rescale, or NULL */
+    const float *bias_tok; /* [N] a float bias quantized per token on the step ws[n] / s[m] (bias_bits bits), or NULL */
+    int bias_bits;
     int act;
     float static_s;
     float *out;            /* [M, N] fp32 */
@@ -151,29 +153,52 @@ static inline int weight_at(const void *w, int wfmt, int64_t n, int64_t K, int64
     return ((const int8_t *)w)[n * K + k];
 }
 
-/* acc + bias_q[n]: the integer bias codes join the exact int32 sum (one scale per row of the weight; computed
- * mod 2^32 like the sums themselves: the result is exact while it fits int32) */
-static inline int32_t with_bias_q(const int32_t *bias_q, int64_t n, int32_t acc) {
-    return bias_q ? (int32_t)((uint32_t)acc + (uint32_t)bias_q[n]) : acc;
+/* The epilogue: what every path (decode loops, small-M tiles, batched GEMM; any ISA or architecture) does with
+ * the exact int32 sum acc of output (m, n) when the row has one weight scale. Only these two functions touch the
+ * biases (decode.c's 4-lane store calls int_bias_at per lane and rounds like epilogue1).
+ *
+ * int_bias_at: the integer bias that joins the exact sum: the stored codes bias_q[n] (an IntBias on a static
+ * multiplier), or the float bias quantized on token m's own step ws[n] / s[m] (an IntBias on a dynamic
+ * multiplier: clamp(round(bias_tok[n] / (ws[n] / s[m])), -2^(bits-1), 2^(bits-1) - 1), both divisions in fp32,
+ * as quant/arithmetic.py's token_bias_codes), or 0. Clamp bounds are converted to fp32 as torch converts them;
+ * a code at or above 2^31 (bits = 32 only) saturates. */
+static inline int32_t int_bias_at(const job_t *j, int64_t m, int64_t n) {
+    if (j->bias_q) return j->bias_q[n];
+    if (!j->bias_tok) return 0;
+    const float step = j->ws[j->ws_kind ? n : 0] / j->s[m];
+    const int64_t half = (int64_t)1 << (j->bias_bits - 1);
+    const float lo = (float)(-half), hi = (float)(half - 1);
+    float q = nearbyintf(j->bias_tok[n] / step);
+    q = q < lo ? lo : q;
+    q = q > hi ? hi : q;
+    if (q != q) return 0;
+    return q >= 2147483648.0f ? INT32_MAX : (int32_t)q;
+}
+
+/* y[m, n] = (float)(acc + int bias) * ws[n] / s[m] (+ float bias[n]): separate IEEE mul, div and add (the
+ * library is compiled without FMA contraction), so it rounds exactly like reference.py. acc + int bias is
+ * computed mod 2^32 like the sums themselves: exact while it fits int32. */
+static inline float epilogue1(const job_t *j, int64_t m, int64_t n, int32_t acc) {
+    const int32_t exact = (int32_t)((uint32_t)acc + (uint32_t)int_bias_at(j, m, n));
+    const float y = (float)exact * j->ws[j->ws_kind ? n : 0] / j->s[m];
+    return j->bias ? y + j->bias[n] : y;
 }
 
 /* The body of a function returning y[m, n] from the exact integer dot products of each group,
- * a(g) = sum_k xq * w over group g (A: that expression in g); used by tiles.c and gemm.c. Integer bias
- * codes (bias_q) only come with one scale group. */
+ * a(g) = sum_k xq * w over group g (A: that expression in g); used by tiles.c and gemm.c. One scale group:
+ * epilogue1; integer biases only come with one scale group. */
 #define RESCALE_BODY(A)                                                                                 \
-    float y;                                                                                          \
-    if (j->ws_kind == 2) {                                                                            \
-        const float *ws = j->ws + n * j->G;                                                           \
-        y = 0.f;                                                                                      \
-        for (int64_t g = 0; g < j->G; g++) {                                                          \
-            float p = (float)(A) * ws[g];                                                             \
-            y = g ? y + p : p;                                                                        \
-        }                                                                                             \
-        y = y / j->s[m];                                                                              \
-    } else {                                                                                          \
+    if (j->ws_kind != 2) {                                                                            \
         const int64_t g = 0;                                                                          \
-        y = (float)with_bias_q(j->bias_q, n, (A)) * j->ws[j->ws_kind ? n : 0] / j->s[m];             \
+        return epilogue1(j, m, n, (A));                                                               \
     }                                                                                                 \
+    const float *ws = j->ws + n * j->G;                                                               \
+    float y = 0.f;                                                                                    \
+    for (int64_t g = 0; g < j->G; g++) {                                                              \
+        float p = (float)(A) * ws[g];                                                                 \
+        y = g ? y + p : p;                                                                            \
+    }                                                                                                 \
+    y = y / j->s[m];                                                                                  \
     if (j->bias) y = y + j->bias[n];                                                                  \
     return y;
 

@@ -7,30 +7,33 @@
 
 #ifdef BITLAB_X86
 /* Decode epilogue shared by the AVX2 and VNNI decode loops: four rows' int32 vectors -> their
- * four sums (one hadd tree), then y = (float)(acc - sum xq) * ws / s (+ bias) on 4 lanes, which
- * rounds exactly like the scalar expression (separate IEEE mul, div, add; no FMA). */
+ * four sums (one hadd tree), then the epilogue of bitlab_cpu.h on 4 lanes: the integer biases of int_bias_at,
+ * y = (float)exact * ws / s (+ bias), which rounds exactly like epilogue1 (separate IEEE mul, div, add; no FMA). */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i sum4_rows(__m256i t0, __m256i t1, __m256i t2,
                                                                         __m256i t3) {
     __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t0, t1), _mm256_hadd_epi32(t2, t3));
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* acc = sum(code * xq) with unsigned codes = w + off (off 1 for ternary, 8 for int4): subtract off * sum(xq) */
-static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job_t *j, int64_t n, __m128i acc,
-                                                                       int32_t off) {
+/* epilogue1 of rows n .. n+3 of the one token, from their exact sums */
+static inline __attribute__((always_inline)) TGT_AVX2 void epilogue4(const job_t *j, int64_t n, __m128i exact) {
+    if (j->bias_q || j->bias_tok)
+        exact = _mm_add_epi32(exact, _mm_setr_epi32(int_bias_at(j, 0, n), int_bias_at(j, 0, n + 1),
+                                                    int_bias_at(j, 0, n + 2), int_bias_at(j, 0, n + 3)));
     __m128 ws = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
-    __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[0])));
-    if (j->bias_q) exact = _mm_add_epi32(exact, _mm_loadu_si128((const __m128i *)(j->bias_q + n)));
     __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(exact), ws), _mm_set1_ps(j->s[0]));
     if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
     _mm_storeu_ps(j->out + n, y);
 }
 
+/* acc = sum(code * xq) with unsigned codes = w + off (off 1 for ternary, 8 for int4): subtract off * sum(xq) */
+static inline __attribute__((always_inline)) TGT_AVX2 void store4_rows(const job_t *j, int64_t n, __m128i acc,
+                                                                       int32_t off) {
+    epilogue4(j, n, _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[0]))));
+}
+
 static inline __attribute__((always_inline)) void store1_row(const job_t *j, int64_t n, int32_t acc, int32_t off) {
-    int32_t exact = with_bias_q(j->bias_q, n, (int32_t)((uint32_t)acc - (uint32_t)off * (uint32_t)j->gsum[0]));
-    float y = (float)exact * j->ws[j->ws_kind ? n : 0] / j->s[0];
-    if (j->bias) y = y + j->bias[n];
-    j->out[n] = y;
+    j->out[n] = epilogue1(j, 0, n, (int32_t)((uint32_t)acc - (uint32_t)off * (uint32_t)j->gsum[0]));
 }
 
 /* A decode driver: output rows [n0, n1) in 4-row tiles (prefetching the next tile's rows), then the ragged
@@ -159,21 +162,11 @@ static TGT_VNNI int decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) {
             int32_t tail = 0;
             for (int64_t k = chunks * 32; k < K; k++) tail += (int32_t)row[k] * j->xq[k];
             /* = sum_k xq * w; the partial sums may wrap, the result is exact mod 2^32 (and in range) */
-            t[r] = with_bias_q(j->bias_q, n + r, (int32_t)((uint32_t)t[r] - 128u * (uint32_t)ws[r] + (uint32_t)tail));
+            t[r] = (int32_t)((uint32_t)t[r] - 128u * (uint32_t)ws[r] + (uint32_t)tail);
         }
-        if (nr == 4) {
-            __m128i exact = _mm_loadu_si128((const __m128i *)t);
-            __m128 wsc = j->ws_kind ? _mm_loadu_ps(j->ws + n) : _mm_set1_ps(j->ws[0]);
-            __m128 y = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(exact), wsc), _mm_set1_ps(j->s[0]));
-            if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
-            _mm_storeu_ps(j->out + n, y);
-        } else {
-            for (int r = 0; r < nr; r++) {
-                float y = (float)t[r] * j->ws[j->ws_kind ? n + r : 0] / j->s[0];
-                if (j->bias) y = y + j->bias[n + r];
-                j->out[n + r] = y;
-            }
-        }
+        if (nr == 4) epilogue4(j, n, _mm_loadu_si128((const __m128i *)t));
+        else
+            for (int r = 0; r < nr; r++) j->out[n + r] = epilogue1(j, 0, n + r, t[r]);
     }
     free(xu);
     return 0;

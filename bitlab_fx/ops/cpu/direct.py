@@ -40,7 +40,8 @@ def eligible(x) -> bool:
 
 
 def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
-           static_multiplier: Optional[Tensor], in_features: int, bias_codes: Optional[Tensor] = None) -> Optional[Tensor]:
+           static_multiplier: Optional[Tensor], in_features: int, bias_codes: Optional[Tensor] = None,
+           act_bits: int = 8, bias_bits: int = 0) -> Optional[Tensor]:
     """The op's CPU kernel on these arguments, or None where the op itself must run: no kernel library, a
     shape the kernel does not take (the op then raises its error or runs the reference), a weight elsewhere."""
     if (x.dtype not in _schema.FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features or not weight.is_cpu
@@ -49,7 +50,7 @@ def linear(weight_format: str, x: Tensor, weight: Tensor, weight_scale: Tensor, 
     lib = kernel_library()
     if lib is None or not _supported(x, weight_scale, act, ternary=weight_format == "ternary"):
         return None
-    if bias_codes is not None:  # an IntBias: the op checks it (int32 [N], static multiplier) and runs it
+    if bias_codes is not None or act_bits != 8 or bias_bits:  # the op checks these (IntBias, codes of fewer bits)
         return None
     return _linear(lib, _WEIGHT_FORMAT_CODE[weight_format], x, weight, weight_scale, bias, act, static_multiplier)
 
@@ -70,7 +71,8 @@ def call_linear_op(op, x, weight, weight_scale, bias=None, act="per_token", act_
         fmt = _LINEAR_OPS[op._opname]
         in_features = rest[0] if rest else (weight.shape[-1] if fmt == "int8" else -1)
         multiplier = _schema.resolve_multiplier(op._opname, act_scale, kwargs.get("act_multiplier"))
-        y = linear(fmt, x, weight, weight_scale, bias, act, multiplier, in_features, kwargs.get("bias_codes"))
+        y = linear(fmt, x, weight, weight_scale, bias, act, multiplier, in_features, kwargs.get("bias_codes"),
+                   kwargs.get("act_bits", 8), kwargs.get("bias_bits", 0))
         if y is not None:
             return y
     return op(x, weight, weight_scale, bias, act, act_scale, *rest, **kwargs)

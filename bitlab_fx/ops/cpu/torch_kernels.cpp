@@ -7,7 +7,7 @@
 // the library ops/cpu/__init__.py loaded, handed over by bitlab_torch_set_kernel), with the same arguments:
 //   x float32 and contiguous, a contiguous weight of the right shape, weight_scale float32 [1] or [N],
 //   bias None or float32 [N], act "per_token" / "per_tensor" (static multiplier: float32, one number).
-// Anything else (other dtypes, per-group scales, weight-only, integer bias codes, bad input that needs its error
+// Anything else (other dtypes, per-group scales, weight-only, integer biases, act_bits != 8, bad input that needs its error
 // message, the kernel switched off by BITLAB_FX_DISABLE_CPU_KERNEL) goes to the Python kernel, kept as the op
 // bitlab::_py_<name> with the same schema: the results are those of the Python kernel in every case.
 #include <torch/library.h>
@@ -36,11 +36,12 @@ bool is_f32_contiguous(const at::Tensor& t) {
 }
 
 // Stack positions (schemas in ops/_schema.py): x, weight, weight_scale, bias, act, act_scale, then
-// in_features and act_multiplier for the packed formats, act_multiplier for int8; bias_codes last.
+// in_features and act_multiplier for the packed formats, act_multiplier for int8; then bias_codes, act_bits and
+// bias_bits (schema version 4).
 template <int Wfmt>
 bool run_fast(torch::jit::Stack* stack) {
   constexpr bool kPacked = Wfmt != 1;
-  constexpr size_t kArgs = kPacked ? 9 : 8;
+  constexpr size_t kArgs = kPacked ? 11 : 10;
   if (g_linear == nullptr || stack->size() < kArgs || kernel_disabled()) return false;
   auto base = stack->end() - kArgs;
   const c10::IValue& xv = base[0];
@@ -70,9 +71,12 @@ bool run_fast(torch::jit::Stack* stack) {
     if (!is_f32_contiguous(b) || b.dim() != 1 || b.size(0) != n) return false;
     bias = b.data_ptr<float>();
   }
-  if (!base[kArgs - 1].isNone()) return false;  // integer bias codes: the Python kernel
+  if (!base[kArgs - 3].isNone()) return false;  // integer bias codes: the Python kernel
+  const c10::IValue& act_bits = base[kArgs - 2];
+  const c10::IValue& bias_bits = base[kArgs - 1];
+  if (!act_bits.isInt() || act_bits.toInt() != 8 || !bias_bits.isInt() || bias_bits.toInt() != 0) return false;
   const c10::IValue& scale_v = base[5];
-  const c10::IValue& mult_v = base[kArgs - 2];
+  const c10::IValue& mult_v = base[kArgs - 4];
   if (!scale_v.isNone() && !mult_v.isNone()) return false;  // both names: the Python kernel raises
   const c10::IValue& static_v = scale_v.isNone() ? mult_v : scale_v;
   auto act = base[4].toStringRef();
