@@ -16,6 +16,7 @@ from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from .nn.embedding import QuantizedEmbedding
+from . import recipes
 from .recipes import QuantWarmup
 from .bitlab import BitQuantConfig
 from .serialization import load_quantized, save_quantized

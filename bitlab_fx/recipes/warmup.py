@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import ConfigError
-from .quant.fake_quant import FAKE_QUANT_TYPES
+from ..errors import ConfigError
+from ..quant.fake_quant import FAKE_QUANT_TYPES
 
 
 class QuantWarmup:
