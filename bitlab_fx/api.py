@@ -22,6 +22,7 @@ from .errors import CaptureError, ConfigError, ConvertError
 from .mapping import as_mapping
 from .partial import convert_partial
 from .passes.embeddings import convert_embeddings
+from .passes.experts import convert_experts
 from .passes._common import ROOT_ATTR, stage_of
 from .passes.pipeline import convert_graph
 from .pipeline import capture_export, capture_fx
@@ -155,11 +156,11 @@ def convert(model: nn.Module, *, inplace: bool = False, fuse_siblings: bool = Tr
     _warn_not_fully_quantizing(model)
     gm = model if inplace else copy.deepcopy(model)
     if partial:
-        gm = convert_embeddings(convert_partial(gm, fuse_siblings))
+        gm = convert_experts(convert_embeddings(convert_partial(gm, fuse_siblings)))
         if callable(getattr(gm, "save_pretrained", None)):  # a Hugging Face model, converted in place
             gm.save_pretrained = _SavePretrainedUnsupported(type(gm).__name__)
         return gm
-    return convert_embeddings(convert_graph(gm, fuse_siblings))
+    return convert_experts(convert_embeddings(convert_graph(gm, fuse_siblings)))
 
 
 class _SavePretrainedUnsupported:

@@ -20,8 +20,8 @@ from .passes.layer_forms import PARAMETRIZED, float_reason, is_parametrized
 
 _MHA = ("nn.MultiheadAttention is not supported (its projections run inside F.multi_head_attention_forward): left "
         "float; write the attention with nn.Linear projections to quantize them")
-_EXPERTS = ("a 3-D weight used with batched matmuls (fused mixture-of-experts experts, [experts, out, in]): "
-            "not supported yet, left float")
+_EXPERTS = ("a 3-D weight used with batched matmuls outside a transformers experts module (only modules of "
+            "transformers' use_experts_implementation are quantized, bitlab_fx.nn.experts): left float")
 _UNTRACED = ("owned by a module that did not trace (its uses cannot be seen without a graph): left float; make the "
              "module traceable, or use it through nn.Linear/nn.Conv modules")
 _OTHER = "not used through a supported layer call (nn.Linear, nn.Conv1d, nn.Conv2d, F.linear/F.conv on it): left float"

@@ -16,6 +16,7 @@ from .capture.partial import plan_partial, record_calls, short_reason
 from .partial import keep_float, prepare_partial
 from .passes._common import bitlab_meta
 from .passes.embeddings import prepare_embeddings, reject_embedding_rules
+from .passes.experts import prepare_experts, reject_experts_rules
 from .passes.normalize_export import normalize_export
 from .passes.pipeline import prepare_graph
 
@@ -23,8 +24,9 @@ from .passes.pipeline import prepare_graph
 def capture_fx(model: nn.Module, mapping: QConfigMapping, example_inputs, partial: bool,
                example_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Whole-model fx trace, prepared; when it fails and ``partial``, the model with its traceable parts prepared.
-    Embeddings that rules name are swapped for their prepared form first (``passes.embeddings``)."""
-    mapping = mapping.with_claimed(prepare_embeddings(model, mapping))
+    Embeddings that rules name and the experts of mixture-of-experts layers are swapped for their prepared form
+    first (``passes.embeddings``, ``passes.experts``)."""
+    mapping = mapping.with_claimed(prepare_embeddings(model, mapping) | prepare_experts(model, mapping))
     try:
         gm = trace_fx(model, example_inputs, none_defaults=True, example_kwargs=example_kwargs)
     except CaptureError as e:
@@ -84,6 +86,7 @@ def capture_export(model: nn.Module, mapping: QConfigMapping, example_inputs, dy
                    example_kwargs: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
     """``torch.export`` capture (non-strict), prepared."""
     reject_embedding_rules(model, mapping, "frontend='export'")
+    reject_experts_rules(model, mapping, "frontend='export'")
     gm = trace_export(model, example_inputs, dynamic_shapes, example_kwargs)
     return prepare_graph(gm, mapping, {"qconfig": mapping, "frontend": "export"},
                          normalizer=lambda g: normalize_export(g, model))

@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .float_weights import float_weights
 from .nn.quantized import _QuantizedBase
 from .passes.embeddings import embedding_rows
+from .passes.experts import experts_rows, experts_skipped
 from .passes._common import META, RECORD_KEY, LayerMeta, bitlab_meta, layer_nodes, layer_weight, stage_of
 from .quant import primitives as P
 from .quant.formats import converted_weight_bytes
@@ -159,9 +160,18 @@ def summary(model: nn.Module) -> Summary:
         seen.add(key)
         rows.append(_row(model, node, meta))
     rows += embedding_rows(model).values()
-    skipped = dict(model.meta[RECORD_KEY].skipped)
+    experts = experts_rows(model, model.meta[RECORD_KEY].qconfig)
+    rows += experts.values()
+    skipped = {**model.meta[RECORD_KEY].skipped, **experts_skipped(model)}
     covered = {n for node in layer_nodes(model) for n in (node.meta[META].weight, node.meta[META].bias) if n}
+    covered |= _experts_params(model, experts)
     return Summary(stage, rows, skipped, float_weights=float_weights(model, covered, known=skipped))
+
+
+def _experts_params(model: nn.Module, experts: Dict[str, Dict[str, Any]]) -> set:
+    """Parameter names the experts rows cover (a float experts weight and its bias)."""
+    names = {n for n, _ in model.named_parameters()}
+    return {n for row in experts for n in (row, f"{row}_bias") if n in names}
 
 
 def _float_row(model: nn.Module, path: str, rule: str) -> Dict[str, Any]:
@@ -195,8 +205,13 @@ def _partial_summary(model: nn.Module, record: dict) -> Summary:
     covered = {qualify(path, n) for path in record.parts for node in layer_nodes(model.get_submodule(path))
                for n in (node.meta[META].weight, node.meta[META].bias) if n}
     rows.update(embedding_rows(model))
+    experts = experts_rows(model, record.qconfig)
+    rows.update(experts)
+    skipped.update(experts_skipped(model))
+    covered |= _experts_params(model, experts)
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], len(order)))
+    ordered = sorted(rows.values(), key=lambda r: order.get(r["layer"], order.get(  # experts rows: their module's place
+        r["layer"].rpartition(".")[0], len(order))))
     eager = {qualify(path, name): list(p.shape) for path in record.untraced
              for name, p in model.get_submodule(path).named_parameters(recurse=False) if p.dim() >= 2}
     others = float_weights(model, covered | set(eager), set(record.untraced), set(record.float_layers), skipped)

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..errors import CaptureError
 from ..nn.embedding import FakeQuantEmbedding
+from ..nn.experts import FakeQuantExperts
 from ..passes._common import is_hf_conv1d
 from ..passes.layer_forms import float_reason
 from ..passes.normalize import module_kind
@@ -29,8 +30,9 @@ class _RecordingTracer(fx.Tracer):
         self.stack: List[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_hf_conv1d(m) or isinstance(m, FakeQuantEmbedding):  # HF GPT-2 Conv1D: one node, normalize reads its
-            return True  # [in, out] weight transposed; a prepared embedding: one node, swapped again by convert
+        if is_hf_conv1d(m) or isinstance(m, (FakeQuantEmbedding, FakeQuantExperts)):  # HF GPT-2 Conv1D: one node,
+            return True  # normalize reads its [in, out] weight transposed; prepared embeddings/experts: one node each,
+            # swapped again by convert
         # subclasses of a quantizable layer type stay one node, like the originals (normalize quantizes those that
         # compute what it computes and lists the others as left float, with the reason)
         if module_kind(m) is not None or float_reason(m) is not None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.embedding import FakeQuantEmbedding
+from ..nn.experts import FakeQuantExperts
 from ..errors import ConfigError
 from ..mapping import QConfigMapping, Rule, _qualname
 from ..quant.fake_quant import FAKE_QUANT_TYPES, ActivationFakeQuant
@@ -40,7 +41,8 @@ def _node_types(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[Optional[st
         return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, FAKE_QUANT_TYPES + tuple(MODULES) + (FakeQuantEmbedding,)):  # (embeddings: passes.embeddings)
+        # prepared embeddings and experts: swapped by passes.embeddings / passes.experts
+        if isinstance(module, FAKE_QUANT_TYPES + tuple(MODULES) + (FakeQuantEmbedding, FakeQuantExperts)):
             return None
         key = type(module)
         fqn = node.target
