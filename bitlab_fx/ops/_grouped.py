@@ -22,7 +22,6 @@ from torch import Tensor
 
 from ..errors import KernelError
 from ..quant.formats import WEIGHT_FORMATS
-from ..quant.packing import unpack_int4, unpack_ternary
 from . import reference
 from ._schema import FLOAT_DTYPES, BitlabOp
 
@@ -80,26 +79,6 @@ def tensor_multiplier(x: Tensor, act: str, act_multiplier: Optional[Tensor]) -> 
     return act_multiplier
 
 
-_UNPACK = {"ternary": (unpack_ternary, 1), "int4": (unpack_int4, 8), "int8": (None, 127)}  # codes, max |code|
-
-
-def reference_grouped_linear(fmt: str, x: Tensor, group_ends: List[int], weight: Tensor, weight_scale: Tensor,
-                             bias: Optional[Tensor], act: str, static_multiplier: Optional[Tensor]) -> Tensor:
-    """The oracle: each expert ``e``'s rows ``x[group_ends[e-1]:group_ends[e]]`` through the reference
-    :func:`~bitlab_fx.ops.reference.int_linear` with its weight ``weight[e]`` (format ``fmt``) and steps
-    ``weight_scale[e]``."""
-    unpack, max_abs_w = _UNPACK[fmt]
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for e, end in enumerate(group_ends):
-        if end > start:
-            wq = weight[e] if unpack is None else unpack(weight[e], x.shape[1])
-            out[start:end] = reference.int_linear(x[start:end], wq, weight_scale[e], None if bias is None else bias[e],
-                                                  act, static_multiplier, max_abs_w)
-        start = end
-    return out
-
-
 def _define(fmt: str) -> BitlabOp:
     op = f"{fmt}_grouped_linear"
 
@@ -107,7 +86,7 @@ def _define(fmt: str) -> BitlabOp:
              act: str = "per_token", act_multiplier: Optional[Tensor] = None, in_features: int = -1) -> Tensor:
         check_grouped_linear(op, fmt, x, group_ends, weight, weight_scale, bias, act, act_multiplier, in_features)
         ends = group_bounds(op, group_ends, x.shape[0])
-        return reference_grouped_linear(fmt, x, ends, weight, weight_scale, bias, act,
+        return reference.grouped_linear(fmt, x, ends, weight, weight_scale, bias, act,
                                         tensor_multiplier(x, act, act_multiplier))
 
     impl.__name__ = op

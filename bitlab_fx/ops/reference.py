@@ -158,3 +158,23 @@ def quantize_dequantize(x: torch.Tensor, multiplier: Optional[torch.Tensor], bit
     spec = IntActivation(bits=bits, signed=signed, granularity=granularity, dynamic=multiplier is None)
     s = P.activation_multiplier(x, spec, token_dims) if multiplier is None else multiplier.float()
     return P.dequantize_activation(P.quantize_activation(x, s, spec), s, x.dtype)
+
+
+_UNPACK = {"ternary": (unpack_ternary, 1), "int4": (unpack_int4, 8), "int8": (None, 127)}  # codes, max |code|
+
+
+def grouped_linear(fmt: str, x: torch.Tensor, group_ends: List[int], weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], act: str, static_multiplier: Optional[torch.Tensor]) -> torch.Tensor:
+    """The grouped-expert ops (``bitlab.<format>_grouped_linear``, :mod:`bitlab_fx.ops._grouped`): each expert
+    ``e``'s rows ``x[group_ends[e-1]:group_ends[e]]`` through :func:`int_linear` with its weight ``weight[e]``
+    (format ``fmt``) and steps ``weight_scale[e]``."""
+    unpack, max_abs_w = _UNPACK[fmt]
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, end in enumerate(group_ends):
+        if end > start:
+            wq = weight[e] if unpack is None else unpack(weight[e], x.shape[1])
+            out[start:end] = int_linear(x[start:end], wq, weight_scale[e], None if bias is None else bias[e], act,
+                                        static_multiplier, max_abs_w)
+        start = end
+    return out

@@ -4,7 +4,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bitlab_fx.errors import KernelError
-from bitlab_fx.ops import _grouped
+from bitlab_fx.ops import reference
 from bitlab_fx.quant.formats import WEIGHT_FORMATS
 
 FORMATS = {"ternary": 1, "int4": 7, "int8": 127}  # format -> max |code|
@@ -52,7 +52,7 @@ def test_op_is_each_experts_linear_on_its_rows(isa, fmt, counts, act):
     y = op(x, ends, stored, ws, b, mode, act_multiplier=mult, in_features=K)
     assert y.shape == (sum(counts), N)
     assert torch.equal(y, _per_expert_linear(fmt, x, ends, stored, ws, b, mode, mult))
-    ref = _grouped.reference_grouped_linear(fmt, x, ends.tolist(), stored, ws, b, mode, mult)
+    ref = reference.grouped_linear(fmt, x, ends.tolist(), stored, ws, b, mode, mult)
     if act == "none":  # weight-only on a few rows: the kernel sums floats in its own order (as <format>_linear)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     else:
@@ -65,7 +65,7 @@ def test_scale_layouts_equal_the_reference(isa, fmt, scales):
     _, stored, ws, _ = _experts(fmt, scales)
     x, ends = _rows([3, 1, 0, 9])
     op = getattr(torch.ops.bitlab, f"{fmt}_grouped_linear")
-    expected = _grouped.reference_grouped_linear(fmt, x, ends.tolist(), stored, ws, None, "per_token", None)
+    expected = reference.grouped_linear(fmt, x, ends.tolist(), stored, ws, None, "per_token", None)
     assert torch.equal(op(x, ends, stored, ws), expected)
 
 

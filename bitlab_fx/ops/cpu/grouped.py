@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _grouped
+from .. import _grouped, reference
 from . import _linear, _supported, kernel_library
 
 _WFMT = {"ternary": 0, "int8": 1, "int4": 2}  # the kernel's weight format code (bitlab_cpu.h)
@@ -27,7 +27,7 @@ def grouped_linear(fmt: str, x: Tensor, group_ends: Tensor, weight: Tensor, weig
     multiplier = _grouped.tensor_multiplier(x, act, act_multiplier)
     lib = kernel_library()
     if lib is None:
-        return _grouped.reference_grouped_linear(fmt, x, ends, weight, weight_scale, bias, act, multiplier)
+        return reference.grouped_linear(fmt, x, ends, weight, weight_scale, bias, act, multiplier)
     out = torch.empty(x.shape[0], n, dtype=x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
     start = 0
@@ -37,9 +37,10 @@ def grouped_linear(fmt: str, x: Tensor, group_ends: Tensor, weight: Tensor, weig
             b = None if bias is None else bias[e]
             if _supported(rows, ws, act, ternary=fmt == "ternary"):
                 out[start:end] = _linear(lib, _WFMT[fmt], rows, weight[e], ws, b, act, multiplier)
-            else:
-                out[start:end] = _grouped.reference_grouped_linear(fmt, rows, [end - start], weight[e:e + 1], weight_scale[e:e + 1],
-                                                          None if bias is None else bias[e:e + 1], act, multiplier)
+            else:  # a layout the kernel does not take (e.g. ternary groups not covering whole 32-runs)
+                out[start:end] = reference.grouped_linear(fmt, rows, [end - start], weight[e:e + 1],
+                                                          weight_scale[e:e + 1], None if b is None else b[None], act,
+                                                          multiplier)
         start = end
     return out
 
