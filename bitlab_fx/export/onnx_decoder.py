@@ -6,7 +6,8 @@ tensors, the layout onnxruntime-genai and Optimum use:
 
 - inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq], ``position_ids`` [batch, seq] and,
   per layer ``i``, ``past_key_values.{i}.key`` / ``.value`` [batch, kv heads, past, head dim];
-- outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` (the cache after this step).
+- outputs ``logits`` [batch, 1, vocab] (the last position's, which decoding reads; [batch, seq, vocab] with
+  ``all_logits=True``) and ``present.{i}.key`` / ``.value`` (the cache after this step).
 
 ``batch``, ``seq`` and ``past`` are dynamic, so one file prefills a prompt (``past`` = 0) and then decodes one
 token a step. The layers are lowered exactly as in ``export_onnx`` (``MatMulNBits`` on the converted codes).
@@ -60,10 +61,11 @@ def _cache_tensors(output) -> list:
 class CachedStep(torch.nn.Module):
     """``model``'s forward with its KV cache as flat tensors in and out (what the ONNX graph holds)."""
 
-    def __init__(self, model: torch.nn.Module, layers: int):
+    def __init__(self, model: torch.nn.Module, layers: int, all_logits: bool):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.all_logits = model, layers, all_logits
         self.cache_argument = _cache_argument(model)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask, position_ids, past: list):
         from transformers import DynamicCache
@@ -71,9 +73,11 @@ class CachedStep(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        keep = {"logits_to_keep": 1} if self.keeps_logits and not self.all_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_argument: cache})
-        return (out.logits, *_cache_tensors(out))
+                         use_cache=True, **{self.cache_argument: cache}, **keep)
+        logits = out.logits if self.all_logits else out.logits[:, -1:]
+        return (logits, *_cache_tensors(out))
 
 
 def _check_causal_lm(model) -> int:
@@ -104,9 +108,10 @@ def _example_step(model, layers: int) -> tuple:
     return inputs, shapes
 
 
-def export_onnx_decoder(model: torch.nn.Module, path: str) -> dict:
+def export_onnx_decoder(model: torch.nn.Module, path: str, all_logits: bool = False) -> dict:
     """Write a converted Hugging Face causal LM to ``path`` as an ONNX step with a KV cache (module docstring);
-    returns {layer: the ONNX nodes it became}. Run it with :class:`OnnxDecoder`. Needs the ``export`` extra.
+    returns {layer: the ONNX nodes it became}. Run it with :class:`OnnxDecoder`. ``all_logits``: output every
+    position's logits (to score text) instead of the last one's. Needs the ``export`` extra.
     """
     from . import onnx as onnx_export
 
@@ -114,7 +119,7 @@ def export_onnx_decoder(model: torch.nn.Module, path: str) -> dict:
     model = model.eval()
     layers = _check_causal_lm(model)
     inputs, shapes = _example_step(model, layers)
-    step = CachedStep(model, layers).eval()
+    step = CachedStep(model, layers, all_logits).eval()
     names = ["input_ids", "attention_mask", "position_ids", *cache_input_names(layers)]
     try:
         program = onnx_export.torch_onnx_export(step, inputs, {}, shapes, input_names=names,

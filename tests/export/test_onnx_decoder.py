@@ -63,7 +63,7 @@ def test_prefill_logits_agree_with_the_converted_model(exported):
              "position_ids": torch.arange(ids.shape[1]).expand_as(ids).numpy(), **decoder._empty_cache(ids.shape[0])}
     got = torch.from_numpy(decoder.session.run(["logits"], feeds)[0])
     with torch.no_grad():
-        want = converted(ids).logits
+        want = converted(ids).logits[:, -1:]  # the last position's: what decoding reads
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-2
 
 
@@ -97,3 +97,19 @@ def test_a_file_without_a_cache_and_bad_prompts_are_refused(tmp_path, exported):
     decoder = OnnxDecoder(exported[2])
     with pytest.raises(bfx.ExportError, match=r"\[batch, seq\].*\(5,\)"):
         decoder.greedy(torch.arange(5), 3)
+
+
+def test_all_logits_gives_every_positions_logits_for_scoring(tmp_path):
+    model, (ids,), _, _ = _hf_tiny.build("gpt2")
+    converted = bfx.convert(bfx.prepare_qat(model, bfx.ternary()).eval())
+    path = tmp_path / "scoring.onnx"
+    bfx.export_onnx_decoder(converted, path, all_logits=True)
+    decoder = OnnxDecoder(path)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(),
+             "position_ids": torch.arange(ids.shape[1]).expand_as(ids).numpy(), **decoder._empty_cache(ids.shape[0])}
+    got = torch.from_numpy(decoder.session.run(["logits"], feeds)[0])
+    with torch.no_grad():
+        want = converted(ids).logits
+    assert got.shape == want.shape and ((got - want).abs().max() / want.abs().max()).item() <= 1e-2
+    assert torch.equal(decoder.greedy(ids[:1, :5], 4), converted.generate(ids[:1, :5], max_new_tokens=4,
+                                                                           do_sample=False, min_new_tokens=4))
