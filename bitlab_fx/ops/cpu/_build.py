@@ -39,6 +39,9 @@ FILES = (
     ("gemm.c", 2),         # the batched GEMM
     ("weight_only.c", 1),  # act = "none": bitlab_linear_wo, bitlab_expand_wo
     ("conv.c", 1),         # bitlab_im2col_s8
+    ("isa_arm.c", 1),      # ARM64: which ISA the CPU has (the ARM64 files compile to nothing on x86)
+    ("decode_neon.c", 2),  # ARM64, M == 1: the decode loops (NEON, sdot)
+    ("gemm_neon.c", 1),    # ARM64: the batched GEMM's micro-kernels and row unpacking
 )
 PARTS = (1, 2)
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"\n]+)"[^\n]*', re.M)
@@ -47,7 +50,8 @@ _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"\n]+)"[^\n]*', re.
 # compile time (~15% of the first-use build, which targets ~2 s on 2 cores) and no measurable speed.
 CFLAGS = ["-O3", "-fno-tree-vectorize", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-std=gnu11"]
 OPENMP = ["-fopenmp"]
-_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "neon", "asimd")
+_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "neon", "asimd",
+              "asimddp", "i8mm")
 
 
 class BuildError(RuntimeError):

@@ -55,13 +55,18 @@ int bitlab_best_isa(void) {
         return ISA_AVX2;
     }
 #endif
+#ifdef BITLAB_ARM
+    return bitlab_arm_best_isa();
+#endif
     return ISA_SCALAR;
 }
 
-/* Select the ISA (clamped to what the CPU has); returns the one in use. */
+/* Select the ISA: scalar, or one of this architecture's up to the best the CPU has (x86: AVX2 < VNNI; ARM64:
+ * NEON < DOTPROD); anything else selects the best. Returns the one in use. */
 int bitlab_set_isa(int isa) {
     int best = bitlab_best_isa();
-    g_isa = (isa < 0 || isa > best) ? best : isa;
+    int ok = isa == ISA_SCALAR || (isa > 0 && isa <= best && (isa >= ISA_NEON) == (best >= ISA_NEON));
+    g_isa = ok ? isa : best;
     return g_isa;
 }
 
@@ -226,7 +231,7 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
             for (int64_t qi = 0; qi < Q; qi++) {
                 uint32_t d;
                 memcpy(&d, q + qi * 4, 4);
-                d ^= 0x80808080u;
+                d ^= XT_OFFSET * 0x01010101u;
                 memcpy(dst + qi * mt * 4, &d, 4);
             }
         } else {
@@ -314,6 +319,9 @@ static void run_thread(job_t *j, int tid, int nt) {
             return;
         }
 #endif
+#ifdef BITLAB_ARM
+        if (j->M == 1 && bitlab_decode_arm(j, n0, n1)) return;
+#endif
         if (bitlab_gemm_cols(j, n0, n1) != 0) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -341,6 +349,15 @@ static int use_panel(job_t *j) {
     if (j->isa == ISA_VNNI && j->M <= 16) { j->pnc = 24; j->pmt = 16; }
     else if (j->isa == ISA_VNNI) { j->pnc = PANEL_V512_NC; j->pmt = PANEL_V512_MT; }
     else { j->pnc = PANEL_AVX2_NC; j->pmt = PANEL_AVX2_MT; }
+    return 1;
+#elif defined(BITLAB_ARM)
+    /* M == 1 with one scale group takes the decode loops (decode_neon.c); everything else the batched GEMM
+     * (int8 groups must cover whole 4-k steps; else the scalar tiles) */
+    int decode = j->M == 1 && j->ws_kind != 2;
+    if (j->isa < ISA_NEON || (g_panel_min_m > 0 ? j->M < g_panel_min_m : decode)) return 0;
+    if (j->wfmt == W_INT8 && j->gs % 4) return 0;
+    j->pnc = j->isa == ISA_DOTPROD ? PANEL_DOT_NC : PANEL_NEON_NC;
+    j->pmt = PANEL_ARM_MT;
     return 1;
 #else
     (void)j;
@@ -380,7 +397,7 @@ static int run_job(job_t *j, int nthreads) {
         j->xt = (uint8_t *)aligned_alloc(64, (xt_bytes + 63) / 64 * 64);
         if (!j->xt) { free(j->xq); return -1; }
         if (j->M % j->pmt) /* unused lanes of the last tile: activation 0 */
-            memset(j->xt + (tiles - 1) * j->pmt * j->Kp, 0x80, (size_t)(j->pmt * j->Kp));
+            memset(j->xt + (tiles - 1) * j->pmt * j->Kp, XT_OFFSET, (size_t)(j->pmt * j->Kp));
     }
     j->s = (float *)malloc(sizeof(float) * (size_t)j->M);
     j->amax = (float *)malloc(sizeof(float) * (size_t)j->M);

@@ -17,6 +17,10 @@
 #define BITLAB_X86 1
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__)
+#define BITLAB_ARM 1
+#include <arm_neon.h>
+#endif
 
 #define BITLAB_ABI 9
 #ifndef BITLAB_PART
@@ -32,7 +36,7 @@
 /* functions one file calls in another: not exported from the library */
 #define BITLAB_INTERNAL __attribute__((visibility("hidden")))
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3, ISA_DOTPROD = 4 }; /* x86: 0-2, ARM64: 0, 3, 4 */
 enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
 enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
 
@@ -42,6 +46,17 @@ typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_
 #define PANEL_AVX2_MT 16
 #define PANEL_V512_NC 12
 #define PANEL_V512_MT 32
+/* ARM64 (gemm_neon.c): 8 tokens per tile; 8 weight rows per block with sdot, 4 with plain NEON */
+#define PANEL_ARM_MT 8
+#define PANEL_DOT_NC 8
+#define PANEL_NEON_NC 4
+/* The batched GEMM's activation tiles hold the bytes xq + XT_OFFSET: x86 multiplies unsigned activations
+ * (vpdpbusd, maddubs: u8 x s8) and takes XT_OFFSET * sum(w) back out; ARM64's sdot/smull take signed xq. */
+#ifdef __aarch64__
+#define XT_OFFSET 0
+#else
+#define XT_OFFSET 128
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Work description shared by all threads.                                                     */
@@ -221,6 +236,41 @@ void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
+#endif
+
+#ifdef BITLAB_ARM
+/* ARM64 (isa_arm.c, decode_neon.c, gemm_neon.c): the best ISA this CPU has; the decode loops (M == 1; 0: not
+ * one they handle); the batched GEMM's micro-kernel and its row unpacking (signed w in the order of xq) */
+BITLAB_INTERNAL int bitlab_arm_best_isa(void);
+BITLAB_INTERNAL int bitlab_decode_arm(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL panel_fn bitlab_panel_arm(const job_t *j);
+BITLAB_INTERNAL void bitlab_unpack_row_arm(const job_t *j, int64_t n, int8_t *row);
+/* Functions with sdot carry TGT_DOTPROD (the library is built for baseline ARMv8-A) and use SDOT (16 int8
+ * products into 4 int32 lanes) and SDOT_LANE (each 4-byte group of a times group `lane` of b). gcc's arm_neon.h
+ * has the intrinsics for such functions; clang's (before 16) only with -march=...+dotprod, so clang gets the
+ * instruction as inline assembly. */
+#if defined(__clang__)
+#define TGT_DOTPROD __attribute__((target("dotprod")))
+#define SDOT(acc, a, b) __extension__({                                                                       \
+    int32x4_t sdot_acc_ = (acc);                                                                              \
+    __asm__("sdot %0.4s, %1.16b, %2.16b" : "+w"(sdot_acc_) : "w"(a), "w"(b));                                 \
+    sdot_acc_; })
+#define SDOT_LANE(acc, a, b, lane) __extension__({                                                            \
+    int32x4_t sdot_acc_ = (acc);                                                                              \
+    __asm__("sdot %0.4s, %1.16b, %2.4b[" #lane "]" : "+w"(sdot_acc_) : "w"(a), "w"(b));                       \
+    sdot_acc_; })
+#else
+#define TGT_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#define SDOT(acc, a, b) vdotq_s32(acc, a, b)
+#define SDOT_LANE(acc, a, b, lane) vdotq_laneq_s32(acc, a, b, lane)
+#endif
+
+/* acc += the 16 products a[i] * b[i] (int8 x int8, exact for any values, -128 included), added in pairs: plain
+ * NEON's stand-in for sdot (lane i gets products 2i, 2i + 1, 2i + 8, 2i + 9; only the lanes' total is used) */
+static inline __attribute__((always_inline)) int32x4_t dot16_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    return vpadalq_s16(acc, vmull_high_s8(a, b));
+}
 #endif
 
 #endif /* BITLAB_CPU_H */

@@ -198,7 +198,7 @@ const panel_fn bitlab_panel_v512 = panel_v512;
 /* y[m, n] from a panel tile: tile[g][c][mm] - 128 * sum of the group's weights */
 static inline float rescale_panel(const job_t *j, const int32_t *tile, int64_t gstride, const int32_t *wsum,
                                   int64_t n, int64_t m) {
-    RESCALE_BODY((int32_t)((uint32_t)tile[g * gstride] - 128u * (uint32_t)wsum[g])) /* exact mod 2^32 */
+    RESCALE_BODY((int32_t)((uint32_t)tile[g * gstride] - (uint32_t)XT_OFFSET * (uint32_t)wsum[g])) /* exact mod 2^32 */
 }
 
 /* batched path: blocks of pnc output channels in [n0, n1) against every tile of pmt tokens */
@@ -218,6 +218,9 @@ BITLAB_INTERNAL int bitlab_panel_cols(job_t *j, int64_t n0, int64_t n1) {
 #ifdef BITLAB_X86
     if (j->isa == ISA_VNNI) fn = MT == 16 ? bitlab_panel_v512_16 : bitlab_panel_v512;
     else fn = j->wfmt == W_INT4 ? panel_avx2_i4 : panel_avx2;
+#endif
+#ifdef BITLAB_ARM
+    fn = bitlab_panel_arm(j);
 #endif
     memset(row, 0, (size_t)(Kb * 128));
     for (int64_t n = n0; n < n1; n += NC) {
@@ -239,11 +242,15 @@ BITLAB_INTERNAL int bitlab_panel_cols(job_t *j, int64_t n0, int64_t n1) {
                     continue;
                 }
 #endif
+#ifdef BITLAB_ARM
+                bitlab_unpack_row_arm(j, n + c, row); /* any format: Kp signed weights in the order of xq */
+#else
                 memcpy(row, (const int8_t *)j->w + (n + c) * j->K, (size_t)j->K);
                 memset(row + j->K, 0, (size_t)(Kp - j->K));
+#endif
                 for (int64_t g = 0; g < G; g++) {
                     int64_t k0 = g * j->gs, k1 = g == G - 1 ? Kp : k0 + j->gs;
-                    wsum[c * G + g] = bitlab_row_sum(j, row + k0, k1 - k0);
+                    wsum[c * G + g] = XT_OFFSET ? bitlab_row_sum(j, row + k0, k1 - k0) : 0;
                 }
             }
             for (int64_t b = 0; b < Kb; b++) memcpy(w8 + (b * NC + c) * 128, row + b * 128, 128);
