@@ -29,18 +29,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def qconfig():
+def qconfig(train_kernel="fake_quant"):
     """Dynamic per-token (default), static signed per-tensor on fc1, static unsigned on head."""
     static = bfx.IntActivation(granularity="per_tensor", dynamic=False)
     static_u = bfx.IntActivation(signed=False, granularity="per_tensor", dynamic=False)
-    return (bfx.QConfigMapping().set_global(bfx.ternary())
-            .set_module_name("fc1", bfx.QuantConfig(weight="ternary", input=static))
-            .set_module_name("head", bfx.QuantConfig(weight="int8", input=static_u)))
+    return (bfx.QConfigMapping().set_global(bfx.QuantConfig("ternary", "int8", train_kernel=train_kernel))
+            .set_module_name("fc1", bfx.QuantConfig(weight="ternary", input=static, train_kernel=train_kernel))
+            .set_module_name("head", bfx.QuantConfig(weight="int8", input=static_u, train_kernel=train_kernel)))
 
 
-def prepared_model(dtype=torch.float64):
+def prepared_model(dtype=torch.float64, train_kernel="fake_quant"):
     torch.manual_seed(0)
-    return bfx.prepare_qat(SmallNet().to(dtype), qconfig())
+    return bfx.prepare_qat(SmallNet().to(dtype), qconfig(train_kernel))
 
 
 def batches(dtype=torch.float64, steps=STEPS):
@@ -122,6 +122,10 @@ def _worker(rank, port, outdir):
         pm = prepared_model(torch.float32)
         train(nn.parallel.DistributedDataParallel(pm), pm.parameters(), batches(torch.float32, 3), rank, WORLD)
         result["ddp_fp32"] = pm.state_dict()
+        # fp32, the integer training forward (train_kernel="int8": integer kernels, int8 codes saved for backward)
+        pm = prepared_model(torch.float32, "int8")
+        train(nn.parallel.DistributedDataParallel(pm), pm.parameters(), batches(torch.float32, 3), rank, WORLD)
+        result["ddp_int8"] = pm.state_dict()
         # per-rank observers: sync off, no buffer broadcast
         pm = prepared_model()
         for m in pm.modules():
@@ -225,6 +229,12 @@ def test_ddp_fp32_trains_like_one_process(ranks):
     ref = _float_items(train(pm, pm.parameters(), batches(torch.float32, 3)).state_dict())
     for r in ranks:
         _assert_close(_float_items(r["ddp_fp32"]), ref)
+
+
+def test_ddp_integer_forward_trains_like_fake_quant(ranks):
+    """train_kernel="int8" under DDP: the same model as the fake-quant DDP run, to float rounding."""
+    for r in ranks:
+        _assert_close(_float_items(r["ddp_int8"]), _float_items(r["ddp_fp32"]))
 
 
 def test_ddp_static_observers_see_the_global_batch(ranks, single):

@@ -14,7 +14,9 @@ value is the converted op's (the gradients are the float call's).
 A weight used by several calls gets one weight fake-quant, shared. With ``bias=IntBias(...)`` the bias is
 read through ``call_module[fc1_bias_fq](get_attr[fc1.bias], get_attr[fc1.weight])``. A layer input that
 already comes from an output quantizer through scale-preserving ops (``input_scale``) is not quantized again, and
-an IntBias without ``input=`` takes its step from that quantizer.
+an IntBias without ``input=`` takes its step from that quantizer. On the layer's own dynamic (per-token) signed
+input quantizer the bias step is one per token, ``input_step[t] * weight_step[n]``: the layer call quantizes the
+bias per token with the multipliers of its input codes (``BiasFakeQuant.per_token``).
 Output quantizers of non-layer nodes (ReLUs, identities, any function) are inserted first (``output_quant``).
 """
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_arg
         if spec is not None:
             meta.notes.append(f"input already quantized by {upstream.layer!r} ({upstream.spec.format}): not re-quantized")
         meta.input_from = f"{upstream.spec.format} from {upstream.layer!r}"
-        meta.input_scale = source.describe()
+        meta.input_scale = source.describe() + (" (dynamic: re-quantized per layer token)" if upstream.spec.dynamic
+                                                else "")
         return upstream, source
     if spec is None:
         meta.input_scale = "float"
@@ -82,26 +85,34 @@ _STATIC = "IntActivation(bits, dynamic=False, granularity='per_tensor')"
 
 
 def _bias_scale_error(meta: LayerMeta, in_fq: Optional[ActivationFakeQuant], source: ScaleSource) -> ConfigError:
-    """Why an IntBias has no static input step, and what to do."""
+    """Why an IntBias has no input step it can use, and what to do."""
     where = (f"layer {meta.fqn!r} ({getattr(meta.object_type, '__name__', meta.object_type)}, matched by rule "
              f"{meta.rule}): IntBias(bits={meta.config.bias.bits})")
     if in_fq is None:
         return ConfigError(f"{where} needs the step of a quantized input (bias step = input_step * weight_step), but "
                            f"no activation quantizer reaches the layer's input: the chain breaks at {source.broken_by}. "
-                           f"Give the layer its own input={_STATIC}, or quantize the output of the op that breaks "
-                           f"the chain (a rule with output={_STATIC}), or drop bias= from its config")
+                           f"Give the layer its own input={_STATIC} (or a signed dynamic input=IntActivation(bits): "
+                           f"one bias step per token), or quantize the output of the op that breaks the chain (a rule "
+                           f"with output={_STATIC}), or drop bias= from its config")
     owner = "its own input quantizer" if in_fq.layer == meta.fqn else f"the quantizer of {in_fq.layer!r}"
-    return ConfigError(f"{where} needs one static input scale (bias step = input_step * weight_step), but {owner} "
-                       f"({in_fq.spec.format}) is dynamic {in_fq.spec.granularity} (a new scale for every input; "
-                       f"dynamic=True is IntActivation's default). Use {_STATIC} there, as Brevitas' activation "
-                       "quantizers are, or drop bias=")
+    return ConfigError(f"{where}: {owner} ({in_fq.spec.format}) is dynamic {in_fq.spec.granularity} (a new scale for "
+                       f"every input; dynamic=True is IntActivation's default), so the bias step is one per token, "
+                       f"and the layer's op must compute those tokens' codes itself, as int8 codes: "
+                       f"{in_fq.spec.format} codes do not fit int8. Use at most 7 unsigned or 8 signed bits there, or "
+                       f"{_STATIC} as Brevitas' activation quantizers are, or drop bias=")
 
 
 def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant],
-                    weight_fq: Optional[WeightFakeQuant], source: ScaleSource) -> fx.Node:
-    """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step."""
-    if in_fq is None or in_fq.spec.dynamic:
+                    weight_fq: Optional[WeightFakeQuant], source: ScaleSource, layer_in) -> fx.Node:
+    """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step (per token on a
+    dynamic input quantizer fused into the layer's op, ``layer_in``: the layer's input argument)."""
+    if in_fq is None:
         raise _bias_scale_error(meta, in_fq, source)
+    if in_fq.spec.dynamic:
+        codes = layer_input_codes(gm, layer_in, meta.token_dims)
+        if codes is None or codes.quantizer is not in_fq or codes.on_grid:
+            raise _bias_scale_error(meta, in_fq, source)
+        meta.input_scale += ", bias step per token"
     fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule),
                        weight_fq=weight_fq)
     name = unique_name(gm, f"{meta.fqn}_bias_fq")
@@ -124,7 +135,7 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
     in_fq, source = _input_quantizer(gm, node, meta, new_args)
     if config.bias is not None and node.args[2] is not None:
         wfq = gm.get_submodule(new_args[1].target) if config.weight is not None else None
-        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq, source)
+        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq, source, new_args[0])
     node.args = tuple(new_args)
     if config.weight is not None:
         _compute_from_codes(gm, node, meta)
@@ -143,16 +154,35 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
         return
     w_fq = node.args[1]
     gm.get_submodule(w_fq.target).hand_over = True  # the layer reuses the codes its quantizers just computed
-    codes.quantizer.hand_over = codes.quantizer.hand_over or not codes.on_grid
+    codes.quantizer.hand_over = codes.quantizer.hand_over or not (codes.on_grid or codes.requantized)
     base = meta.fqn.replace(".", "_") or "layer"
     with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
         input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")
         weight_quantizer = gm.graph.create_node("get_attr", w_fq.target, name=f"{base}_weight_quantizer")
         bias_kwargs = _int_bias_kwargs(gm, node.args[2], base)
     node.target = LAYER_KINDS[meta.op].exact
+    integer = {"train_kernel": meta.config.train_kernel} if meta.config.train_kernel != "fake_quant" else {}
     node.kwargs = {**node.kwargs, "codes_from": codes.source, "weight": w_fq.args[0],
                    "input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer, "on_grid": codes.on_grid,
-                   **bias_kwargs}
+                   **bias_kwargs, **integer}
+
+
+def _integer_reader(node: fx.Node, quantizer_node: fx.Node) -> bool:
+    """Whether ``node`` is an integer layer call that reads ``quantizer_node`` only as its fake-quant input (computed
+    from the quantizer's own input, not on-grid values) or weight: it needs the codes, not the float values."""
+    if node.kwargs.get("train_kernel", "fake_quant") == "fake_quant" or node.kwargs.get("on_grid", True):
+        return False
+    slots = [i for i, a in enumerate(node.args) if a is quantizer_node]
+    return bool(slots) and all(i in (0, 1) for i in slots) and quantizer_node not in node.kwargs.values() and \
+        (0 not in slots or node.kwargs.get("codes_from") is quantizer_node.args[0])
+
+
+def _mark_stand_ins(gm: fx.GraphModule) -> None:
+    """Input and weight quantizers read by integer layer calls only return their input (``_FakeQuant.stand_in``)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (ActivationFakeQuant, WeightFakeQuant)):
+            users = list(node.users)
+            gm.get_submodule(node.target).stand_in = bool(users) and all(_integer_reader(u, node) for u in users)
 
 
 def _int_bias_kwargs(gm: fx.GraphModule, bias, base: str) -> dict:
@@ -187,6 +217,7 @@ def insert_fake_quant(gm: fx.GraphModule, mapping: QConfigMapping) -> fx.GraphMo
             used.add(meta.rule)
         if meta.config is not None:
             _quantize_layer(gm, node, meta, weight_fq)
+    _mark_stand_ins(gm)
     mapping.warn_unused(used)
     gm.graph.lint()
     gm.recompile()

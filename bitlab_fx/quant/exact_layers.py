@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import arithmetic as A
+from . import integer_train
 from . import primitives as P
 
 
@@ -41,17 +42,42 @@ def _use_codes(input_quantizer, weight_quantizer, on_grid: bool) -> bool:
     return False
 
 
-def input_codes(x: torch.Tensor, quantizer, token_dims: int):
-    """The int8 codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op
-    computes them: ``clamp(round(x * mult), -128, 127)``. The multiplier broadcasts against ``x``. (The
-    quantizer's own int8 codes of ``x``, when it just computed them: the same numbers.)"""
+def _float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantizer):
+    """The fake-quant values of a float layer call: a quantizer that returned a stand-in for an integer layer
+    (``stand_in``, see ``integer_train``) gives its fake-quant value now."""
+    return input_quantizer.fake_value(codes_from, x_fq), weight_quantizer.fake_value(weight, w_fq)
+
+
+def input_codes(x: torch.Tensor, quantizer, token_dims: int, on_grid: bool = False):
+    """The codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op computes them:
+    ``clamp(round(x * mult), -128, 127)``, or on the range of a fused signed quantizer of fewer bits (the op's
+    ``act_bits``; ``on_grid`` values are read back with int8 codes). The multiplier broadcasts against ``x``. (The
+    quantizer's own codes of ``x``, when it just computed them: the same numbers.)"""
     kept = quantizer.take_codes(x)
     if kept is not None:
         return kept
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)
-        return A.int8_codes(xf, mult), mult
+        if on_grid:
+            return A.int8_codes(xf, mult), mult
+        return A.codes(xf, mult, quantizer.spec.qmin, quantizer.spec.qmax), mult
+
+
+def layer_grads(grad: torch.Tensor, x_fq: torch.Tensor, w_fq: torch.Tensor, bias_shape, geometry, needs):
+    """``(grad_x, grad_w, grad_b)`` of the float layer call ``op(x_fq, w_fq, bias)`` (``geometry``: None for linear,
+    else a conv's ``(stride, padding, dilation, groups)``); ``needs``: which of the three are wanted."""
+    need_x, need_w, need_b = needs
+    if geometry is None:  # linear
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = (grad.to(w_fq.dtype) @ w_fq).to(x_fq.dtype) if need_x else None
+        gw = (g2.t().to(x_fq.dtype) @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_fq.dtype) if need_w else None
+        gb = g2.sum(0) if need_b else None
+        return gx, gw, gb
+    stride, padding, dilation, groups = geometry
+    return torch.ops.aten.convolution_backward(
+        grad.to(x_fq.dtype), x_fq, w_fq, list(bias_shape) if need_b else None, stride, padding, dilation,
+        False, [0] * len(stride), groups, [need_x, need_w, need_b])
 
 
 class _ExactForward(torch.autograd.Function):
@@ -68,39 +94,35 @@ class _ExactForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_fq, w_fq = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.geometry is None:  # linear
-            g2 = grad.reshape(-1, grad.shape[-1])
-            gx = (grad.to(w_fq.dtype) @ w_fq).to(x_fq.dtype) if need_x else None
-            gw = (g2.t().to(x_fq.dtype) @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_fq.dtype) if need_w else None
-            gb = g2.sum(0) if need_b else None
-            return gx, gw, gb, None, None
-        stride, padding, dilation, groups = ctx.geometry
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad.to(x_fq.dtype), x_fq, w_fq, list(ctx.bias_shape) if need_b else None, stride, padding, dilation,
-            False, [0] * len(stride), groups, [need_x, need_w, need_b])
+        gx, gw, gb = layer_grads(grad, x_fq, w_fq, ctx.bias_shape, ctx.geometry, ctx.needs_input_grad[:3])
         return gx, gw, gb, None, None
 
 
-def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor):
+def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor,
+                x_mult: torch.Tensor):
     """``(float bias, integer bias codes)`` of the value: an IntBias that is fully on joins the integer sums as its
-    codes (as the converted op's ``bias_codes``); otherwise the bias argument is added in float."""
+    codes (as the converted op's ``bias_codes``; per token ``[T, N]`` on a dynamic input, from the multipliers
+    ``x_mult`` of this call, as the op's ``bias_bits``); otherwise the bias argument is added in float."""
     if bias is None or bias_quantizer is None or not bias_quantizer.quantizes():
         return (None if bias is None else bias.detach()), None
-    return None, bias_quantizer.codes(bias_from, weight)[0]
+    return None, bias_quantizer.codes(bias_from, weight, x_mult if bias_quantizer.per_token else None)[0]
 
 
 def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] = None, *, codes_from: torch.Tensor,
            weight: torch.Tensor, input_quantizer, weight_quantizer, on_grid: bool = False, bias_quantizer=None,
-           bias_from: Optional[torch.Tensor] = None) -> torch.Tensor:
+           bias_from: Optional[torch.Tensor] = None, train_kernel: str = "fake_quant") -> torch.Tensor:
     """``F.linear(x_fq, w_fq, bias)`` whose value is the converted op's (see the module docstring); with an IntBias
-    (``bias_quantizer``, on the float bias ``bias_from``) its integer codes join the integer sums."""
+    (``bias_quantizer``, on the float bias ``bias_from``) its integer codes join the integer sums.
+    ``train_kernel="int8"``: the integer kernel and integer saved tensors (``integer_train``)."""
     if not _use_codes(input_quantizer, weight_quantizer, on_grid):
-        return F.linear(x_fq, w_fq, bias)
+        return F.linear(*_float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantizer), bias)
     k = x_fq.shape[-1]
-    xq, mult = input_codes(codes_from, input_quantizer, 1)
+    xq, mult = input_codes(codes_from, input_quantizer, 1, on_grid)
     wq, w_step = weight_quantizer.codes(weight)
-    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight, mult.reshape(-1, 1))
+    if train_kernel == "int8":
+        return integer_train.linear(x_fq, w_fq, bias, codes_from, input_quantizer.spec, xq, mult, wq, w_step,
+                                    weight_quantizer.spec, float_bias, bias_codes)
     y = A.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
                             float_bias, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.reshape(*x_fq.shape[:-1], wq.shape[0])
@@ -108,22 +130,27 @@ def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] 
 
 
 def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer, weight_quantizer,
-          on_grid, bias_quantizer=None, bias_from=None):
+          on_grid, bias_quantizer=None, bias_from=None, train_kernel="fake_quant"):
     conv = F.conv1d if w_fq.dim() == 3 else F.conv2d
     if isinstance(padding, str) or not _use_codes(input_quantizer, weight_quantizer, on_grid):
+        x_fq, w_fq = _float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantizer)
         return conv(x_fq, w_fq, bias, stride, padding, dilation, groups)
     unbatched = x_fq.dim() == w_fq.dim() - 1
     src = codes_from.unsqueeze(0) if unbatched else codes_from
-    xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1)
+    xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1, on_grid)
     wq, w_step = weight_quantizer.codes(weight)
-    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight, mult)  # per token: per sample
     y = A.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1), float_bias, stride, padding,
                           dilation, groups, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.squeeze(0) if unbatched else y
     if unbatched:  # convolution_backward needs a batch dim: the float call's autograd, the codes' value
+        x_fq, w_fq = _float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantizer)
         return P.straight_through(conv(x_fq, w_fq, bias, stride, padding, dilation, groups), y)
     n = w_fq.dim() - 2
     geometry = (_ints(stride, n), _ints(padding, n), _ints(dilation, n), groups)
+    if train_kernel == "int8":
+        return integer_train.conv(x_fq, w_fq, bias, y, xq, mult, wq.reshape(weight.shape), w_step,
+                                  weight_quantizer.spec, geometry)
     return _ExactForward.apply(x_fq, w_fq, bias, y, geometry)
 
 
@@ -132,15 +159,15 @@ def _ints(v, n: int) -> list:
 
 
 def conv1d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
-           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None):
+           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None, train_kernel="fake_quant"):
     """``F.conv1d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
     return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
-                 weight_quantizer, on_grid, bias_quantizer, bias_from)
+                 weight_quantizer, on_grid, bias_quantizer, bias_from, train_kernel)
 
 
 def conv2d(x_fq, w_fq, bias=None, stride=1, padding=0, dilation=1, groups=1, *, codes_from, weight, input_quantizer,
-           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None):
+           weight_quantizer, on_grid: bool = False, bias_quantizer=None, bias_from=None, train_kernel="fake_quant"):
     """``F.conv2d(x_fq, w_fq, bias, ...)`` whose value is the converted op's (one multiplier per sample)."""
     return _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer,
-                 weight_quantizer, on_grid, bias_quantizer, bias_from)
+                 weight_quantizer, on_grid, bias_quantizer, bias_from, train_kernel)
 

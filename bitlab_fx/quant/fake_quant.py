@@ -50,6 +50,12 @@ class _FakeQuant(_CodesHandOver, nn.Module):
 
     ``mix = 1`` (default) is plain fake quantization; ``0 < mix < 1`` returns
     ``(1 - mix) * x + mix * fake_quant(x)`` (see ``bfx.QuantWarmup``); ``mix = 0`` is the identity.
+
+    ``stand_in`` (set by ``prepare_qat`` when every reader of the output is an integer layer call,
+    ``QuantConfig(train_kernel="int8")``): a fully-on quantizer whose straight-through gradient is the identity
+    (no learned step) returns its input instead of the fake-quant value; the layer computes its value from the
+    codes (handed over) and its gradients from the saved codes, and asks :meth:`fake_value` for the float value
+    when it falls back to the float call.
     """
 
     def __init__(self, spec, layer: str, rule: str):
@@ -60,6 +66,15 @@ class _FakeQuant(_CodesHandOver, nn.Module):
         self.enabled = True
         self.mix = 1.0
         self.hand_over = False  # keep the last codes for an exact layer call (see _CodesHandOver)
+        self.stand_in = False  # return the input for integer layer calls (see the class docstring)
+
+    def _returns_stand_in(self) -> bool:
+        return self.stand_in and self.enabled and self.mix >= 1.0 and not self.spec.learned
+
+    def fake_value(self, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The fake-quant value of ``source`` when ``value`` is the stand-in this quantizer returned for it, else
+        ``value`` as it is."""
+        return self._fake_quantize(source) if self._returns_stand_in() else value
 
     def _blend(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q if self.mix >= 1.0 else torch.lerp(x, q, self.mix)
@@ -112,7 +127,13 @@ class WeightFakeQuant(_FakeQuant):
             return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
         wq, g = P.weight_codes(w, self.spec)
         self._keep_codes(w, wq, g)
+        if self._returns_stand_in():
+            return w
         return self._blend(w, P.fake_quantize_weight(w, wq, g, self.spec.granularity))
+
+    def _fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        wq, g = P.weight_codes(w, self.spec)
+        return P.fake_quantize_weight(w, wq, g, self.spec.granularity)
 
 
 class ActivationFakeQuant(_FakeQuant):
@@ -202,15 +223,25 @@ class ActivationFakeQuant(_FakeQuant):
         s = self.multiplier(x)
         q = P.quantize_activation(x, s, self.spec)
         self._keep_codes(x, q, s)
+        if self._returns_stand_in():
+            return x
         return self._blend(x, P.fake_quantize_activation(x, q, s))
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.code_multiplier(x.detach().float(), self.token_dims)  # the forward's multiplier, not observing again
+        return P.fake_quantize_activation(x, P.quantize_activation(x, s, self.spec), s)
 
 
 class BiasFakeQuant(_FakeQuant):
     """Fake-quantizes a bias with an :class:`IntBias` spec on the step ``input_step * weight_step``
     (Brevitas' ``Int8Bias``): ``call_module[fc1_bias_fq](bias, weight)``.
 
-    ``input_fq`` is the static activation quantizer that feeds the layer (its step is ``1/multiplier``);
-    it is held as a plain reference, not a submodule (it already lives in the graph).
+    ``input_fq`` is the activation quantizer that feeds the layer (its step is ``1/multiplier``); it is held as a
+    plain reference, not a submodule (it already lives in the graph). When it is static, the step is one number
+    per output channel and ``forward`` returns the fake-quantized bias. When it is dynamic (the layer's own
+    per-token input quantizer), the step changes with every token (``w_step / x_mult[token]``, :attr:`per_token`):
+    ``forward`` returns the float bias, and the layer call quantizes it per token from the multipliers it computes
+    its input codes with (``exact_layers``; the converted op does the same at run time, ``bias_bits``).
     """
 
     def __init__(self, spec: IntBias, weight_spec: Union[TernaryWeight, IntWeight], input_fq: "ActivationFakeQuant",
@@ -220,24 +251,36 @@ class BiasFakeQuant(_FakeQuant):
         object.__setattr__(self, "input_fq", input_fq)
         object.__setattr__(self, "weight_fq", weight_fq)  # its learned step, when the weight has one
 
-    def step(self, weight: torch.Tensor) -> torch.Tensor:
-        """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient)."""
+    @property
+    def per_token(self) -> bool:
+        """Whether the input step is one per token (a dynamic input quantizer), so the bias codes are made per call."""
+        return self.input_fq.spec.dynamic
+
+    def step(self, weight: torch.Tensor, x_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient); per token,
+        ``[T, N]`` from the multipliers ``x_mult`` of the call's tokens (:func:`arithmetic.token_bias_step`)."""
         wfq = self.__dict__.get("weight_fq")
         g = (wfq.step(weight) if wfq is not None else P.weight_scale(weight, self.weight_spec)).reshape(-1)
+        if self.per_token:
+            if x_mult is None:
+                raise ValueError(f"the IntBias of {self.layer!r} is on a dynamic input: its step is one per token; "
+                                 "pass the call's input multipliers x_mult")
+            return A.token_bias_step(g, x_mult)
         return g / self.input_fq.multiplier(weight.new_empty(0)).float().reshape(-1)
 
     def quantizes(self) -> bool:
         """Whether ``forward`` returns exactly ``codes * step`` (on, not blending in, its input quantizer on)."""
         return self.enabled and self.mix >= 1.0 and self.input_fq.enabled
 
-    def codes(self, bias: torch.Tensor, weight: torch.Tensor):
-        """``(codes, step)``: the integer bias (fp32 whole numbers ``[N]``) and its step, what ``convert`` stores
-        as int32 and the layers add to their integer sums (``exact_layers``, the ops' ``bias_codes``)."""
-        step = self.step(weight)
-        return P.quantize_bias(bias.detach().float(), step, self.spec.bits), step
+    def codes(self, bias: torch.Tensor, weight: torch.Tensor, x_mult: Optional[torch.Tensor] = None):
+        """``(codes, step)``: the integer bias (fp32 whole numbers ``[N]``, or ``[T, N]`` per token) and its step, what
+        ``convert`` stores as int32 (static input) and the layers add to their integer sums (``exact_layers``, the ops'
+        ``bias_codes`` / ``bias_bits``)."""
+        step = self.step(weight, x_mult)
+        return A.bias_codes(bias, step, self.spec.bits), step
 
     def forward(self, bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if not self._active() or not self.input_fq.enabled:
+        if not self._active() or not self.input_fq.enabled or self.per_token:
             return bias
         return self._blend(bias, P.fake_quantize_bias(bias, self.step(weight), self.spec.bits))
 

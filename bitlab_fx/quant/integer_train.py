@@ -1,0 +1,106 @@
+"""The integer training forward of a prepared layer (``QuantConfig(train_kernel="int8")``).
+
+A quantized layer with int8 input codes has one value, in training as at inference (``arithmetic``)::
+
+    acc = xq @ wq.T   (exact integers),   y = fp32(acc) * w_step / x_mult  (+ bias)
+
+``exact_layers`` computes it with a float matmul of the codes and saves the fake-quantized float input and
+weight for the backward. With ``train_kernel="int8"`` a linear layer runs the product on the CPU kernel
+instead (:func:`linear_codes`: the weight codes packed each step, ``bitlab_linear_q`` on the int8 input codes,
+bitwise the same ``y``), and every such layer (linear or conv) saves integers for the backward: the int8
+input codes with their multipliers (one per token) and the int8 weight codes with their steps, about a
+quarter of the float tensors' bytes. The backward rebuilds ``x_fq = xq / x_mult`` and ``w_fq = wq * w_step``,
+exactly the fake-quant values, and computes the fake-quant layer's gradients from them (``exact_layers``'
+``layer_grads``); they flow to the quantizers' outputs and on through their straight-through (or LSQ)
+estimators as before.
+
+The quantizers of such a layer need not compute the float fake-quant values at all: ``prepare_qat`` marks
+those whose every reader is an integer layer (``stand_in``), and they return their input instead, whose
+gradient path is the identity their straight-through estimator gives (see ``fake_quant``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import arithmetic as A
+from . import primitives as P
+from .formats import format_of
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the bitlab ops take (ops/_schema.py)
+
+
+def _kernel_fits(source: Tensor, weight_format: str, w_step: Tensor, bias_codes: Optional[Tensor]) -> bool:
+    """Whether the bitlab op of this weight format computes this layer (ternary scale groups must cover whole
+    32-code runs of the packed layout; integer bias codes one per channel)."""
+    k = source.shape[-1]
+    return (source.device.type == "cpu" and source.dtype in _KERNEL_DTYPES and k > 0 and source.numel() > 0
+            and not (weight_format == "ternary" and w_step.dim() == 2 and (k // w_step.shape[1]) % 32)
+            and (bias_codes is None or bias_codes.dim() == 1))
+
+
+def _product(source: Tensor, act_spec, mult: Tensor, xq: Tensor, wq: Tensor, w_step: Tensor, weight_spec,
+             bias: Optional[Tensor], bias_codes: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``y`` (``source``'s leading dims, ``dtype``) of the layer: the converted layer's op (``torch.ops.bitlab``) on
+    the weight codes stored in its format this step, which quantizes ``source`` to the codes ``xq`` itself (the
+    one arithmetic); where no op takes the layer, :func:`arithmetic.linear_from_codes` on ``xq`` (same value)."""
+    fmt = format_of(weight_spec)
+    if not _kernel_fits(source, fmt.name, w_step, bias_codes):
+        y = A.linear_from_codes(xq, mult, wq, w_step, bias, dtype, P.weight_qrange(weight_spec), bias_codes)
+        return y.reshape(*source.shape[:-1], wq.shape[0])
+    act, multiplier = (act_spec.granularity, None) if act_spec.dynamic else ("per_tensor", mult.float().reshape(1))
+    kwargs = {"in_features": source.shape[-1]} if fmt.packed else {}
+    if multiplier is not None:
+        kwargs["act_multiplier"] = multiplier
+    if bias_codes is not None:
+        kwargs["bias_codes"] = bias_codes.to(torch.int32)
+    y = fmt.op("linear")(source.detach(), fmt.store(wq), w_step.float(), bias, act, None, **kwargs)
+    return y.to(dtype)
+
+
+class _IntegerForward(torch.autograd.Function):
+    """Returns ``y``; saves the int8 codes and their scales; the gradients are the float layer call's
+    ``op(x_fq, w_fq, bias)`` with ``x_fq``/``w_fq`` rebuilt from the codes (``geometry``: None for linear)."""
+
+    @staticmethod
+    def forward(ctx, x_fq, w_fq, bias, y, xq, x_mult, wq, w_step, granularity, geometry):
+        ctx.save_for_backward(xq, x_mult, wq, w_step)
+        ctx.granularity, ctx.geometry = granularity, geometry
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x_fq.shape, x_fq.dtype, w_fq.dtype
+        ctx.bias_shape = None if bias is None else bias.shape
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .exact_layers import layer_grads
+        xq, x_mult, wq, w_step = ctx.saved_tensors
+        x_fq = P.dequantize_activation(xq, x_mult, ctx.x_dtype).reshape(ctx.x_shape)
+        w_fq = P.dequantize_weight(wq, w_step, ctx.granularity).to(ctx.w_dtype)
+        gx, gw, gb = layer_grads(grad, x_fq, w_fq, ctx.bias_shape, ctx.geometry, ctx.needs_input_grad[:3])
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _int8(codes: Tensor) -> Tensor:
+    return codes if codes.dtype == torch.int8 else codes.to(torch.int8)
+
+
+def linear(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], source: Tensor, act_spec, xq: Tensor, mult: Tensor,
+           wq: Tensor, w_step: Tensor, weight_spec, float_bias: Optional[Tensor], bias_codes: Optional[Tensor]) -> Tensor:
+    """The layer ``F.linear(x_fq, w_fq, bias)`` of input codes ``xq`` (multiplier ``mult``, computed from ``source``
+    with ``act_spec``) and weight codes ``wq`` (step ``w_step``; fp32 whole numbers or int8): its value on the
+    integer kernel, the int8 codes saved for the backward."""
+    k = x_fq.shape[-1]
+    xq2, wq2 = _int8(xq.reshape(-1, k)), _int8(wq.reshape(wq.shape[0], -1))
+    rows = mult.float().reshape(-1, 1)
+    float_bias = None if float_bias is None else float_bias.float()
+    y = _product(source, act_spec, rows, xq2, wq2, w_step, weight_spec, float_bias, bias_codes, x_fq.dtype)
+    return _IntegerForward.apply(x_fq, w_fq, bias, y, xq2, rows, wq2, w_step, weight_spec.granularity, None)
+
+
+def conv(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], y: Tensor, xq: Tensor, mult: Tensor, wq: Tensor,
+         w_step: Tensor, weight_spec, geometry) -> Tensor:
+    """A conv layer whose value ``y`` the caller computed from the codes: saves the int8 codes for the backward."""
+    return _IntegerForward.apply(x_fq, w_fq, bias, y, _int8(xq), mult.float(), _int8(wq), w_step,
+                                 weight_spec.granularity, geometry)
