@@ -13,9 +13,10 @@ import warnings
 import torch
 
 from ..errors import ExportError
+from ..nn.embedding import QuantizedEmbedding
 from . import ggml_blocks
 from .gguf_tokenizer import add_tokenizer
-from .weights import check_converted, converted_layers, layer_weight
+from .weights import check_converted, converted_layers, layer_weight, stored_layer_weight
 
 # Hugging Face model class -> GGUF architecture (llama.cpp runs Mistral as "llama")
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -133,7 +134,10 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
 
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    layers = {c.name: layer_weight(c) for c in converted_layers(model).values()}
+    embeddings = _quantized_embeddings(model)
+    shared = {e.stored_weight.data_ptr() for e in embeddings.values()}
+    layers = {c.name: layer_weight(c) for c in converted_layers(model).values()
+              if c.stored_weight.data_ptr() not in shared}  # a head tied to a quantized embedding: token_embd only
     inside = tuple(path + "." for path, m in model.named_modules()  # converted layers, their fused siblings
                    if type(m).__module__.startswith("bitlab_fx.nn") and not isinstance(m, torch.fx.GraphModule))
     written, fallbacks = {}, []
@@ -155,16 +159,26 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
             fallbacks.append(f"{hf_name} ({layer.weight_format} {tuple(layer.codes.shape)}: {kind})")
         if layer.bias is not None:
             _add(writer, gguf_name(hf_name + ".bias"), "F32", layer.bias.numpy(), written)
+    for hf_name, embedding in embeddings.items():  # llama.cpp gathers rows of any block type
+        layer = stored_layer_weight(hf_name, embedding.weight_format, embedding.stored_weight,
+                                    embedding.weight_scale, embedding.weight_shape)
+        wanted = ggml_blocks.first_choice(layer.weight_format, ternary_type)
+        kind, data = ggml_blocks.encode(layer, wanted)
+        _add(writer, gguf_name(hf_name + ".weight"), kind, data, written)
+        if kind != wanted:
+            fallbacks.append(f"{hf_name} ({layer.weight_format} {tuple(layer.codes.shape)}: {kind})")
     _add_float_tensors(writer, model, layers, inside, gguf_name, float_type, arch, written)
-    if "token_embd.weight" not in written:
-        raise ExportError("export_gguf: the token embedding is quantized (a bitlab_fx QuantizedEmbedding), which the "
-                          "GGUF writer does not hold yet; keep nn.Embedding float in the qconfig and convert again")
     if fallbacks:
         warnings.warn(f"export_gguf: {len(fallbacks)} layer(s) have rows or groups that are not whole "
                       f"{ternary_type}/Q4_0 blocks (256 / 32 weights) and were written in the next exact type, "
                       f"same codes and steps: {', '.join(fallbacks[:4])}{' ...' if len(fallbacks) > 4 else ''}",
                       stacklevel=3)
     return written
+
+
+def _quantized_embeddings(model) -> dict:
+    """{module path: QuantizedEmbedding} of ``model``."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
 
 
 def _add_float_tensors(writer, model, layers, inside, gguf_name, float_type, arch, written) -> None:

@@ -104,6 +104,26 @@ def test_the_tokenizer_tokenizes_in_llama_cpp_as_in_transformers(tmp_path):
     assert llm.tokenize(sentence.encode(), add_bos=False, special=True) == tok(sentence)["input_ids"]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_quantized_embedding_is_written_as_blocks_and_a_tied_head_reads_it(tmp_path, tied):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    qc = (bfx.QConfigMapping().set_global(bfx.ternary()).set_module_name("lm_head", INT8_HEAD)
+          .set_module_name("model.embed_tokens", bfx.weight_only("int8")))
+    model = bfx.convert(bfx.prepare_qat(model, qc).eval())
+    assert isinstance(model.model.embed_tokens, bfx.QuantizedEmbedding)
+    path = str(tmp_path / "lm.gguf")
+    types = bfx.export_gguf(model, path)
+    assert types["token_embd.weight"] == "Q8_0"
+    assert ("output.weight" in types) == (not tied)  # tied: llama.cpp computes the head from token_embd
+    got = _agreement(model, path)
+    assert got["cosine_first"] >= 0.999 and got["top1"] >= 0.9, got
+    assert abs(got["ppl_ratio"] - 1) <= 0.02, got
+
+
 def test_bad_input_raises_an_export_error_that_says_what_to_do(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
