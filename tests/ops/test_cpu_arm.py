@@ -31,7 +31,7 @@ QMAX = {"ternary": 1, "int8": 127, "int4": 8}
 def _tool(env: str, names) -> str:
     given = os.environ.get(env)
     if given:
-        return given
+        return shutil.which(given) or ""
     for name in names:
         if shutil.which(name):
             return shutil.which(name)
