@@ -50,6 +50,16 @@ def follows_experts_contract(module: nn.Module) -> bool:
                for p in projections(module))
 
 
+def dynamic_activation(input_fq: Optional[ActivationFakeQuant]) -> Tuple[str, Optional[torch.Tensor]]:
+    """The grouped op's ``(act, static multiplier)`` for a projection's input quantizer: ``"none"`` without one,
+    its granularity when dynamic, its current multiplier (per tensor) when static."""
+    if input_fq is None:
+        return "none", None
+    if input_fq.spec.dynamic:
+        return input_fq.spec.granularity, None
+    return "per_tensor", input_fq.multiplier(torch.empty(0)).detach().float().reshape(1).clone()
+
+
 class _RoutedExperts(nn.Module):
     """The routed forward both forms share; a subclass says how one projection runs (``project``)."""
 
@@ -148,10 +158,9 @@ class QuantizedGroupedLinear(nn.Module):
 
     @classmethod
     def from_prepared(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec, weight_fq: WeightFakeQuant,
-                      input_fq: Optional[ActivationFakeQuant], name: str = "", rule: str = ""):
-        """Pack a prepared projection (``weight [E, N, K]``) with its quantizers' steps and activation mode."""
-        from ..passes.lower_activations import _static_multiplier
-
+                      activation: Tuple[str, Optional[torch.Tensor]], name: str = "", rule: str = ""):
+        """Pack a prepared projection (``weight [E, N, K]``) with its weight quantizer's steps; ``activation``: the
+        op's ``(act, static multiplier)`` (``("none", None)`` weight-only)."""
         w = weight.detach().float()
         if not torch.isfinite(w).all():
             raise ConvertError(f"experts {name!r}: the weight has NaN/inf values and cannot be quantized; fix or reload "
@@ -159,12 +168,7 @@ class QuantizedGroupedLinear(nn.Module):
         view = G.quantizer_view(w, spec.granularity)
         wq, step = P.quantize_weight(view, weight_fq.spec, weight_fq.step(view) if spec.learned else None)
         e, n, k = w.shape
-        act, multiplier = "none", None
-        if input_fq is not None:
-            act = input_fq.spec.granularity
-            if not input_fq.spec.dynamic:
-                act, multiplier = "per_tensor", _static_multiplier(input_fq, f"convert: {name}")
-        return cls(spec, wq.reshape(e, n, k), G.expert_steps(step, e, n), bias, act, multiplier, name, rule)
+        return cls(spec, wq.reshape(e, n, k), G.expert_steps(step, e, n), bias, *activation, name, rule)
 
     @property
     def format(self) -> WeightFormat:
@@ -204,9 +208,11 @@ class QuantizedGroupedLinear(nn.Module):
 
 class QuantizedExperts(_RoutedExperts):
     """Converted experts: each quantized projection a :class:`QuantizedGroupedLinear` at the projection's name
-    (``experts.gate_up_proj.packed_weight``...); a projection a rule kept float stays the float Parameter."""
+    (``experts.gate_up_proj.packed_weight``...); a projection a rule kept float stays the float Parameter.
+    ``activations``: each quantized projection's ``(act, static multiplier)`` (default: from its input quantizer,
+    ``passes.experts`` gives the frozen static multipliers)."""
 
-    def __init__(self, prepared: FakeQuantExperts):
+    def __init__(self, prepared: FakeQuantExperts, activations: Optional[Dict[str, tuple]] = None):
         super().__init__()
         for key, value in vars(prepared).items():
             if not key.startswith("_") and key != "training":
@@ -222,9 +228,10 @@ class QuantizedExperts(_RoutedExperts):
                 if bias is not None:
                     setattr(self, f"{p}_bias", bias)
                 continue
+            activation = (activations or {}).get(p) or dynamic_activation(getattr(prepared, f"{p}_input_fq", None))
             setattr(self, p, QuantizedGroupedLinear.from_prepared(
-                prepared.weight_rows(p), bias, prepared.specs[p], wfq, getattr(prepared, f"{p}_input_fq", None),
-                f"{prepared.name}.{p}", prepared.rules[p]))
+                prepared.weight_rows(p), bias, prepared.specs[p], wfq, activation, f"{prepared.name}.{p}",
+                prepared.rules[p]))
 
     def project(self, name, rows, group_ends):
         proj = getattr(self, name)

@@ -23,11 +23,13 @@ from torch import nn
 from ..config import PerGroup
 from ..errors import ConfigError
 from ..mapping import QConfigMapping, Rule
-from ..nn.experts import FakeQuantExperts, QuantizedExperts, QuantizedGroupedLinear, follows_experts_contract, projections
+from ..nn.experts import (FakeQuantExperts, QuantizedExperts, QuantizedGroupedLinear, dynamic_activation,
+                          follows_experts_contract, projections)
 from ..quant import exact_grouped as G
 from ..quant import primitives as P
 from ..quant.formats import format_of
 from ._common import set_submodule
+from .lower_activations import _static_multiplier
 
 EXPERT_PARALLEL = "expert-parallel experts (sentinel expert ids) are not supported: left float"
 
@@ -103,11 +105,20 @@ def reject_experts_rules(model: nn.Module, mapping: QConfigMapping, where: str) 
                                   f"default), or keep the experts float with set_module_name({path!r}, None)")
 
 
+def _activation(module: FakeQuantExperts, p: str):
+    """The grouped op's ``(act, static multiplier)`` of a prepared projection (warns when a static one saw no data)."""
+    fq = getattr(module, f"{p}_input_fq", None)
+    if fq is None or fq.spec.dynamic:
+        return dynamic_activation(fq)
+    return "per_tensor", _static_multiplier(fq, f"convert: {fq.layer}")
+
+
 def convert_experts(model: nn.Module) -> nn.Module:
     """Swap each FakeQuantExperts for a QuantizedExperts, in place."""
     for path, module in list(model.named_modules()):
         if isinstance(module, FakeQuantExperts):
-            set_submodule(model, path, QuantizedExperts(module))
+            activations = {p: _activation(module, p) for p in module.weight_names() if module.specs[p] is not None}
+            set_submodule(model, path, QuantizedExperts(module, activations))
     return model
 
 

@@ -1,4 +1,4 @@
-"""Experts through prepare_qat / convert / summary: mapping rules name each 3-D weight, errors, summary rows."""
+"""passes/experts.py through prepare_qat / convert / summary: mapping rules name each 3-D weight, errors, summary rows."""
 import warnings
 
 import pytest
