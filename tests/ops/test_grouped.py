@@ -119,3 +119,9 @@ def test_fake_kernel_gives_the_shape():
         y = torch.ops.bitlab.int8_grouped_linear(x, mode.from_tensor(torch.tensor([1, 2, 3, 7])),
                                                  mode.from_tensor(stored), mode.from_tensor(ws))
     assert y.shape == (7, N)
+
+
+def test_no_routed_rows_give_an_empty_output():
+    _, stored, ws, _ = _experts("ternary")
+    y = torch.ops.bitlab.ternary_grouped_linear(torch.randn(0, K), torch.zeros(EXPERTS, dtype=torch.int64), stored, ws)
+    assert y.shape == (0, N)

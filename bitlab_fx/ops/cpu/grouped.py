@@ -28,21 +28,21 @@ def grouped_linear(fmt: str, x: Tensor, group_ends: Tensor, weight: Tensor, weig
     lib = kernel_library()
     if lib is None:
         return reference.grouped_linear(fmt, x, ends, weight, weight_scale, bias, act, multiplier)
-    out = torch.empty(x.shape[0], n, dtype=x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
-    start = 0
+    pieces, start = [], 0
     for e, end in enumerate(ends):
         if end > start:
             rows, ws = x[start:end], weight_scale[e]
             b = None if bias is None else bias[e]
             if _supported(rows, ws, act, ternary=fmt == "ternary"):
-                out[start:end] = _linear(lib, _WFMT[fmt], rows, weight[e], ws, b, act, multiplier)
+                pieces.append(_linear(lib, _WFMT[fmt], rows, weight[e], ws, b, act, multiplier))
             else:  # a layout the kernel does not take (e.g. ternary groups not covering whole 32-runs)
-                out[start:end] = reference.grouped_linear(fmt, rows, [end - start], weight[e:e + 1],
-                                                          weight_scale[e:e + 1], None if b is None else b[None], act,
-                                                          multiplier)
+                pieces.append(reference.grouped_linear(fmt, rows, [end - start], weight[e:e + 1], weight_scale[e:e + 1],
+                                                       None if b is None else b[None], act, multiplier))
         start = end
-    return out
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces) if pieces else x.new_empty(0, n)
 
 
 def _kernel(fmt: str):
