@@ -103,7 +103,10 @@ def _case(index, fmt, m, k, n, scales, act, with_bias, int_bias, threads):
     bias = torch.randn(n, generator=g) * 4 if with_bias else None
     codes = torch.randint(-(2 ** 16), 2 ** 16, (n,), generator=g, dtype=torch.int32) if int_bias == "codes" else None
     bias_bits = int(int_bias[3:]) if int_bias.startswith("tok") else 0
-    static = torch.tensor([2.5]) if act == "static" else None
+    static = torch.tensor([2.0]) if act == "static" else None
+    if static is not None:  # exact halves x * 2 = j + 0.5: rounding ties (to even)
+        ties = x[:, 1::11]
+        ties.copy_((torch.arange(ties.numel()).reshape(ties.shape) % 60 - 30 + 0.5) / 2)
     ref_act = "per_tensor" if act == "static" else act
     stored = {"ternary": pack_ternary, "int4": pack_int4, "int8": lambda w: w}[fmt](wq)
     fn = {"ternary": reference.ternary_linear, "int4": reference.int4_linear, "int8": reference.int8_linear}[fmt]

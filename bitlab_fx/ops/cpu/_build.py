@@ -40,6 +40,7 @@ FILES = (
     ("weight_only.c", 1),  # act = "none": bitlab_linear_wo, bitlab_expand_wo
     ("conv.c", 1),         # bitlab_im2col_s8
     ("isa_arm.c", 1),      # ARM64: which ISA the CPU has (the ARM64 files compile to nothing on x86)
+    ("quant_neon.c", 2),   # ARM64: activation quantization (max |x|, codes, code sums)
     ("decode_neon.c", 2),  # ARM64, M == 1: the decode loops (NEON, sdot)
     ("gemm_neon.c", 1),    # ARM64: the batched GEMM's micro-kernels and row unpacking
 )

@@ -170,6 +170,9 @@ static float row_absmax(const job_t *j, const float *x, int64_t n) {
 #ifdef BITLAB_X86
     if (j->isa >= ISA_AVX2) return absmax_avx2(x, n);
 #endif
+#ifdef BITLAB_ARM
+    if (j->isa >= ISA_NEON) return bitlab_absmax_neon(x, n);
+#endif
     return absmax_scalar(x, n);
 }
 
@@ -177,12 +180,18 @@ static int row_quant(const job_t *j, const float *x, int64_t n, float s, int8_t 
 #ifdef BITLAB_X86
     if (j->isa >= ISA_AVX2) return quant_avx2(x, n, s, q);
 #endif
+#ifdef BITLAB_ARM
+    if (j->isa >= ISA_NEON) return bitlab_quant_neon(x, n, s, q);
+#endif
     return quant_scalar(x, n, s, q);
 }
 
 BITLAB_INTERNAL int32_t bitlab_row_sum(const job_t *j, const int8_t *q, int64_t n) {
 #ifdef BITLAB_X86
     if (j->isa >= ISA_AVX2) return sum_i8_avx2(q, n);
+#endif
+#ifdef BITLAB_ARM
+    if (j->isa >= ISA_NEON) return bitlab_sum_i8_neon(q, n);
 #endif
     return sum_i8_scalar(q, n);
 }

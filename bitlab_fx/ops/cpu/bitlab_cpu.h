@@ -239,9 +239,13 @@ void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
 #endif
 
 #ifdef BITLAB_ARM
-/* ARM64 (isa_arm.c, decode_neon.c, gemm_neon.c): the best ISA this CPU has; the decode loops (M == 1; 0: not
- * one they handle); the batched GEMM's micro-kernel and its row unpacking (signed w in the order of xq) */
+/* ARM64 (isa_arm.c, quant_neon.c, decode_neon.c, gemm_neon.c): the best ISA this CPU has; a row's max |x|, its
+ * codes (returns whether one is -128) and their sum; the decode loops (M == 1; 0: not one they handle); the
+ * batched GEMM's micro-kernel and its row unpacking (signed w in the order of xq) */
 BITLAB_INTERNAL int bitlab_arm_best_isa(void);
+BITLAB_INTERNAL float bitlab_absmax_neon(const float *x, int64_t n);
+BITLAB_INTERNAL int bitlab_quant_neon(const float *x, int64_t n, float s, int8_t *q);
+BITLAB_INTERNAL int32_t bitlab_sum_i8_neon(const int8_t *q, int64_t n);
 BITLAB_INTERNAL int bitlab_decode_arm(const job_t *j, int64_t n0, int64_t n1);
 BITLAB_INTERNAL panel_fn bitlab_panel_arm(const job_t *j);
 BITLAB_INTERNAL void bitlab_unpack_row_arm(const job_t *j, int64_t n, int8_t *row);
