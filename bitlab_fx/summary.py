@@ -82,8 +82,9 @@ class Summary:
     or ``"layer"`` (a lone layer as its own graph), and ``untraced`` each module that did not trace
     (``""`` is the root) to the first line of why; ``eager_weights`` lists the matrices such modules own
     directly (``{"attn.w_qkv": [96, 32]}``): their functional uses cannot be seen without a graph, so they
-    stay float. ``float_weights`` maps every other parameter of two or more dims that no row covers (MoE expert
-    stacks, ``nn.MultiheadAttention``, parametrized weights...) to ``(shape, reason)``
+    stay float. Mixture-of-experts experts have one row per 3-D weight (``<experts>.gate_up_proj``, quantized or
+    float). ``float_weights`` maps every other parameter of two or more dims that no row covers (routers,
+    ``nn.MultiheadAttention``, parametrized weights...) to ``(shape, reason)``
     (:mod:`bitlab_fx.float_weights`); ``totals["quantized_share"]`` counts them all, by parameters."""
 
     stage: str
