@@ -2,6 +2,8 @@
 3-D weights; they are quantized per expert, train, convert to the grouped op, agree, generate, and the summary's
 quantized share is what runs quantized. The older layout (an nn.ModuleList of nn.Linear experts) goes through the
 ordinary linear path."""
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -53,6 +55,8 @@ def test_moe_experts_train_convert_agree_and_generate(name):
         assert torch.equal(cm.model.layers[0].mlp(h), pm.model.layers[0].mlp(h))  # the MoE block, bit for bit
         a, b = pm(IDS).logits, cm(IDS).logits
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(cm))(IDS).logits, b)  # a converted model pickles
     prompt = IDS[:1, :4]
     assert torch.equal(cm.generate(prompt, max_new_tokens=3, do_sample=False),
                        pm.generate(prompt, max_new_tokens=3, do_sample=False))

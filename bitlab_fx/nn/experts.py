@@ -188,6 +188,15 @@ class QuantizedGroupedLinear(nn.Module):
     def packed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
 
+    def __getstate__(self):  # the op overload itself does not pickle: looked up again on load
+        state = self.__dict__.copy()
+        state.pop("_op", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._op = self.format.op("grouped_linear")
+
     def get_extra_state(self):
         return {"format_version": FORMAT_VERSION, "weight_format": self.weight_format,
                 "weight_shape": list(self.weight_shape), "act": self.act}
