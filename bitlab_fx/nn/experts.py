@@ -82,7 +82,8 @@ class _RoutedExperts(nn.Module):
         tokens, top_k, hidden = hidden_states.shape[0], top_k_index.shape[-1], hidden_states.shape[-1]
         sorted_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
         rows = hidden_states[order // top_k]
-        group_ends = torch.bincount(sorted_ids, minlength=self.num_experts).cumsum(0)
+        experts = torch.arange(self.num_experts, device=sorted_ids.device)
+        group_ends = torch.searchsorted(sorted_ids, experts, right=True)  # where each expert's rows end
         first, down = self.weight_names()
         h = self.project(first, rows, group_ends)
         h = self.gate_fn(self, h) if self.has_gate else self.act_fn(h)

@@ -92,3 +92,13 @@ def test_calibrated_static_inputs_and_save_load(tmp_path):
         loaded = bfx.load_quantized(RoutedMoE(), path)
     with torch.no_grad():
         assert torch.equal(loaded(X), cm(X)) and torch.equal(cm(X), pm(X))
+
+
+def test_expert_parallel_experts_stay_float_with_the_reason():
+    model = RoutedMoE()
+    model.experts._is_expert_parallel = True
+    pm = bfx.prepare_qat(model, bfx.ternary(), (X,))
+    assert not isinstance(pm.experts, FakeQuantExperts)
+    s = bfx.summary(pm)
+    assert "expert-parallel" in s.skipped["experts"]
+    assert {r["weight"] for r in s.rows if r["layer"].startswith("experts.")} == {"float"}
