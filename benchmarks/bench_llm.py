@@ -7,10 +7,11 @@
 Decode tokens/s = (N - 1) / (t(generate N tokens) - t(generate 1 token)) after a 16-token prompt, greedy;
 prefill tokens/s = prompt length / time of one forward over it (logits of the last token only, as
 llama.cpp computes them and as ``generate`` asks for them). Rounds interleave the runtimes (the VM is
-noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-unfused][-compiled][-greedy]``:
+noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-unfused][-compiled][-greedy|-lean]``:
 ``-unfused`` converts with ``fuse_siblings=False`` (one op call per layer); eager or
 ``bfx.compile_for_decode``; decoding with ``generate`` or, with ``-greedy``, ``bfx.greedy_decode`` (one model
-call per token on a static cache, no generate machinery). bitlab runtimes quantize every decoder linear
+call per token on a static cache, no generate machinery; ``engine="hf"``) or, with ``-lean``, ``bfx.greedy_decode``'s
+lean engine (the converted layers called directly, its own KV cache; ``engine="lean"``). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
 the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
 (their CPU time under torch.profiler) and the rest (HF model code, generate). llama.cpp peers (``bench`` extra: gguf,
@@ -101,12 +102,25 @@ class HFRunner:
 
 
 class GreedyRunner(HFRunner):
-    """Decodes with ``bfx.greedy_decode`` (a static cache, one model call per token) instead of ``generate``."""
+    """Decodes with ``bfx.greedy_decode`` (``engine="hf"``: a static cache, one model call per token; ``"lean"``: the
+    lean engine) instead of ``generate``."""
+
+    engine = "hf"
 
     def _generate(self, n):
         t0 = time.perf_counter()
-        out = bfx.greedy_decode(self.model, self.prompt, n)
+        out = bfx.greedy_decode(self.model, self.prompt, n, engine=self.engine)
         return time.perf_counter() - t0, out
+
+
+class LeanRunner(GreedyRunner):
+    engine = "lean"
+
+    def warm_up(self):
+        reason = bfx.lean_fallback_reason(self.model)
+        if reason is not None:
+            raise SystemExit(f"the lean engine does not run this model: {reason}")
+        super().warm_up()
 
 
 def kernel_share(runner: HFRunner) -> tuple:
@@ -134,15 +148,16 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
             runners[name] = HFRunner(copy.deepcopy(model).to(torch.bfloat16), prompt, prefill_ids, args.new_tokens)
         elif name.startswith("bitlab-"):
             decoder, flags = name.split("-")[1], name.split("-")[2:]  # bitlab-<decoder>[-unfused][-compiled][-greedy]
-            if set(flags) - {"unfused", "compiled", "greedy"}:
-                raise SystemExit(f"unknown runtime {name!r}: bitlab-<ternary|int4|int8>[-unfused][-compiled][-greedy]")
+            if set(flags) - {"unfused", "compiled", "greedy", "lean"}:
+                raise SystemExit(f"unknown runtime {name!r}: bitlab-<ternary|int4|int8>[-unfused][-compiled][-greedy|-lean]")
             if "unfused" in flags:
                 cm = convert(model, decoder, fuse_siblings=False)
             else:
                 cm = converted.setdefault(decoder, convert(model, decoder))
             if "compiled" in flags:
                 cm = compiled(copy.deepcopy(cm))
-            runners[name] = (GreedyRunner if "greedy" in flags else HFRunner)(cm, prompt, prefill_ids, args.new_tokens)
+            runner = LeanRunner if "lean" in flags else GreedyRunner if "greedy" in flags else HFRunner
+            runners[name] = runner(cm, prompt, prefill_ids, args.new_tokens)
         elif name.startswith("llamacpp"):
             miss = llm_peers.missing()
             if miss:

@@ -9,6 +9,7 @@
 """
 from .api import convert, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, prepare_qat
 from .decode import compile_for_decode, greedy_decode
+from .lean import lean_fallback_reason
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, ExportError, KernelError
 from .export import export_gguf, export_onnx, export_onnx_decoder
@@ -29,6 +30,7 @@ __all__ = [
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode", "greedy_decode",
+    "lean_fallback_reason",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
     "export_gguf", "export_onnx", "export_onnx_decoder",
