@@ -87,10 +87,16 @@ def test_int_bias_is_on_the_input_times_weight_step_grid():
     assert torch.equal(cm.fc1.bias_codes.float() * cm.fc1.bias_step, bfq(pm.get_parameter("fc1.bias"), w).detach())
 
 
-def test_int_bias_needs_a_static_input_scale():
+def test_int_bias_on_a_dynamic_input_has_a_step_per_token():
     cfg = bfx.QuantConfig(weight="int8", input="int8", bias="int8")  # int8 input is dynamic per token
-    with pytest.raises(bfx.ConfigError, match=r"layer '0'.*IntBias\(bits=8\) needs one static input scale.*dynamic=False"):
-        bfx.prepare_qat(mlp(), cfg)
+    pm = bfx.prepare_qat(mlp(), cfg)
+    assert pm.get_submodule("0_bias_fq").per_token
+    x = torch.randn(6, 32) * torch.logspace(-3, 1, 6).reshape(-1, 1)
+    pm(x)
+    cm = bfx.convert(pm.eval())
+    assert cm.get_submodule("0").bias_kind == "IntBias(8) per token"
+    with torch.no_grad():
+        assert torch.equal(cm(x), pm(x))
     cfg = bfx.QuantConfig(weight=bfx.IntWeight(4, bfx.PerGroup(16)), input=bfx.IntActivation(**ACT4), bias="int8")
     with pytest.raises(bfx.ConfigError, match="IntBias needs one weight scale per output channel"):
         bfx.prepare_qat(mlp(), cfg)

@@ -75,11 +75,16 @@ def check_converted(model: torch.nn.Module, fmt: str) -> None:
                           "a float model exports with the runtime's own tools (convert_hf_to_gguf.py, "
                           "torch.onnx.export)")
     coded = [m.name or path for path, m in model.named_modules()
-             if isinstance(m, _QuantizedBase) and m._buffers.get("bias_codes") is not None]
+             if isinstance(m, _QuantizedBase) and m.bias_kind not in ("none", "float")]
     if coded:
         raise ExportError(f"{fmt} export does not write integer biases yet: layer(s) {', '.join(map(repr, coded[:5]))} "
-                          "store their IntBias as int32 codes added to the integer sums; convert a model whose rules "
-                          "have no bias=IntBias(...) (a float bias) to export it")
+                          "add their IntBias as integer codes to the integer sums (int32 codes, or made per token); "
+                          "convert a model whose rules have no bias=IntBias(...) (a float bias) to export it")
+    low_bit = [m.name or path for path, m in model.named_modules() if isinstance(m, _QuantizedBase) and m.act_bits != 8]
+    if low_bit:
+        raise ExportError(f"{fmt} export does not write activation codes of fewer than 8 bits yet: layer(s) "
+                          f"{', '.join(map(repr, low_bit[:5]))} quantize their input with a dynamic quantizer of "
+                          "fewer bits (act_bits); convert a model whose input quantizers are int8 or static to export it")
 
 
 def converted_layers(model: torch.nn.Module) -> dict[str, _QuantizedBase]:

@@ -25,9 +25,9 @@ from .quantized import QuantizedLinear, apply_keeping_dtype
 def fusable(layer: nn.Module) -> bool:
     """Whether a converted layer can be a member: a linear layer with one step per row or per group of a row
     and no static activation multiplier (a per-tensor step or multiplier is one number per layer), so no integer
-    bias codes either (their step involves the multiplier)."""
+    bias codes either (their step involves the multiplier), no per-token IntBias and 8-bit activation codes."""
     return (isinstance(layer, QuantizedLinear) and layer._buffers["act_multiplier"] is None
-            and layer._buffers.get("bias_codes") is None
+            and layer._buffers.get("bias_codes") is None and layer.bias_bits == 0 and layer.act_bits == 8
             and layer.weight_scale.dim() >= 1 and layer.weight_scale.shape[0] == layer.out_features
             and layer.out_features > 1)
 

@@ -66,6 +66,8 @@ class _QuantizedBase(nn.Module):
     nodes, so calling a converted layer directly is exactly the computation its graph node runs."""
 
     weight_format: str  # "ternary" | "int4" (2..4-bit weights, two per byte) | "int8" (5..8-bit weights)
+    act_bits: int = 8  # class defaults: layers pickled before schema version 4 have no attributes of their own
+    bias_bits: int = 0
 
     def _init_common(self, spec, act: str, act_multiplier: Optional[torch.Tensor], name: str, rule: str):
         self.spec = spec
@@ -75,6 +77,8 @@ class _QuantizedBase(nn.Module):
         self.weight_format = format_of(spec).name
         # the static activation multiplier (``xq = round(x * act_multiplier)``; act="per_tensor"), or None
         self.register_buffer("act_multiplier", act_multiplier)
+        self.act_bits = 8  # the bits of the activation codes the op computes (a fused dynamic quantizer's, 2..8)
+        self.bias_bits = 0  # > 0: an IntBias on a per-token input step, quantized by the op at run time
 
     @property
     def format(self) -> WeightFormat:
@@ -90,7 +94,9 @@ class _QuantizedBase(nn.Module):
 
     def _store_bias(self, bias: Optional[torch.Tensor], bias_codes: Optional[torch.Tensor]) -> None:
         """A float ``bias``, or an IntBias as int32 ``bias_codes`` on the step :attr:`bias_step`, which the op adds
-        to its integer sums (the float ``bias`` buffer is then None)."""
+        to its integer sums (the float ``bias`` buffer is then None). An IntBias on a per-token input step
+        (:attr:`bias_bits` > 0) is stored as the float bias: its codes depend on each token's step, so the op
+        makes them at run time."""
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("bias_codes", None if bias_codes is None else bias_codes.to(torch.int32).clone())
 
@@ -101,6 +107,16 @@ class _QuantizedBase(nn.Module):
         if self._buffers.get("bias_codes") is None:
             return None
         return self.weight_scale.float().reshape(-1) / self.act_multiplier.float().reshape(-1)
+
+    @property
+    def bias_kind(self) -> str:
+        """How the bias is added: ``"none"``, ``"float"``, ``"int32 codes"`` (an IntBias on a static input step) or
+        ``"IntBias(8) per token"`` (stored float, quantized per token by the op)."""
+        if self._buffers.get("bias_codes") is not None:
+            return "int32 codes"
+        if self._buffers.get("bias") is None:
+            return "none"
+        return f"IntBias({self.bias_bits}) per token" if self.bias_bits else "float"
 
     @property
     def stored_bias(self) -> Optional[torch.Tensor]:
@@ -120,24 +136,31 @@ class _QuantizedBase(nn.Module):
     def _own(self, name: str, read):
         return read(name) if self._buffers.get(name) is not None else None
 
-    def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN, bias_codes=_OWN):
+    def op_call(self, x, read=None, *, bias=_OWN, act=_OWN, act_multiplier=_OWN, bias_codes=_OWN, act_bits=_OWN,
+                bias_bits=_OWN):
         """``(op, args, kwargs)`` of this layer on input ``x``. ``read(name)`` fetches a buffer (default: the tensor;
-        ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier``/``bias_codes``
-        override this layer's own for another call of a shared weight."""
+        ``convert`` passes one that makes a ``get_attr`` node). ``bias``/``act``/``act_multiplier``/``bias_codes``/
+        ``act_bits``/``bias_bits`` override this layer's own for another call of a shared weight."""
         read = read or self._buffers.__getitem__  # (not getattr: nn.Module.__getattr__ costs ~1 us per read)
         bias = self._own("bias", read) if bias is _OWN else bias
         act = self.act if act is _OWN else act
         act_multiplier = self._own("act_multiplier", read) if act_multiplier is _OWN else act_multiplier
         bias_codes = self._own("bias_codes", read) if bias_codes is _OWN else bias_codes
+        act_bits = self.act_bits if act_bits is _OWN else act_bits
+        bias_bits = self.bias_bits if bias_bits is _OWN else bias_bits
         head = (x, read(self.format.buffer), read("weight_scale"), bias)
         op, args = self._op_and_args(head, act)
         # the multiplier and the integer bias codes go by keyword; the positional slot before the multiplier
         # (``act_scale``) is its old name, kept for programs exported by earlier versions (ops/_schema.py)
-        if act_multiplier is None and bias_codes is None:
+        if act_multiplier is None and bias_codes is None and act_bits == 8 and not bias_bits:
             return op, args, _NO_KWARGS
         kwargs = {"act_multiplier": act_multiplier}
         if bias_codes is not None:
             kwargs["bias_codes"] = bias_codes
+        if act_bits != 8:  # schema version 4: only where needed, so other graphs read as before
+            kwargs["act_bits"] = act_bits
+        if bias_bits:
+            kwargs["bias_bits"] = bias_bits
         return op, args, kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +173,8 @@ class _QuantizedBase(nn.Module):
 
     def get_extra_state(self):
         return {"format_version": FORMAT_VERSION, "weight_format": self.weight_format,
-                "weight_shape": list(self.weight_shape), "act": self.act}
+                "weight_shape": list(self.weight_shape), "act": self.act, "act_bits": self.act_bits,
+                "bias_bits": self.bias_bits}
 
     def set_extra_state(self, state):
         if state.get("format_version") != FORMAT_VERSION:
@@ -160,10 +184,18 @@ class _QuantizedBase(nn.Module):
             raise ConvertError(f"layer {self.name!r}: saved weight {state.get('weight_format')} {state.get('weight_shape')} "
                                f"does not match this layer ({self.weight_format} {list(self.weight_shape)}); load a "
                                "state_dict converted from the same model with the same qconfig")
+        saved_bits = (state.get("act_bits", 8), state.get("bias_bits", 0))  # files before schema version 4: 8, 0
+        if saved_bits != (self.act_bits, self.bias_bits):
+            raise ConvertError(f"layer {self.name!r}: the state_dict was converted with act_bits, bias_bits = "
+                               f"{saved_bits}, this layer uses {(self.act_bits, self.bias_bits)} (input quantizer bits, "
+                               "per-token IntBias); load a state_dict converted with the same qconfig")
         if "act" in state and state["act"] != self.act:
             raise ConvertError(f"layer {self.name!r}: the state_dict was converted with activation quantization "
                                f"{state['act']!r}, this layer uses {self.act!r}; load a state_dict converted with the "
                                "same qconfig (activation granularity and dynamic/static included)")
+
+    def _act_repr(self) -> str:
+        return self.act if self.act_bits == 8 else f"{self.act} int{self.act_bits}"
 
     def _apply(self, fn, recurse=True):
         scales = [k for k in self._buffers if k == "weight_scale" or k.startswith("act_multiplier")]
@@ -191,7 +223,8 @@ class QuantizedLinear(_QuantizedBase):
         if direct_cpu.eligible(x):  # eager CPU inference: the op's CPU kernel without the dispatcher round trip
             b = self._buffers  # not nn.Module.__getattr__: ~1 us per read
             y = direct_cpu.linear(self.weight_format, x, b[self.format.buffer], b["weight_scale"], b["bias"],
-                                  self.act, b["act_multiplier"], self.in_features, b.get("bias_codes"))
+                                  self.act, b["act_multiplier"], self.in_features, b.get("bias_codes"), self.act_bits,
+                                  self.bias_bits)
             if y is not None:
                 return y
         return super().forward(x)
@@ -201,9 +234,8 @@ class QuantizedLinear(_QuantizedBase):
         return self.format.op("linear"), head + (act,) + tail
 
     def extra_repr(self) -> str:
-        bias = "int32 codes" if self._buffers.get("bias_codes") is not None else self.bias is not None
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, "
-                f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_kind}, "
+                f"weight={self.weight_format}({self.spec.granularity}), act={self._act_repr()}")
 
 
 class QuantizedConv2d(_QuantizedBase):
@@ -232,7 +264,7 @@ class QuantizedConv2d(_QuantizedBase):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_shape[2:])}, "
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, groups={self.groups}, "
-                f"weight={self.weight_format}({self.spec.granularity}), act={self.act}")
+                f"weight={self.weight_format}({self.spec.granularity}), act={self._act_repr()}, bias={self.bias_kind}")
 
 
 def conv2d_op(weight_format: str):

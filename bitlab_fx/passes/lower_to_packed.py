@@ -13,7 +13,10 @@ calls (``lower_activations``). Weights of
 2..4 bits are packed two per byte (``bitlab.int4_linear``/``int4_conv2d``), 5..8 bits stored as int8;
 an IntBias is stored as int32 codes (``bias_codes``, on the step ``weight_scale / act_multiplier``) that the op
 adds to its integer sums, or, on a layer whose op takes float activations (``act="none"``), as its quantized
-float value.
+float value. An IntBias on a dynamic (per-token) input has no codes to store, its step changes with every token:
+the layer keeps the float bias and the op quantizes it per token at run time (``bias_bits``) and adds those codes
+to its integer sums, as the prepared layer does. A dynamic signed input quantizer of fewer than 8 bits is fused
+into the op as ``act_bits``.
 
 A quantized layer's weight that other nodes also read (tied weights) stays float for them: it is kept
 on the container at the same path (``fc1.weight``), with a warning that its size saving is lost.
@@ -42,15 +45,16 @@ def _module_at(gm: fx.GraphModule, node) -> Optional[torch.nn.Module]:
 
 
 def _fused_activation(gm: fx.GraphModule, x_node, meta: LayerMeta):
-    """``(act mode, static multiplier, op input)``: the op quantizes its input itself when ``layer_input``
-    finds int8 codes for it, else it takes float activations (``"none"``)."""
+    """``(act mode, static multiplier, op input, act_bits)``: the op quantizes its input itself when ``layer_input``
+    finds codes for it, else it takes float activations (``"none"``)."""
     codes = layer_input_codes(gm, x_node, meta.token_dims)
     if codes is None or (codes.on_grid and not codes.quantizer.enabled):
-        return "none", None, x_node
+        return "none", None, x_node, 8
     if codes.quantizer.spec.dynamic:
-        return codes.quantizer.spec.granularity, None, codes.source
+        return codes.quantizer.spec.granularity, None, codes.source, codes.act_bits
     # an on-grid quantizer stays in the graph and is lowered (and warned about) by lower_activations
-    return "per_tensor", _static_multiplier(codes.quantizer, "convert", warn=not codes.on_grid), codes.source
+    return ("per_tensor", _static_multiplier(codes.quantizer, "convert", warn=not codes.on_grid), codes.source,
+            codes.act_bits)
 
 
 def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
@@ -63,16 +67,19 @@ def _container_path(gm: fx.GraphModule, meta: LayerMeta) -> str:
 
 
 def _layer_bias(gm: fx.GraphModule, node: fx.Node, bias: Optional[torch.Tensor], weight: torch.Tensor, act: str):
-    """``(float bias, int32 bias codes)`` of a call: an IntBias that is on becomes its integer codes where the op
-    has integer sums (``act`` not ``"none"``: a static multiplier, the input half of the bias step), else its
-    quantized float value; a plain bias stays float."""
+    """``(float bias, int32 bias codes, bias_bits)`` of a call: an IntBias that is on becomes its integer codes where
+    the op has integer sums (``act`` not ``"none"``: a static multiplier, the input half of the bias step), or, on
+    a per-token input step, stays float with ``bias_bits`` (the op quantizes it per token); else its quantized
+    float value; a plain bias stays float."""
     bfq = _module_at(gm, node.args[2])
     if bias is None or not isinstance(bfq, BiasFakeQuant):
-        return bias, None
+        return bias, None, 0
     with torch.no_grad():
         if act != "none" and bfq.quantizes():
-            return None, bfq.codes(bias, weight)[0].to(torch.int32)
-        return bfq.eval()(bias, weight), None
+            if bfq.per_token:
+                return bias.detach(), None, bfq.spec.bits
+            return None, bfq.codes(bias, weight)[0].to(torch.int32), 0
+        return bfq.eval()(bias, weight), None, 0
 
 
 def _float_params(gm: fx.GraphModule, meta: LayerMeta, replaced: Dict[str, torch.nn.Module]):
@@ -87,29 +94,31 @@ def _float_params(gm: fx.GraphModule, meta: LayerMeta, replaced: Dict[str, torch
 
 
 def _build_container(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, wfq: WeightFakeQuant, act: str,
-                     act_multiplier: Optional[torch.Tensor], bias, bias_codes):
+                     act_multiplier: Optional[torch.Tensor], bias, bias_codes, act_bits: int, bias_bits: int):
     weight = layer_weight(gm, meta)
     spec = wfq.spec
     g = wfq.step(weight) if spec.learned else None  # a learned step is packed as trained
     cls = LAYER_KINDS[meta.op].container
     geometry = tuple(node.args[3:7]) if meta.op != "linear" else ()  # stride, padding, dilation, groups
-    return cls(weight, bias, spec, *geometry, act=act, act_multiplier=act_multiplier, name=meta.fqn,
-               rule=str(meta.rule), weight_scale=g, bias_codes=bias_codes)
+    container = cls(weight, bias, spec, *geometry, act=act, act_multiplier=act_multiplier, name=meta.fqn,
+                    rule=str(meta.rule), weight_scale=g, bias_codes=bias_codes)
+    container.act_bits, container.bias_bits = act_bits, bias_bits
+    return container
 
 
 def _bias_args(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, container, stored: Optional[str], bias, codes,
-               get):
-    """``(bias, bias_codes)`` of this call: the container's own when this call uses the bias it was built with
-    (a buffer of its own where this call's differ: another call of a shared weight behind another quantizer);
+               bias_bits: int, get):
+    """``(bias, bias_codes, bias_bits)`` of this call: the container's own when this call uses the bias it was built
+    with (a buffer of its own where this call's differ: another call of a shared weight behind another quantizer);
     a different bias parameter goes in float (e.g. ``F.linear(h, self.fc.weight, b)`` besides ``self.fc(x)``)."""
     if meta.bias is None:
-        return None, None
+        return None, None, 0
     if meta.bias != stored:
         old = node.args[2]
-        return (old.args[0] if _module_at(gm, old) is not None else old), None  # an IntBias fq(bias, weight): float
+        return (old.args[0] if _module_at(gm, old) is not None else old), None, 0  # an IntBias fq(bias, weight): float
     if codes is not None:
-        return None, _own_buffer(container, "bias_codes", codes, get)
-    return _own_buffer(container, "bias", bias.detach(), get), None
+        return None, _own_buffer(container, "bias_codes", codes, get), 0
+    return _own_buffer(container, "bias", bias.detach(), get), None, bias_bits
 
 
 def _own_buffer(container, name: str, value: torch.Tensor, get):
@@ -216,11 +225,11 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
         if not isinstance(wfq, WeightFakeQuant):
             continue  # float layer, or weight left float
         x_node, w_node = node.args[0], node.args[1]
-        act, multiplier, x_in = _fused_activation(gm, x_node, meta)
+        act, multiplier, x_in, act_bits = _fused_activation(gm, x_node, meta)
         weight, bias = _float_params(gm, meta, replaced)
-        bias, bias_codes = _layer_bias(gm, node, bias, weight, act)
+        bias, bias_codes, bias_bits = _layer_bias(gm, node, bias, weight, act)
         if meta.weight not in containers:
-            container = _build_container(gm, node, meta, wfq, act, multiplier, bias, bias_codes)
+            container = _build_container(gm, node, meta, wfq, act, multiplier, bias, bias_codes, act_bits, bias_bits)
             containers[meta.weight] = _container_path(gm, meta)
             container_bias[meta.weight] = meta.bias
             if isinstance(meta.object_type, type):
@@ -233,9 +242,11 @@ def lower_to_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 n = gm.graph.get_attr(f"{path}.{name}")
                 own.add(n)
                 return n
-            bias, bias_codes = _bias_args(gm, node, meta, container, container_bias[meta.weight], bias, bias_codes, get)
+            bias, bias_codes, bias_bits = _bias_args(gm, node, meta, container, container_bias[meta.weight], bias,
+                                                     bias_codes, bias_bits, get)
             op, args, kwargs = container.op_call(x_in, get, bias=bias, act=act, bias_codes=bias_codes,
-                                                 act_multiplier=_multiplier_arg(container, multiplier, get))
+                                                 act_multiplier=_multiplier_arg(container, multiplier, get),
+                                                 act_bits=act_bits, bias_bits=bias_bits)
             new = gm.graph.call_function(op, args, kwargs)
         new.meta.update(node.meta)
         # a fresh record: a deep-copied GraphModule shares node.meta objects with the model it was copied from

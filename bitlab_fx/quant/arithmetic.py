@@ -57,13 +57,17 @@ def bias_codes(b: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.clamp(torch.round(b.detach().float() / step), -q, q - 1)
 
 
-def token_bias_codes(b: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor, bits: int) -> torch.Tensor:
-    """IntBias codes ``[T, N]`` of the bias ``b [N]`` when the input multiplier is one per token (``x_mult``: T
-    numbers, e.g. ``[T, 1]`` or ``[B, 1, 1, 1]``; one number gives ``[1, N]``): the step of token ``t`` and channel
-    ``n`` is ``w_step[n] / x_mult[t]`` (input step times weight step, as Brevitas computes a bias step from a
-    run-time input scale). The codes are made at run time: the kernels compute the same expression in fp32."""
-    step = w_step.float().reshape(1, -1) / x_mult.float().reshape(-1, 1)
-    return bias_codes(b, step, bits)
+def token_bias_step(w_step: torch.Tensor, x_mult: torch.Tensor) -> torch.Tensor:
+    """The IntBias steps ``[T, N]`` when the input multiplier is one per token (``x_mult``: T numbers, e.g. ``[T, 1]``
+    or ``[B, 1, 1, 1]``; one number gives ``[1, N]``): ``w_step[n] / x_mult[t]``, input step times weight step, as
+    Brevitas computes a bias step from a run-time input scale."""
+    return w_step.float().reshape(1, -1) / x_mult.float().reshape(-1, 1)
+
+
+def token_bias_codes(b: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor, bias_bits: int) -> torch.Tensor:
+    """IntBias codes ``[T, N]`` of the bias ``b [N]`` on the per-token steps of :func:`token_bias_step`. Made at run
+    time (the steps change with every input): the kernels compute the same fp32 expression in their epilogue."""
+    return bias_codes(b, token_bias_step(w_step, x_mult), bias_bits)
 
 
 def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -139,6 +139,24 @@ def test_integer_bias_codes_join_the_sums_on_every_config(cfg, packed):
     assert not torch.equal(y, fn(x, w, ws, None, "per_tensor", mult, config=CONFIGS[cfg]))
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("packed", [True, False], ids=["tern", "int8"])
+def test_per_token_bias_and_fewer_activation_bits_on_every_config(cfg, packed):
+    """An IntBias on a dynamic input (``bias_bits``: the float bias quantized per token on ``ws[n] / s[m]`` in the
+    epilogue) with 4-bit activation codes (``act_bits``), odd shapes, rows of very different ranges (so every
+    token has its own bias codes): bit for bit the reference on every path."""
+    x, wq, ws, b = _problem(7, 200, 13, torch.float32, "channel", True, seed=4)
+    x = x * torch.logspace(-3, 1, 7, device=DEVICE).reshape(-1, 1)  # tiny rows: bias codes clamp to the range
+    w = pack_ternary(wq) if packed else wq
+    fn, ref_fn = ((K.ternary_linear_triton, reference.ternary_linear) if packed
+                  else (K.int8_linear_triton, reference.int8_linear))
+    for act, act_bits, bias_bits in (("per_token", 4, 8), ("per_tensor", 8, 5), ("per_token", 8, 32)):
+        y = fn(x, w, ws, b, act, None, config=CONFIGS[cfg], act_bits=act_bits, bias_bits=bias_bits)
+        ref = ref_fn(x, w, ws, b, act, None, act_bits=act_bits, bias_bits=bias_bits)
+        _assert_matches(y, ref, exact=True)
+        assert not torch.equal(y, fn(x, w, ws, b, act, None, config=CONFIGS[cfg], act_bits=act_bits))
+
+
 def test_default_configs_split_k_on_long_k():
     cfg = K.choose_config(1, 64, padded_k(8192))
     assert not cfg.use_dot and cfg.split_k > 1

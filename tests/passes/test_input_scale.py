@@ -99,10 +99,21 @@ def test_layer_without_bias_needs_no_input_scale():
     assert _input_scales(pm) == {"0": "float"}
 
 
-def test_dynamic_upstream_quantizer_is_rejected_with_the_static_spelling():
+def test_dynamic_upstream_quantizer_gives_a_bias_step_per_token():
+    """A dynamic (default) uint4 ReLU: the next layer quantizes its input again per its own tokens, on that range, and
+    its IntBias step is one per token (the converted op does the same at run time)."""
     qc = (bfx.QConfigMapping().set_global(W3_B8)
           .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(4, signed=False))))  # dynamic default
-    with pytest.raises(bfx.ConfigError, match=r"layer '2'.*the quantizer of '1' \(uint4\) is dynamic per_token.*"
+    pm = bfx.prepare_qat(nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4)), qc)
+    assert pm.get_submodule("2_bias_fq").per_token and pm.get_submodule("2_bias_fq").input_fq.layer == "1"
+    assert _input_scales(pm)["2"] == "'1' (dynamic: re-quantized per layer token), bias step per token"
+
+
+def test_dynamic_upstream_quantizer_whose_codes_do_not_fit_int8_is_rejected_with_the_static_spelling():
+    qc = (bfx.QConfigMapping().set_global(W3_B8)
+          .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(8, signed=False))))  # dynamic default
+    with pytest.raises(bfx.ConfigError, match=r"layer '2'.*the quantizer of '1' \(uint8\) is dynamic per_token.*"
+                                              r"uint8 codes do not fit int8.*"
                                               r"IntActivation\(bits, dynamic=False, granularity='per_tensor'\)"):
         bfx.prepare_qat(nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4)), qc)
 

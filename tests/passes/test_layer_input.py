@@ -30,8 +30,21 @@ def test_static_quantized_relu_reaches_the_next_layer_on_grid():
     assert _decision(qc) == {"0": None, "3": ("1_output_fq", True)}  # through max-pool
 
 
+def test_dynamic_quantized_relu_is_quantized_again_per_layer_token():
+    """A dynamic uint4 ReLU reaches the next layer through max-pool: the op quantizes that input again (its
+    multipliers belong to the ReLU's call), per the layer's tokens, on the uint4 range (signed 5-bit codes)."""
+    relu4 = bfx.IntActivation(4, signed=False)
+    qc = (bfx.QConfigMapping().set_global(bfx.weight_only("ternary"))
+          .set_object_type(nn.ReLU, bfx.QuantConfig(output=relu4)))
+    assert _decision(qc) == {"0": None, "3": ("1_output_fq", False)}
+    pm = bfx.prepare_qat(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.MaxPool1d(1), nn.Linear(8, 4)), qc)
+    codes = layer_input_codes(pm, next(n for n in pm.graph.nodes if n.meta.get("bitlab") and
+                                       n.meta["bitlab"].fqn == "3").args[0], 1)
+    assert codes.requantized and codes.act_bits == 5
+
+
 @pytest.mark.parametrize("spec, fused", [(bfx.IntActivation(4, **STATIC), True),  # static 4-bit: on grid
-                                         (bfx.IntActivation(4), False),  # dynamic 4-bit: float activations
+                                         (bfx.IntActivation(4), True),  # dynamic 4-bit: fused (act_bits=4)
                                          (bfx.IntActivation(8, signed=False, **STATIC), False)])  # 0..255
 def test_lower_bit_own_quantizers(spec, fused):
     got = _decision(bfx.QuantConfig(weight="ternary", input=spec))

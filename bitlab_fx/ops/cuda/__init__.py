@@ -66,14 +66,15 @@ def _remember_kernels(kernels_list) -> None:
 
 def _check_and_run(name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                    act: str, static_multiplier: Optional[Tensor], in_features: int,
-                   bias_codes: Optional[Tensor] = None) -> Tensor:
+                   bias_codes: Optional[Tensor] = None, act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     packed = _OPS[name]
     extra = {} if in_features == -1 else {"in_features": in_features}
     _schema.check_linear(name, x, weight, weight_scale, bias, act, static_multiplier, packed, bias_codes=bias_codes,
-                         **extra)
+                         act_bits=act_bits, bias_bits=bias_bits, **extra)
     k = _kernels()
     fn = k.ternary_linear_triton if packed else k.int8_linear_triton
-    return fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
+    return fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes, act_bits=act_bits,
+              bias_bits=bias_bits)
 
 
 def _eager(name: str):
@@ -107,22 +108,23 @@ def _decompose(name: str):
 
 
 _ARG_NAMES = {True: ("x", "packed_weight", "weight_scale", "bias", "act", "act_scale", "in_features", "act_multiplier",
-                     "bias_codes"),
-              False: ("x", "weight", "weight_scale", "bias", "act", "act_scale", "act_multiplier", "bias_codes")}
+                     "bias_codes", "act_bits", "bias_bits"),
+              False: ("x", "weight", "weight_scale", "bias", "act", "act_scale", "act_multiplier", "bias_codes",
+                      "act_bits", "bias_bits")}
 _DEFAULTS = {"bias": None, "act": "per_token", "act_scale": None, "in_features": -1, "act_multiplier": None,
-             "bias_codes": None}
+             "bias_codes": None, "act_bits": 8, "bias_bits": 0}
 
 
 def _bind(name: str, args, kwargs):
-    """``(x, weight, weight_scale, bias, act, static multiplier, in_features, bias_codes)`` of a call, by the op's
-    schema."""
+    """``(x, weight, weight_scale, bias, act, static multiplier, in_features, bias_codes, act_bits, bias_bits)`` of a
+    call, by the op's schema."""
     names = _ARG_NAMES[_OPS[name]]
     bound = dict(zip(names, args))
     bound.update(kwargs)
     get = lambda n: bound[n] if n in bound else _DEFAULTS[n]  # noqa: E731
     multiplier = _schema.resolve_multiplier(name, get("act_scale"), get("act_multiplier"))
     return (get("x"), get(names[1]), get("weight_scale"), get("bias"), get("act"), multiplier, get("in_features"),
-            get("bias_codes"))
+            get("bias_codes"), get("act_bits"), get("bias_bits"))
 
 
 def register() -> None:

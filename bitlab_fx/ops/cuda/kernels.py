@@ -85,13 +85,14 @@ def _ensure_self_check(x: Tensor) -> None:
 
 def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], act: str,
                 static_multiplier: Optional[Tensor], packed: bool, config: Optional[LinearConfig],
-                bias_codes: Optional[Tensor] = None) -> Tensor:
+                bias_codes: Optional[Tensor] = None, act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     _ensure_self_check(x)
     k = x.shape[-1]
     n = weight.shape[0]
     if not supports(k, weight_scale):
         wq_fn = reference.ternary_linear if packed else reference.int8_linear
-        return wq_fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes)
+        return wq_fn(x, weight, weight_scale, bias, act, static_multiplier, bias_codes=bias_codes, act_bits=act_bits,
+                     bias_bits=bias_bits)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -109,11 +110,11 @@ def _int_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[
     if act_float:
         xin, s, stride_xm = x2, ws, x2.stride(0)  # s unused
     else:
-        xin, s = quantize_activations(x2, act, static_multiplier, k_pad)
+        xin, s = quantize_activations(x2, act, static_multiplier, k_pad, act_bits)
         stride_xm = k_pad
     launch = functools.partial(_launch_linear, xin=xin, weight=weight, ws=ws, s=s, bias=bias, m=m, n=n, k=k,
                                k_pad=k_pad, groups=groups, group_size=group_size, packed=packed, act_float=act_float,
-                               ws_mode=ws_mode, stride_xm=stride_xm, bias_codes=bias_codes)
+                               ws_mode=ws_mode, stride_xm=stride_xm, bias_codes=bias_codes, bias_bits=bias_bits)
     if config is None:
         config = _pick_config(launch, x2, m, n, k_pad, group_size, (packed, act_float, ws_mode, x.dtype))
     else:
@@ -154,20 +155,25 @@ def _pick_config(launch, x2: Tensor, m: int, n: int, k_pad: int, group_size: int
 
 def ternary_linear_triton(x: Tensor, packed_weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                           act: str = "per_token", static_multiplier: Optional[Tensor] = None,
-                          config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                          config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None,
+                          act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """``bitlab.ternary_linear`` with the Triton kernels, on the tensors' device (no argument checks).
 
     ``config`` overrides the tile shape chosen by :func:`choose_config` (tests and benchmark sweeps);
-    ``bias_codes``: an IntBias as int32 codes, added to the integer sums (the op's ``bias_codes=``).
+    ``bias_codes``: an IntBias as int32 codes, added to the integer sums (the op's ``bias_codes=``);
+    ``act_bits``, ``bias_bits``: the op's (activation codes of fewer bits; the float bias quantized per token).
     """
-    return _int_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, True, config, bias_codes)
+    return _int_linear(x, packed_weight, weight_scale, bias, act, static_multiplier, True, config, bias_codes,
+                       act_bits, bias_bits)
 
 
 def int8_linear_triton(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
                        act: str = "per_token", static_multiplier: Optional[Tensor] = None,
-                       config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None) -> Tensor:
+                       config: Optional[LinearConfig] = None, bias_codes: Optional[Tensor] = None,
+                       act_bits: int = 8, bias_bits: int = 0) -> Tensor:
     """``bitlab.int8_linear`` with the Triton kernels (int8 weights ``[N, K]``)."""
-    return _int_linear(x, weight, weight_scale, bias, act, static_multiplier, False, config, bias_codes)
+    return _int_linear(x, weight, weight_scale, bias, act, static_multiplier, False, config, bias_codes, act_bits,
+                       bias_bits)
 
 
 KERNELS = [_quant_act_kernel, _linear_kernel, _splitk_reduce_kernel]

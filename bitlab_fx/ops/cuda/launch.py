@@ -41,8 +41,10 @@ def _launch(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def quantize_activations(x2: Tensor, act: str, static_multiplier: Optional[Tensor], k_pad: int):
-    """int8 ``xq [M, k_pad]`` (zero padded) and fp32 ``s [M]`` for a 2-D input, exactly like the reference."""
+def quantize_activations(x2: Tensor, act: str, static_multiplier: Optional[Tensor], k_pad: int, act_bits: int = 8):
+    """int8 ``xq [M, k_pad]`` (zero padded) and fp32 ``s [M]`` for a 2-D input, exactly like the reference
+    (``act_bits``: signed codes of that many bits)."""
+    qmax = 2 ** (act_bits - 1) - 1
     m, k = x2.shape
     xq = torch.empty(m, k_pad, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
@@ -56,10 +58,10 @@ def quantize_activations(x2: Tensor, act: str, static_multiplier: Optional[Tenso
     else:
         amax = torch.empty(m, dtype=torch.float32, device=x2.device)
         kernel[(m,)](x2, xq, amax, amax, k, k_pad, x2.stride(0),
-                     MODE=MODE_ROW_AMAX, BLOCK_K=block_k, INTERPRET=interp, num_warps=4)
+                     MODE=MODE_ROW_AMAX, BLOCK_K=block_k, INTERPRET=interp, QMAX=qmax, num_warps=4)
         mode, src = MODE_FROM_AMAX, amax.amax().reshape(1)
     kernel[(m,)](x2, xq, s, src, k, k_pad, x2.stride(0),
-                 MODE=mode, BLOCK_K=block_k, INTERPRET=interp, num_warps=4)
+                 MODE=mode, BLOCK_K=block_k, INTERPRET=interp, QMAX=qmax, num_warps=4)
     return xq, s
 
 
@@ -81,9 +83,11 @@ def uses_words(cfg: LinearConfig, packed: bool, act_float: bool, k: int) -> bool
 
 
 def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, m, n, k, k_pad, groups, group_size,
-                   packed, act_float, ws_mode, stride_xm, bias_codes=None) -> None:
+                   packed, act_float, ws_mode, stride_xm, bias_codes=None, bias_bits=0) -> None:
     """Launch ``_linear_kernel`` (and the split-K reduction) with tile config ``cfg``, writing ``out [M, N]``.
-    ``bias_codes`` (int32, an IntBias) take the bias slot and join the integer sums in the epilogue."""
+    ``bias_codes`` (int32, an IntBias) take the bias slot and join the integer sums in the epilogue; with
+    ``bias_bits`` the epilogue quantizes the float bias per token and adds those codes."""
+    bias_bits = bias_bits if bias is not None and bias_codes is None else 0
     iters = -(-k_pad // (cfg.nb * BLOCK))
     per_split = -(-iters // cfg.split_k)
     codes = bias_codes is not None
@@ -104,11 +108,11 @@ def _launch_linear(cfg: LinearConfig, out: Tensor, *, xin, weight, ws, s, bias, 
         xin, weight, ws, s, bias_arg, dest, m, n, k, k_pad, groups, max(group_size, 1), stride_xm, weight.stride(0),
         per_split, PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=has_bias, WRITE_PARTIAL=partial,
         USE_DOT=cfg.use_dot, WORDS=words, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, INTERPRET=interp,
-        ASM=not interp and _asm_ok(out.device), BIAS_CODES=codes,
+        ASM=not interp and _asm_ok(out.device), BIAS_CODES=codes, BIAS_BITS=bias_bits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rbm = min(16, triton.next_power_of_2(m))
         rgrid = (triton.cdiv(n, 64), triton.cdiv(m, rbm))
         _launch(_splitk_reduce_kernel)[rgrid](
             dest, ws, s, bias_arg, out, m, n, cfg.split_k, WS_MODE=ws_mode, ACT_FLOAT=act_float, HAS_BIAS=has_bias,
-            BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, BIAS_CODES=codes, num_warps=4)
+            BLOCK_M=rbm, BLOCK_N=64, INTERPRET=interp, BIAS_CODES=codes, BIAS_BITS=bias_bits, num_warps=4)

@@ -22,7 +22,7 @@ def _linear_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr,
                    PACKED: tl.constexpr, ACT_FLOAT: tl.constexpr, WS_MODE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, WORDS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, INTERPRET: tl.constexpr,
-                   ASM: tl.constexpr, BIAS_CODES: tl.constexpr = False):
+                   ASM: tl.constexpr, BIAS_CODES: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0):
     """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` over the K range of split ``program_id(2)``.
 
     ``x_ptr``: int8 ``xq [M, K_pad]`` (row stride ``stride_xm``), or the float input when ``ACT_FLOAT``.
@@ -52,4 +52,4 @@ def _linear_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, bias_ptr, out_ptr,
         tl.store(ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
     else:
         _epilogue(acc, offs_n, offs_m, mask_n, mask_m, ws_ptr, s_ptr, bias_ptr, out_ptr, N,
-                  WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET, BIAS_CODES)
+                  WS_MODE, ACT_FLOAT, HAS_BIAS, INTERPRET, BIAS_CODES, BIAS_BITS)

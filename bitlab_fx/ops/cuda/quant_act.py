@@ -29,8 +29,9 @@ def _round_half_even(v, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _quant_act_kernel(x_ptr, xq_ptr, s_ptr, src_ptr, K, K_pad, stride_xm,
-                      MODE: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """Row ``m``: ``xq[m] = clamp(round(x[m] * s), -128, 127)`` zero padded to ``K_pad``; ``s_ptr[m] = s``.
+                      MODE: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, QMAX: tl.constexpr = 127):
+    """Row ``m``: ``xq[m] = clamp(round(x[m] * s), -128, 127)`` zero padded to ``K_pad``; ``s_ptr[m] = s``
+    (``QMAX``: codes of fewer bits, the op's ``act_bits``: ``s = qmax / amax``, clamped to ``[-QMAX - 1, QMAX]``).
 
     MODE 0: ``s`` from the row's absmax; 1: from the absmax in ``src_ptr[0]``; 2: ``s = src_ptr[0]``;
     3: only write the row's absmax to ``s_ptr[m]`` (first step of per-tensor quantization).
@@ -54,10 +55,10 @@ def _quant_act_kernel(x_ptr, xq_ptr, s_ptr, src_ptr, K, K_pad, stride_xm,
         if MODE == 2:
             s = tl.load(src_ptr).to(tl.float32)
         else:
-            s = tl.math.div_rn(1.0, tl.maximum(a, 1e-5)) * 127.0
+            s = tl.math.div_rn(1.0, tl.maximum(a, 1e-5)) * QMAX
         tl.store(s_ptr + m, s)
         for k0 in range(0, K_pad, BLOCK_K):
             kk = k0 + offs
             v = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-            q = _round_half_even(tl.minimum(tl.maximum(v * s, -128.0), 127.0), INTERPRET)
+            q = _round_half_even(tl.minimum(tl.maximum(v * s, -QMAX - 1.0), QMAX * 1.0), INTERPRET)
             tl.store(xq_ptr + m * K_pad + kk, q.to(tl.int8), mask=kk < K_pad)
