@@ -67,3 +67,28 @@ def test_amalgamation_compiles_as_one_job(tmp_path):
     res = subprocess.run(build.compiler() + build.CFLAGS + ["-fsyntax-only", str(src)], capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_openmp_on_macos_links_torchs_libomp_then_homebrews(tmp_path, monkeypatch):
+    """Apple clang has no -fopenmp: on macOS the build also tries -Xpreprocessor -fopenmp linked to the libomp.dylib
+    torch ships (one OpenMP runtime with torch), then to a Homebrew libomp (headers from its prefix); elsewhere
+    only -fopenmp (then, in build(), no OpenMP)."""
+    build = _load_build(CPU_DIR)
+    torch_lib = tmp_path / "torch" / "lib"
+    torch_lib.mkdir(parents=True)
+    (torch_lib / "libomp.dylib").touch()
+    brew = tmp_path / "libomp"
+    for sub, name in (("include", "omp.h"), ("lib", "libomp.dylib")):
+        (brew / sub).mkdir(parents=True)
+        (brew / sub / name).touch()
+    monkeypatch.setenv("BITLAB_FX_LIBOMP", str(brew))
+    monkeypatch.setattr(build, "_torch_lib_dir", lambda: torch_lib)
+    monkeypatch.setattr(build.platform, "system", lambda: "Darwin")
+    apple = ["-Xpreprocessor", "-fopenmp", f"-I{brew / 'include'}"]
+    assert build.openmp_variants()[:3] == [
+        (["-fopenmp"], ["-fopenmp"]),
+        (apple, [f"-L{torch_lib}", "-lomp", f"-Wl,-rpath,{torch_lib}"]),
+        (apple, [f"-L{brew / 'lib'}", "-lomp", f"-Wl,-rpath,{brew / 'lib'}"]),
+    ]
+    monkeypatch.setattr(build.platform, "system", lambda: "Linux")
+    assert build.openmp_variants() == [(["-fopenmp"], ["-fopenmp"])]

@@ -15,6 +15,7 @@ moved into place with ``os.replace``, so concurrent first uses all succeed.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import re
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 HERE = Path(__file__).parent
 # The kernel's files, in the order they form one translation unit, each with the compile job that builds
@@ -179,16 +180,40 @@ def _run(cmds: List[List[str]]) -> None:
         raise BuildError("\n".join(errors))
 
 
-def _compile(cc: List[str], out: Path, openmp: bool, source: str) -> None:
-    omp = OPENMP if openmp else []
+def _torch_lib_dir() -> Optional[Path]:
+    spec = importlib.util.find_spec("torch")
+    return Path(spec.origin).parent / "lib" if spec and spec.origin else None
+
+
+def openmp_variants() -> List[Tuple[List[str], List[str]]]:
+    """The (compile, link) flags for OpenMP that :func:`build` tries in order, before building without (one thread).
+
+    ``-fopenmp`` (gcc, LLVM clang: the libgomp / libomp that torch has loaded). Apple clang has no ``-fopenmp``, so
+    on macOS also ``-Xpreprocessor -fopenmp`` linked to the libomp torch ships (torch/lib/libomp.dylib: one OpenMP
+    runtime for torch and the kernel), else to a Homebrew libomp (``$BITLAB_FX_LIBOMP``, /opt/homebrew/opt/libomp,
+    /usr/local/opt/libomp); ``omp.h`` from that prefix when it has one (bitlab_cpu.h declares the two OpenMP
+    functions it calls otherwise)."""
+    variants = [(OPENMP, OPENMP)]
+    if platform.system() == "Darwin":
+        prefixes = [Path(p) for p in (os.environ.get("BITLAB_FX_LIBOMP"), "/opt/homebrew/opt/libomp",
+                                      "/usr/local/opt/libomp") if p]
+        headers = [f"-I{p / 'include'}" for p in prefixes if (p / "include" / "omp.h").exists()][:1]
+        for lib in [_torch_lib_dir()] + [p / "lib" for p in prefixes]:
+            if lib is not None and (lib / "libomp.dylib").exists():
+                variants.append((["-Xpreprocessor", "-fopenmp"] + headers, [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]))
+    return variants
+
+
+def _compile(cc: List[str], out: Path, omp: Tuple[List[str], List[str]], source: str) -> None:
+    """Compile ``source`` into the shared library ``out`` with OpenMP's (compile, link) flags ``omp``."""
     stem = str(out) + ".part"
     src = stem + ".c"
     objs = [f"{stem}{i}.o" for i in PARTS]
     try:
         with open(src, "w", encoding="utf-8") as f:
             f.write(source)
-        _run([cc + CFLAGS + omp + [f"-DBITLAB_PART={i}", "-c", src, "-o", o] for i, o in zip(PARTS, objs)])
-        _run([cc + ["-shared"] + omp + objs + ["-o", str(out), "-lm"]])
+        _run([cc + CFLAGS + omp[0] + [f"-DBITLAB_PART={i}", "-c", src, "-o", o] for i, o in zip(PARTS, objs)])
+        _run([cc + ["-shared"] + omp[1] + objs + ["-o", str(out), "-lm"]])
     finally:
         for o in [src] + objs:
             try:
@@ -204,10 +229,13 @@ def build() -> Path:
 
     def make(tmp: Path) -> None:
         try:
-            try:
-                _compile(cc, tmp, openmp=True, source=source)
-            except BuildError:
-                _compile(cc, tmp, openmp=False, source=source)  # e.g. a compiler without OpenMP: single-threaded
+            for omp in openmp_variants():
+                try:
+                    _compile(cc, tmp, omp, source)
+                    return
+                except BuildError:
+                    pass
+            _compile(cc, tmp, ([], []), source)  # a compiler without OpenMP: single-threaded
         except FileNotFoundError as e:
             raise BuildError(f"C compiler {cc[0]!r} not found") from e
 

@@ -10,7 +10,19 @@
 #include <string.h>
 #include <math.h>
 #ifdef _OPENMP
+#if defined(__has_include)
+#if __has_include(<omp.h>)
+#define BITLAB_OMP_H 1
+#endif
+#else
+#define BITLAB_OMP_H 1
+#endif
+#ifdef BITLAB_OMP_H
 #include <omp.h>
+#else /* Apple clang linked to torch's libomp (_build.openmp_variants) without OpenMP headers */
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
+#endif
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
