@@ -14,6 +14,7 @@ CONFIGS = {
     "int8-per-tensor-static": bfx.QuantConfig(weight=bfx.IntWeight(8, granularity="per_tensor"),
                                               input=bfx.IntActivation(8, dynamic=False, granularity="per_tensor")),
     "int8-dynamic-per-tensor": bfx.QuantConfig(weight="int8", input=bfx.IntActivation(8, granularity="per_tensor")),
+    "ternary-learned-per-expert": bfx.QuantConfig(weight=bfx.TernaryWeight("per_tensor", scale="learned"), input="int8"),
 }
 
 
