@@ -99,7 +99,8 @@ def dynamic_int8(lin: nn.Linear):
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynLinear
         engines = torch.backends.quantized.supported_engines
-        torch.backends.quantized.engine = "x86" if "x86" in engines else engines[-1]
+        # x86: the x86 engine (fbgemm); ARM64: qnnpack
+        torch.backends.quantized.engine = next((e for e in ("x86", "qnnpack") if e in engines), engines[-1])
         lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
         return DynLinear.from_float(lin)
     except Exception:

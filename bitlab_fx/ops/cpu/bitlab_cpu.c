@@ -7,6 +7,8 @@
  *   gemm.c         M >= a threshold: the batched GEMM (tokens in vector lanes)
  *   weight_only.c  act = "none": float activations x integer weights (bitlab_linear_wo, bitlab_expand_wo)
  *   conv.c         bitlab_im2col_s8, the int8 im2col of the conv ops
+ *   isa_arm.c, quant_neon.c, decode_neon.c, gemm_neon.c   ARM64: detection, activation quantization, the
+ *                  decode loops (M == 1) and the batched GEMM's micro-kernels (NEON, sdot)
  * and bitlab_cpu.h holds what they share. _build.py compiles them into one shared library.
  *
  * Plain C, no torch headers; loaded with ctypes (see __init__.py / _build.py). Compiled with
@@ -38,6 +40,9 @@
  * ISA: scalar (portable), AVX2 (maddubs, int16 partial sums flushed to int32 before they can
  * overflow), AVX-512 VNNI (vpdpbusd, int32 accumulation; 256-bit vectors except in the batched
  * GEMM, which uses all 32 zmm registers). Chosen at run time with __builtin_cpu_supports.
+ * ARM64: NEON (smull + sadalp: exact int32 for any int8) and DOTPROD (sdot, ARMv8.2 FEAT_DotProd), chosen at run
+ * time by isa_arm.c (getauxval / sysctlbyname); M == 1 with one scale group runs the decode loops, every other
+ * M the batched GEMM (whose activation tiles then hold signed xq: XT_OFFSET 0).
  */
 #include "bitlab_cpu.h"
 
