@@ -86,6 +86,8 @@ SHAPES = [
     ("ternary", 1, 200, 9, "channel", "per_token", True, "tok8", 1),
     ("int8", 6, 64, 10, "channel", "per_tensor", True, "tok16", 1),
     ("int4", 1, 130, 5, "tensor", "per_token", True, "tok4", 1),
+    # > 16384 128-blocks: the sdot ternary decode sums its 4^r-scaled chains in parts (DECODE_MAX_RUNS)
+    ("ternary", 1, 128 * 16384 + 384, 5, "channel", "per_token", False, "", 2),
 ]
 
 
