@@ -4,12 +4,17 @@
 
 Brevitas swaps layers (QuantConv2d(weight_bit_width=3, bias_quant=Int8Bias), QuantReLU(bit_width=4),
 QuantIdentity(bit_width=4) for the input). Here the model stays plain torch.nn and one QConfigMapping
-says the same thing, rule for rule: 3-bit weights and 8-bit biases everywhere, a 4-bit input quantizer on
-conv1 only (the QuantIdentity), 4-bit unsigned ReLU outputs. The layers after conv1 have no input quantizer:
-the quantized ReLU outputs reach them through max-pool and flatten, and each IntBias takes its step from
-that ReLU's quantizer (input_step * weight_step), as in Brevitas. Converted, every conv/linear is integer
-arithmetic (codes x 3-bit weights + int32 bias codes in an int32 accumulator) with the requantization to
-4 bits (bitlab.quantize_dequantize after each ReLU) explicit in the graph, which this script prints.
+says the same thing, rule for rule, written as the seed reads (issue 20): 3-bit weights and 8-bit biases
+everywhere, a 4-bit input quantizer on conv1 only (the QuantIdentity), 4-bit unsigned ReLU outputs, every
+activation quantizer with IntActivation's defaults (dynamic: a scale per token, computed from each input).
+The layers after conv1 have no input quantizer: the quantized ReLU outputs reach them through max-pool and
+flatten, and each IntBias takes its step from the quantizer that reaches its layer (input_step * weight_step).
+With dynamic quantizers that step is one per token (a conv's token is a sample), as Brevitas does for a bias
+whose input scale is only known at run time: the bias is quantized per token when the layer runs. Converted,
+every conv/linear is integer arithmetic (the op's own 4/5-bit input codes x 3-bit weights + the per-token
+int32 bias codes in an int32 accumulator) with the requantization to 4 bits (bitlab.quantize_dequantize after
+each ReLU) explicit in the graph, which this script prints. Spelled static (dynamic=False,
+granularity="per_tensor", Brevitas' own scales), the biases are stored as int32 codes instead.
 Data: scikit-learn's digits (8x8 grey) resized to 32x32x3, the input size of LeNet-5.
 Trains fp32, fine-tunes the W3A4 model with QAT from the fp32 weights, converts it (weights packed two
 per byte, bitlab ops), and prints fp32 vs QAT vs converted accuracy and the saved file sizes. Last, for
@@ -53,16 +58,14 @@ class LeNet(nn.Module):
 
 
 def low_precision_mapping() -> bfx.QConfigMapping:
-    """Brevitas' LowPrecisionLeNet in one mapping: W3 (per channel) and Int8Bias on every layer, a 4-bit input
-    quantizer on conv1 (QuantIdentity), uint4 ReLUs (QuantReLU). Brevitas' activation scales are static (one
-    per tensor, observed while training): ``dynamic=False, granularity="per_tensor"``, which IntBias needs."""
-    w3 = bfx.IntWeight(bits=3)                                          # weight_bit_width=3
-    static = {"dynamic": False, "granularity": "per_tensor"}
+    """Brevitas' LowPrecisionLeNet in one mapping, as the seed writes it: W3 (per channel) and Int8Bias on every
+    layer, a 4-bit input quantizer on conv1 (QuantIdentity), uint4 ReLUs (QuantReLU)."""
+    w3 = bfx.IntWeight(bits=3)                                                                         # weight_bit_width=3
     return (bfx.QConfigMapping()
-            .set_global(bfx.QuantConfig(weight=w3, bias=bfx.IntBias(bits=8)))                   # bias_quant=Int8Bias
+            .set_global(bfx.QuantConfig(weight=w3, bias=bfx.IntBias(bits=8)))                          # bias_quant=Int8Bias
             .set_module_name("conv1", bfx.QuantConfig(weight=w3, bias=bfx.IntBias(bits=8),
-                                                      input=bfx.IntActivation(bits=4, **static)))  # QuantIdentity(4)
-            .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(bits=4, signed=False, **static))))
+                                                      input=bfx.IntActivation(bits=4)))                 # QuantIdentity(4)
+            .set_object_type(nn.ReLU, bfx.QuantConfig(output=bfx.IntActivation(bits=4, signed=False))))  # QuantReLU(4)
 
 
 def integer_graph(converted) -> str:
@@ -138,7 +141,7 @@ def main(argv=None):
     qat = train(prepared, xtr, ytr, args.qat_epochs, 1e-3, "W3A4 QAT", seed=1, history=curves["W3A4 QAT"], test=(xte, yte))
     acc_qat = accuracy(qat, xte, yte)
 
-    print("3) convert: weights packed two per byte, int32 bias codes, integer ops, explicit requantization")
+    print("3) convert: weights packed two per byte, integer ops with per-token int32 bias codes, explicit requantization")
     converted = bfx.convert(qat)
     acc_conv = accuracy(converted, xte, yte)
     with torch.no_grad():
