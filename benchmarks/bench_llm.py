@@ -16,6 +16,8 @@ lean engine (the converted layers called directly, its own KV cache; ``engine="l
 the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
 (their CPU time under torch.profiler) and the rest (HF model code, generate). llama.cpp peers (``bench`` extra: gguf,
 llama-cpp-python) run a GGUF written from the same weights: for TQ2_0/TQ1_0 the same ternary codes.
+``onnxruntime-<decoder>`` (``export`` extra) runs the same converted model written by ``bfx.export_onnx_decoder``
+(one step with a KV cache, the layers as MatMulNBits on the same codes), greedy, with ``--threads`` intra-op threads.
 """
 from __future__ import annotations
 
@@ -164,9 +166,28 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
                 notes.append(f"{name}: skipped, {', '.join(miss)} not installed (pip install -e '.[bench]')")
                 continue
             runners[name] = _llama_cpp_runner(args, name, model, gguf_path, converted, prompt, prefill_ids, notes)
+        elif name.startswith("onnxruntime-"):  # onnxruntime-<decoder>: bfx.export_onnx_decoder of the same model
+            decoder = name.split("-", 1)[1]
+            runners[name] = _onnxruntime_runner(args, converted.setdefault(decoder, convert(model, decoder)), decoder,
+                                                prompt, prefill_ids)
         else:
             raise SystemExit(f"unknown runtime {name!r}")
     return {k: v for k, v in runners.items() if v is not None}, notes, converted
+
+
+def _onnxruntime_runner(args, converted, decoder, prompt, prefill_ids):
+    path = os.path.join(args.workdir, f"{args.model}-{decoder}-decoder.onnx")
+    llm_peers.write_onnx_decoder(copy.deepcopy(converted), path)
+
+    class Runner:
+        def warm_up(self):
+            llm_peers.onnxruntime_speed(path, prompt, 4, prefill_ids, args.threads)
+
+        def round(self):
+            r = llm_peers.onnxruntime_speed(path, prompt, args.new_tokens, prefill_ids, args.threads)
+            return r["decode"], r["prefill"], r["tokens"]
+
+    return Runner()
 
 
 def _tokenizer(gguf_path):
