@@ -3,7 +3,8 @@ fixture of tests/ops/conftest.py runs a test on each of them."""
 from bitlab_fx.ops import cpu
 
 LIB = cpu.kernel_library()
-ISAS = [name for name in ("scalar", "avx2", "vnni", "neon", "dotprod") if LIB is not None and cpu.set_isa(name) == name]
+ISAS = [name for name in ("scalar", "avx2", "vnni", "neon", "dotprod", "i8mm")
+        if LIB is not None and cpu.set_isa(name) == name]
 if LIB is not None:
     cpu.set_isa(None)
 

@@ -1,8 +1,8 @@
 """The ARM64 paths of the CPU kernel (isa_arm.c, decode_neon.c, gemm_neon.c), tested on x86 under emulation: the
 kernel's source is cross-compiled with a small driver (tests/ops/cpu_arm_driver.c) by aarch64-linux-gnu-gcc and run
-under qemu-aarch64 on two emulated CPUs, one with the dot-product instructions (``-cpu max``) and one without
-(``-cpu cortex-a53``). Every ARM path (scalar, plain NEON, sdot; the decode loops, the batched GEMM, the scalar
-tiles) must give reference.py's outputs bit for bit on shapes with tails, odd K, per-group scales, int4, int8,
+under qemu-aarch64 on emulated CPUs with the dot product and i8mm (``-cpu max``), with the dot product only
+(``-cpu neoverse-n1``: detection) and with neither (``-cpu cortex-a53``). Every ARM path (scalar, plain NEON, sdot,
+smmla; the decode loops, the batched GEMM, the scalar tiles) must give reference.py's outputs bit for bit on shapes with tails, odd K, per-group scales, int4, int8,
 ternary, xq = -128, integer bias codes (stored, or quantized per token), ragged token tiles and two threads.
 
 Tools: Debian packages gcc-aarch64-linux-gnu and qemu-user (CI's .ci/run installs them and sets
@@ -22,7 +22,7 @@ from bitlab_fx.ops.cpu import _build
 from bitlab_fx.quant.packing import pack_int4, pack_ternary
 
 DRIVER = Path(__file__).with_name("cpu_arm_driver.c")
-ISA = {"scalar": 0, "avx2": 1, "neon": 3, "dotprod": 4}  # bitlab_cpu.h ISA_* numbers
+ISA = {"scalar": 0, "avx2": 1, "neon": 3, "dotprod": 4, "i8mm": 5}  # bitlab_cpu.h ISA_* numbers
 WFMT = {"ternary": 0, "int8": 1, "int4": 2}
 ACT = {"per_token": 0, "per_tensor": 1, "static": 2}
 QMAX = {"ternary": 1, "int8": 127, "int4": 8}
@@ -157,11 +157,19 @@ def _run(arm_driver, cpu, isas):
     return int(lines[0].split()[1]), selected, lines[-1]
 
 
-def test_a_cpu_with_dot_product_runs_every_arm_path_bit_for_bit(arm_driver):
-    best, selected, summary = _run(arm_driver, "max", ["scalar", "neon", "dotprod"])
-    assert best == ISA["dotprod"]  # getauxval(AT_HWCAP) & HWCAP_ASIMDDP
-    assert selected == {ISA[name]: ISA[name] for name in ("scalar", "neon", "dotprod")}
-    assert summary == f"checked {3 * 2 * len(SHAPES)} failed 0"  # 3 ISAs x (built-in path, batched forced)
+def test_a_cpu_with_i8mm_runs_every_arm_path_bit_for_bit(arm_driver):
+    names = ("scalar", "neon", "dotprod", "i8mm")
+    best, selected, summary = _run(arm_driver, "max", names)
+    assert best == ISA["i8mm"]  # getauxval: HWCAP_ASIMDDP and HWCAP2_I8MM
+    assert selected == {ISA[name]: ISA[name] for name in names}
+    assert summary == f"checked {len(names) * 2 * len(SHAPES)} failed 0"  # x (built-in path, batched forced)
+
+
+def test_a_cpu_with_dot_product_but_no_i8mm_picks_sdot(arm_driver):
+    best, selected, summary = _run(arm_driver, "neoverse-n1", ["i8mm"])
+    assert best == ISA["dotprod"]
+    assert selected == {ISA["i8mm"]: ISA["dotprod"]}  # clamped: nothing run
+    assert summary == "checked 0 failed 0"
 
 
 def test_a_cpu_without_dot_product_picks_plain_neon(arm_driver):

@@ -9,7 +9,7 @@ Environment:
 
 - ``BITLAB_FX_DISABLE_CPU_KERNEL=1``: always use the reference implementation.
 - ``BITLAB_FX_CACHE_DIR``: where the compiled library is cached.
-- ``BITLAB_FX_CPU_ISA=scalar|avx2|vnni`` (x86) or ``scalar|neon|dotprod`` (ARM64): cap the instruction set
+- ``BITLAB_FX_CPU_ISA=scalar|avx2|vnni`` (x86) or ``scalar|neon|dotprod|i8mm`` (ARM64): cap the instruction set
   (debugging, tests).
 - ``CC``: the C compiler.
 
@@ -31,7 +31,7 @@ from ...quant.packing import unpack_int4
 from .. import _schema, reference
 from . import torch_kernels
 
-_ISA = {"scalar": 0, "avx2": 1, "vnni": 2, "neon": 3, "dotprod": 4}  # bitlab_cpu.h ISA_*
+_ISA = {"scalar": 0, "avx2": 1, "vnni": 2, "neon": 3, "dotprod": 4, "i8mm": 5}  # bitlab_cpu.h ISA_*
 _ACT = {"per_token": 0, "per_tensor": 1}
 _ABI = 9
 _lock = threading.Lock()
@@ -92,8 +92,8 @@ def _kernel_disabled() -> bool:
 
 
 def set_isa(name: Optional[str] = None) -> str:
-    """Cap the kernel's instruction set (``"scalar"``; x86: ``"avx2"``, ``"vnni"``; ARM64: ``"neon"``, ``"dotprod"``;
-    None or one this CPU lacks: the best); returns the one used."""
+    """Cap the kernel's instruction set (``"scalar"``; x86: ``"avx2"``, ``"vnni"``; ARM64: ``"neon"``,
+    ``"dotprod"``, ``"i8mm"``; None or one this CPU lacks: the best); returns the one used."""
     lib = kernel_library()
     if lib is None:
         return "reference"

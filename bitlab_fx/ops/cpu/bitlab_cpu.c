@@ -67,7 +67,7 @@ int bitlab_best_isa(void) {
 }
 
 /* Select the ISA: scalar, or one of this architecture's up to the best the CPU has (x86: AVX2 < VNNI; ARM64:
- * NEON < DOTPROD); anything else selects the best. Returns the one in use. */
+ * NEON < DOTPROD < I8MM); anything else selects the best. Returns the one in use. */
 int bitlab_set_isa(int isa) {
     int best = bitlab_best_isa();
     int ok = isa == ISA_SCALAR || (isa > 0 && isa <= best && (isa >= ISA_NEON) == (best >= ISA_NEON));
@@ -239,15 +239,16 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
                 memcpy(p, t, 64);
             }
         }
-        if (j->xt) { /* this row's 4-byte groups, offset to unsigned, into its lane of its tile */
-            const int64_t Q = j->Kp / 4, mt = j->pmt;
-            uint8_t *dst = j->xt + (m / mt) * Q * mt * 4 + (m % mt) * 4;
-            for (int64_t qi = 0; qi < Q; qi++) {
-                uint32_t d;
-                memcpy(&d, q + qi * 4, 4);
-                d ^= XT_OFFSET * 0x01010101u;
-                memcpy(dst + qi * mt * 4, &d, 4);
-            }
+        if (j->xt) { /* this row's groups of kg bytes, offset to unsigned, into its lane of its tile */
+            const int64_t kg = j->xt_k ? j->xt_k : 4, Q = j->Kp / kg, mt = j->pmt;
+            uint8_t *dst = j->xt + (m / mt) * Q * mt * kg + (m % mt) * kg;
+            for (int64_t qi = 0; qi < Q; qi++)
+                for (int64_t b = 0; b < kg; b += 4) {
+                    uint32_t d;
+                    memcpy(&d, q + qi * kg + b, 4);
+                    d ^= XT_OFFSET * 0x01010101u;
+                    memcpy(dst + qi * mt * kg + b, &d, 4);
+                }
         } else {
             for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = bitlab_row_sum(j, q + g * j->gs, j->gs);
         }
@@ -366,12 +367,17 @@ static int use_panel(job_t *j) {
     return 1;
 #elif defined(BITLAB_ARM)
     /* M == 1 with one scale group takes the decode loops (decode_neon.c); everything else the batched GEMM
-     * (int8 groups must cover whole 4-k steps; else the scalar tiles) */
+     * (int8 groups must cover whole 4-k steps, else the scalar tiles; smmla's whole 8-k steps, else sdot) */
     int decode = j->M == 1 && j->ws_kind != 2;
     if (j->isa < ISA_NEON || (g_panel_min_m > 0 ? j->M < g_panel_min_m : decode)) return 0;
     if (j->wfmt == W_INT8 && j->gs % 4) return 0;
-    j->pnc = j->isa == ISA_DOTPROD ? PANEL_DOT_NC : PANEL_NEON_NC;
     j->pmt = PANEL_ARM_MT;
+    if (j->isa == ISA_I8MM && (j->wfmt != W_INT8 || j->gs % 8 == 0)) {
+        j->pnc = PANEL_MMLA_NC;
+        j->xt_k = 8;
+    } else {
+        j->pnc = j->isa >= ISA_DOTPROD ? PANEL_DOT_NC : PANEL_NEON_NC;
+    }
     return 1;
 #else
     (void)j;

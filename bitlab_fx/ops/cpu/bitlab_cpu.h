@@ -48,7 +48,7 @@ int omp_get_num_threads(void);
 /* functions one file calls in another: not exported from the library */
 #define BITLAB_INTERNAL __attribute__((visibility("hidden")))
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3, ISA_DOTPROD = 4 }; /* x86: 0-2, ARM64: 0, 3, 4 */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3, ISA_DOTPROD = 4, ISA_I8MM = 5 }; /* x86: 0-2; ARM64: 0, 3-5 */
 enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
 enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
 
@@ -62,6 +62,7 @@ typedef void (*panel_fn)(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_
 #define PANEL_ARM_MT 8
 #define PANEL_DOT_NC 8
 #define PANEL_NEON_NC 4
+#define PANEL_MMLA_NC 8 /* i8mm: 8 rows x 8 tokens in 2x2 smmla blocks, 8 k per token in the tiles (xt_k) */
 /* The batched GEMM's activation tiles hold the bytes xq + XT_OFFSET: x86 multiplies unsigned activations
  * (vpdpbusd, maddubs: u8 x s8) and takes XT_OFFSET * sum(w) back out; ARM64's sdot/smull take signed xq. */
 #ifdef __aarch64__
@@ -103,6 +104,7 @@ typedef struct {
     /* batched GEMM (see "tokens in vector lanes") */
     uint8_t *xt;           /* [ceil(M/pmt)][Kp/4][pmt][4] xq + 128, or NULL: the small-M tiles */
     int pnc, pmt;          /* weight rows per block, tokens per tile */
+    int xt_k;              /* k per token in a tile row: 4, or 8 for smmla (0: 4) */
     int failed;            /* a thread could not allocate its scratch */
 } job_t;
 
@@ -279,6 +281,17 @@ BITLAB_INTERNAL void bitlab_unpack_row_arm(const job_t *j, int64_t n, int8_t *ro
 #define TGT_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #define SDOT(acc, a, b) vdotq_s32(acc, a, b)
 #define SDOT_LANE(acc, a, b, lane) vdotq_laneq_s32(acc, a, b, lane)
+#endif
+/* smmla (FEAT_I8MM, ARMv8.6): acc[2i + j] += sum_k a[8i + k] * b[8j + k], a 2x8 by 8x2 int8 product */
+#if defined(__clang__)
+#define TGT_I8MM __attribute__((target("dotprod,i8mm")))
+#define SMMLA(acc, a, b) __extension__({                                                                      \
+    int32x4_t smmla_acc_ = (acc);                                                                             \
+    __asm__("smmla %0.4s, %1.16b, %2.16b" : "+w"(smmla_acc_) : "w"(a), "w"(b));                               \
+    smmla_acc_; })
+#else
+#define TGT_I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#define SMMLA(acc, a, b) vmmlaq_s32(acc, a, b)
 #endif
 
 /* acc += the 16 products a[i] * b[i] (int8 x int8, exact for any values, -128 included), added in pairs: plain

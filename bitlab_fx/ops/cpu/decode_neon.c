@@ -181,7 +181,7 @@ static const struct {
 
 BITLAB_INTERNAL int bitlab_decode_arm(const job_t *j, int64_t n0, int64_t n1) {
     if (j->isa < ISA_NEON || j->ws_kind == 2) return 0;
-    const int dot = j->isa == ISA_DOTPROD;
+    const int dot = j->isa >= ISA_DOTPROD; /* i8mm CPUs decode with sdot (smmla would waste half its products) */
     const rows_fn four = DECODE_ARM[dot][j->wfmt].four, one = DECODE_ARM[dot][j->wfmt].one;
     const uint32_t sub = (uint32_t)DECODE_ARM[dot][j->wfmt].off * (uint32_t)j->gsum[0]; /* off * sum(xq) */
     int32_t acc[4];

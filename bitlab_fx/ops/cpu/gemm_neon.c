@@ -6,6 +6,8 @@
  *               sdot's by-element form multiplies each token's 4 activations with one step's 4 weights.
  *   plain NEON: 4 weight rows x 8 tokens; each step's weights broadcast (ld1r), smull + sadalp into pairs of
  *               k per token, added pairwise at the end.
+ *   i8mm:       8 weight rows x 8 tokens in 2x2 blocks, smmla (8 k of 2 rows times 8 k of 2 tokens); its tiles hold
+ *               8 k per token (xt_k = 8: xt[tile][k / 8][8 tokens][8 k]).
  * Both exact int32 for every int8 value. ARM64 only. */
 #include "bitlab_cpu.h"
 
@@ -91,7 +93,44 @@ static void panel_neon(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t 
 #undef STORE
 }
 
-BITLAB_INTERNAL panel_fn bitlab_panel_arm(const job_t *j) { return j->isa == ISA_DOTPROD ? panel_dot : panel_neon; }
+/* 8 rows x 8 tokens with smmla (i8mm): tiles of 8 k per token (xt_k = 8), steps [q0, q1) even (in 4-k steps, so
+ * the byte offsets match the 4-k layout). Register a##r##t holds rows 2r, 2r + 1 x tokens 2t, 2t + 1 as
+ * (r0 t0, r0 t1, r1 t0, r1 t1): one smmla multiplies 8 k of two weight rows with 8 k of two tokens. */
+static TGT_I8MM void panel_mmla(const int8_t *w8, const uint8_t *xt, int64_t q0, int64_t q1, int32_t *tile) {
+    enum { NC = PANEL_MMLA_NC, MT = PANEL_ARM_MT };
+#define PAIRS(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#define ALL(X) PAIRS(X, 0) PAIRS(X, 1) PAIRS(X, 2) PAIRS(X, 3)
+#define DECL(r, t) int32x4_t a##r##t = vdupq_n_s32(0);
+    ALL(DECL)
+#undef DECL
+    const int8_t *x = (const int8_t *)xt;
+    for (int64_t q = q0; q < q1; q += 2) {
+        const int8_t *wq = PANEL_W(w8, NC, q), *xp = x + q * MT * 4;
+        const int8x16_t x0 = vld1q_s8(xp), x1 = vld1q_s8(xp + 16), x2 = vld1q_s8(xp + 32), x3 = vld1q_s8(xp + 48);
+#define ROWPAIR(r)                                                                                              \
+    {                                                                                                           \
+        const int8x16_t w = vcombine_s8(vld1_s8(wq + 2 * r * 128), vld1_s8(wq + (2 * r + 1) * 128));          \
+        a##r##0 = SMMLA(a##r##0, w, x0);                                                                        \
+        a##r##1 = SMMLA(a##r##1, w, x1);                                                                        \
+        a##r##2 = SMMLA(a##r##2, w, x2);                                                                        \
+        a##r##3 = SMMLA(a##r##3, w, x3);                                                                        \
+    }
+        ROWPAIR(0) ROWPAIR(1) ROWPAIR(2) ROWPAIR(3)
+#undef ROWPAIR
+    }
+#define STORE(r, t)                                                                                             \
+    vst1_s32(tile + 2 * r * MT + 2 * t, vget_low_s32(a##r##t));                                                 \
+    vst1_s32(tile + (2 * r + 1) * MT + 2 * t, vget_high_s32(a##r##t));
+    ALL(STORE)
+#undef STORE
+#undef ALL
+#undef PAIRS
+}
+
+BITLAB_INTERNAL panel_fn bitlab_panel_arm(const job_t *j) {
+    if (j->xt_k == 8) return panel_mmla;
+    return j->isa >= ISA_DOTPROD ? panel_dot : panel_neon;
+}
 
 /* Row n of the weight as Kp signed bytes in the order of xq (ternary: k; int4: each 64-k chunk even k first,
  * then odd k; int8: k), zero past the stored weights. */
