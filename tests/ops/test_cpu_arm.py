@@ -2,8 +2,9 @@
 kernel's source is cross-compiled with a small driver (tests/ops/cpu_arm_driver.c) by aarch64-linux-gnu-gcc and run
 under qemu-aarch64 on emulated CPUs with the dot product and i8mm (``-cpu max``), with the dot product only
 (``-cpu neoverse-n1``: detection) and with neither (``-cpu cortex-a53``). Every ARM path (scalar, plain NEON, sdot,
-smmla; the decode loops, the batched GEMM, the scalar tiles) must give reference.py's outputs bit for bit on shapes with tails, odd K, per-group scales, int4, int8,
-ternary, xq = -128, integer bias codes (stored, or quantized per token), ragged token tiles and two threads.
+smmla; the decode loops, the batched GEMM, the scalar tiles) must give reference.py's outputs bit for bit on shapes
+with tails, odd K, per-group scales, int4, int8, ternary, xq = -128, integer bias codes (stored, or quantized per
+token), ragged token tiles, a row of more than 16384 blocks and two threads.
 
 Tools: Debian packages gcc-aarch64-linux-gnu and qemu-user (CI's .ci/run installs them and sets
 BITLAB_FX_REQUIRE_ARM_TESTS=1, so there they can never be skipped); ``$BITLAB_FX_ARM_CC`` and

@@ -48,7 +48,8 @@ int omp_get_num_threads(void);
 /* functions one file calls in another: not exported from the library */
 #define BITLAB_INTERNAL __attribute__((visibility("hidden")))
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3, ISA_DOTPROD = 4, ISA_I8MM = 5 }; /* x86: 0-2; ARM64: 0, 3-5 */
+/* x86: scalar, AVX2, VNNI; ARM64: scalar, NEON, DOTPROD, I8MM */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3, ISA_DOTPROD = 4, ISA_I8MM = 5 };
 enum { W_TERNARY = 0, W_INT8 = 1, W_INT4 = 2 };
 enum { ACT_TOKEN = 0, ACT_TENSOR = 1, ACT_STATIC = 2, ACT_GIVEN = 3 };
 
