@@ -87,7 +87,8 @@ def prepare_experts(model: nn.Module, mapping: QConfigMapping) -> Set[Rule]:
                 w = getattr(module, p)
                 _check_config(config, rule, _qualify(path, p), w.transpose(1, 2).shape if module.is_transposed else w.shape)
         swaps.append((path, FakeQuantExperts(module, {p: c for p, (c, _) in resolved.items()},
-                                             {p: str(r) for p, (_, r) in resolved.items()}, path)))
+                                             {p: "" if r is None else str(r) for p, (_, r) in resolved.items()},
+                                             path)))
     for path, prepared in swaps:
         if path == "":
             raise ConfigError("prepare_qat: the model is a lone experts module; prepare the model that routes to it")
