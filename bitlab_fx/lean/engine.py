@@ -1,16 +1,20 @@
 """The lean decode step: a converted Llama-family model's token, computed straight from its converted layers.
 
-Per decoder layer: RMSNorm, one op call for q/k/v, rotary embedding on q and k together, the new key and value
-written in place into a preallocated cache ``[layers, kv_heads, max_len, head_dim]``, attention over the filled
-prefix only, the o projection, the residual, RMSNorm, one op call for gate/up, activation times up, down, the
-residual: about twenty torch calls, against HF's ~60 module and function calls with masks, cache objects and
-``generate`` bookkeeping around them. The arithmetic is HF's (same formulas in the same order; the rotary
-tables come from the model's own rotary module), except attention (explicit for one query, SDPA for a prompt:
-HF's SDPA call differs from it in float rounding only).
+Per decoder layer: RMSNorm, one op call for q/k/v, the rotary embedding on q and k together (written back
+into the op's output), the new key and value written in place into a preallocated cache ``[layers, 2 (keys,
+values), kv_heads, max_len, head_dim]`` in one copy, attention over the filled prefix only (a prompt: SDPA;
+one query: two batched matmuls, GQA without repeating the keys), the o projection, the residual, RMSNorm, one
+op call for gate/up, activation times up, down, the residual: about 25 torch calls, against HF's ~60 module
+and function calls with masks, cache objects and ``generate`` bookkeeping around them. The arithmetic is HF's:
+the same formulas in the same order (``torch.rms_norm`` computes HF's fp32 RMSNorm, ``weight * (x *
+rsqrt(mean(x^2) + eps))``, in one call), the rotary tables from the model's own rotary module; attention sums
+in another order than HF's SDPA call, so logits differ from HF's by float rounding (tests/lean/test_engine.py).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -24,50 +28,46 @@ class LeanDecoder:
         self.plan, self.max_len = plan, max_len
         p = plan
         self.q_width, self.qk_width = p.heads * p.head_dim, (p.heads + p.kv_heads) * p.head_dim
-        self.groups = p.heads // p.kv_heads
-        shape = (len(p.layers), p.kv_heads, max_len, p.head_dim)
-        self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
+        # keys and values of a layer side by side ([2, kv_heads, max_len, head_dim]): one write per token
+        self.cache = torch.zeros(len(p.layers), 2, p.kv_heads, max_len, p.head_dim)
         self.cos, self.sin_signed = _rope_tables(p.rotary, max_len, p.head_dim)
+        self._steps = list(zip(p.layers, self.cache))
+        self._norm_shape = tuple(p.final_norm.shape)
+        self._zero = torch.zeros(1)  # (baddbmm's ignored addend)
 
     def forward(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits ``[vocab]`` of the last of ``ids`` (``[n]`` tokens at positions ``position..position + n - 1``,
         after the cache holds the ``position`` before them); writes their keys and values into the cache."""
-        p = self.plan
+        p, shape = self.plan, self._norm_shape
+        eps, width = p.eps, p.intermediate
         x = p.embed(ids)  # [n, hidden]
-        n = x.shape[0]
-        cos, sin = self.cos[position:position + n], self.sin_signed[position:position + n]
-        for i, layer in enumerate(p.layers):
-            h = _rms_norm(x, layer.input_norm, p.eps)
-            x.add_(layer.o(self._attention(layer.qkv(h), i, position, n, cos, sin)))
-            h = _rms_norm(x, layer.post_norm, p.eps)
-            gate_up = layer.gate_up(h)
-            x.add_(layer.down(p.act(gate_up[:, :p.intermediate]) * gate_up[:, p.intermediate:]))
-        return p.head(_rms_norm(x[-1:], p.final_norm, p.eps))[0]
+        n, end = x.shape[0], position + ids.shape[0]
+        cos, sin = self.cos[position:end], self.sin_signed[position:end]
+        mask = None if n == 1 else _causal_mask(position, n, end)
+        for layer, cache in self._steps:
+            qkv = layer.qkv(torch.rms_norm(x, shape, layer.input_norm, eps))
+            x.add_(layer.o(self._attention(qkv, cache, position, end, cos, sin, mask)))
+            gate_up = layer.gate_up(torch.rms_norm(x, shape, layer.post_norm, eps))
+            x.add_(layer.down(p.act(gate_up[:, :width]) * gate_up[:, width:]))
+        return p.head(torch.rms_norm(x[-1:], shape, p.final_norm, eps))[0]
 
-    def _attention(self, qkv: torch.Tensor, layer: int, position: int, n: int, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
-        p = self.plan
+    def _attention(self, qkv: torch.Tensor, cache: torch.Tensor, position: int, end: int, cos: torch.Tensor,
+                   sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        p, n = self.plan, qkv.shape[0]
         qk = qkv[:, :self.qk_width].view(n, -1, p.head_dim)  # q heads then k heads
-        # HF's (x * cos) + (rotate_half(x) * sin): rotate_half(x) * sin == roll(x) * sin_signed, bitwise
-        qk = qk * cos + qk.roll(p.head_dim // 2, -1) * sin
-        end = position + n
-        keys, values = self.keys[layer], self.values[layer]
-        keys[:, position:end] = qk[:, p.heads:].transpose(0, 1)
-        values[:, position:end] = qkv[:, self.qk_width:].view(n, p.kv_heads, p.head_dim).transpose(0, 1)
-        keys, values = keys[:, :end], values[:, :end]
-        if n == 1:  # one query: each kv head's group of query heads as the rows of one matmul
-            q = qk[0, :p.heads].view(p.kv_heads, self.groups, p.head_dim)
-            scores = torch.bmm(q, keys.transpose(1, 2)).mul_(p.scaling)
-            return torch.bmm(scores.softmax(-1), values).view(1, self.q_width)
-        q = qk[:, :p.heads].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
-        out = F.scaled_dot_product_attention(q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=_causal_mask(
-            position, n, end), scale=p.scaling, enable_gqa=self.groups > 1)
-        return out[0].transpose(0, 1).reshape(n, self.q_width)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's fp32 RMSNorm, ``weight * (x * rsqrt(mean(x^2) + eps))``, in one op (equal on fp32, tested)."""
-    return torch.rms_norm(x, weight.shape, weight, eps)
+        # HF's (x * cos) + (rotate_half(x) * sin), written back into qkv: rotate_half(x) * sin == roll(x) * sin_signed
+        torch.add(qk * cos, qk.roll(p.head_dim // 2, -1) * sin, out=qk)
+        cache[:, :, position:end] = qkv[:, self.q_width:].view(n, 2, p.kv_heads, p.head_dim).permute(1, 2, 0, 3)
+        kv = cache[:, :, :end]  # the filled prefix only
+        if n == 1:  # one query: each kv head's group of query heads as the rows of one matmul (SDPA's CPU path
+            # for one query and GQA repeats the keys per query head, ~3x slower here)
+            q = qkv[0, :self.q_width].view(p.kv_heads, -1, p.head_dim)
+            scores = torch.baddbmm(self._zero, q, kv[0].transpose(1, 2), beta=0.0, alpha=p.scaling)
+            return torch.bmm(scores.softmax(-1), kv[1]).view(1, self.q_width)
+        q = qkv[:, :self.q_width].view(n, p.heads, p.head_dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=p.scaling,
+                                             enable_gqa=p.heads != p.kv_heads)
+        return out.transpose(0, 1).reshape(n, self.q_width)
 
 
 def _rope_tables(rotary: torch.nn.Module, length: int, head_dim: int):

@@ -102,13 +102,13 @@ def make_plan(model: nn.Module) -> Plan:
                                                                           f"{attn_cls} (replaced or traced)")
         _expect(_is(layer.input_layernorm, norm_cls) and _is(layer.post_attention_layernorm, norm_cls),
                 f"layer {i}'s norms are not {norm_cls}")
-        _check_mlp(layer.mlp, mlp_cls, i)
-        windows.add(_sliding_window(layer.self_attn, config))
         prefix = f"model.layers.{i}."
         attn_names = [prefix + "self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         mlp_names = [prefix + "mlp." + p for p in ("gate_proj", "up_proj", "down_proj")]
         q, k, v, o = (_converted(model, linears, n) for n in attn_names)
         gate, up, down = (_converted(model, linears, n) for n in mlp_names)
+        _check_mlp(layer.mlp, mlp_cls, i)
+        windows.add(_sliding_window(layer.self_attn, config))
         layers.append(LayerPlan(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                                 _joint_call([q, k, v], fused), _call(o), _joint_call([gate, up], fused), _call(down)))
     attn = inner.layers[0].self_attn
