@@ -37,8 +37,9 @@ LOOPS = [
     ("ternary decode, plain NEON", "aarch64", "tern_rows_neon_4", ("apple-m1", "neoverse-v1", "cortex-a72")),
     ("int8 decode, sdot", "aarch64", "i8_rows_dot_4", ("apple-m1", "neoverse-v1")),
     ("int4 decode, sdot", "aarch64", "i4_rows_dot_4", ("apple-m1", "neoverse-v1")),
-    ("batched GEMM 8x8, sdot", "aarch64", "panel_dot", ("apple-m1", "neoverse-v1")),
+    ("batched GEMM 8x8, sdot", "aarch64", "panel_dot", ("apple-m1", "neoverse-v1", "neoverse-v2")),
     ("batched GEMM 4x8, plain NEON", "aarch64", "panel_neon", ("apple-m1", "neoverse-v1", "cortex-a72")),
+    ("batched GEMM 8x8, smmla (i8mm)", "aarch64", "panel_mmla", ("neoverse-v1", "neoverse-v2")),
     ("ternary decode, AVX2", "x86_64", "decode_avx2", ("znver3", "icelake-server")),
     ("ternary decode, AVX-512 VNNI", "x86_64", "decode_vnni", ("icelake-server",)),
     ("int8 decode, AVX2", "x86_64", "decode_i8_avx2", ("znver3", "icelake-server")),
@@ -46,12 +47,13 @@ LOOPS = [
     ("batched GEMM 4x16, AVX2", "x86_64", "panel_avx2", ("znver3", "icelake-server")),
     ("batched GEMM 12x32, AVX-512 VNNI", "x86_64", "panel_v512", ("icelake-server",)),
 ]
-# nominal clocks for the time column: M1 P-core, Graviton3 (Neoverse V1), Raspberry Pi 4 (A72), this VM's EPYC
-# (Zen 3, /proc/cpuinfo "cpu MHz"), a Xeon Ice Lake server
-CLOCK_GHZ = {"apple-m1": 3.2, "neoverse-v1": 2.6, "cortex-a72": 1.8, "znver3": 2.45, "icelake-server": 3.0}
+# nominal clocks for the time column: M1 P-core, Graviton3 (Neoverse V1), Graviton4 (V2), Raspberry Pi 4 (A72),
+# this VM's EPYC (Zen 3, /proc/cpuinfo "cpu MHz"), a Xeon Ice Lake server
+CLOCK_GHZ = {"apple-m1": 3.2, "neoverse-v1": 2.6, "neoverse-v2": 2.8, "cortex-a72": 1.8, "znver3": 2.45,
+             "icelake-server": 3.0}
 COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "gcc"}
 # int8 multiply-adds per instruction (x86: by vector width)
-MACS = {"sdot": 16, "smull": 8, "smull2": 8, "vpdpbusd": 32, "vpmaddubsw": 32}
+MACS = {"sdot": 16, "smmla": 32, "smull": 8, "smull2": 8, "vpdpbusd": 32, "vpmaddubsw": 32}
 _BRANCH = re.compile(r"^\s+(b[\w.]*|cbn?z|tbn?z|j\w+)\s+(?:\S+,\s*)*(\.L\w+)\s*$")
 
 
@@ -92,7 +94,7 @@ def hot_loop(lines):
 
 def mca(tool: str, arch: str, cpu: str, body) -> float:
     """Cycles per iteration (llvm-mca's total cycles over its iterations)."""
-    attrs = ["-mattr=+dotprod"] if arch == "aarch64" and cpu != "cortex-a72" else []
+    attrs = ["-mattr=+dotprod,+i8mm"] if arch == "aarch64" and cpu != "cortex-a72" else []
     text = "\n".join(body).replace("\t", " ") + "\n"
     res = subprocess.run([tool, f"-mtriple={arch}", f"-mcpu={cpu}", "-iterations=300"] + attrs,
                          input=text, capture_output=True, text=True, check=True)
