@@ -47,6 +47,14 @@ def test_integer_bias_codes_compile_in_both_paths(report):
         assert r.local_bytes == 0 and r.shared_bytes <= SMEM[90]
 
 
+def test_per_token_bias_codes_compile_in_both_paths(report):
+    from bitlab_fx.ops.cuda import kernels as K
+
+    for m in (1, 64):  # the epilogue quantizes the float bias per token (libdevice rint) and adds the codes
+        r = report.compile_linear(K.choose_config(m, 2048, 2048), m, 2048, 2048, bias_bits=8)
+        assert r.local_bytes == 0 and r.shared_bytes <= SMEM[90]
+
+
 @pytest.mark.parametrize("case", ["int8-gemv", "group-gemv", "act-none-dot", "act-none-gemv", "group-dot"])
 def test_other_paths_compile_for_sm90(report, case):
     from bitlab_fx.ops.cuda import kernels as K

@@ -104,9 +104,10 @@ def compile_kernel(kernel, signature: dict, values: dict, constexprs: dict, num_
 
 
 def compile_linear(cfg: K.LinearConfig, m: int, n: int, k: int, packed: bool = True, ws_mode: int = K.WS_CHANNEL,
-                   act_float: bool = False, dtype: str = "bf16", arch: int = 90, bias_codes: bool = False) -> CompileReport:
+                   act_float: bool = False, dtype: str = "bf16", arch: int = 90, bias_codes: bool = False,
+                   bias_bits: int = 0) -> CompileReport:
     """``_linear_kernel`` as ``_launch_linear`` would launch it for this problem and config (``bias_codes``: an
-    IntBias's int32 codes in the bias slot)."""
+    IntBias's int32 codes in the bias slot; ``bias_bits``: the float bias quantized per token in the epilogue)."""
     cfg = K.fit_config(cfg, m, n, padded_k(k), 64 if ws_mode == K.WS_GROUP else 0)
     k_pad = padded_k(k)
     partial = cfg.split_k > 1
@@ -122,7 +123,7 @@ def compile_linear(cfg: K.LinearConfig, m: int, n: int, k: int, packed: bool = T
     words = K.uses_words(cfg, packed, act_float, k)
     constexprs = dict(PACKED=packed, ACT_FLOAT=act_float, WS_MODE=ws_mode, HAS_BIAS=True, WRITE_PARTIAL=partial,
                       USE_DOT=cfg.use_dot, WORDS=words, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb,
-                      INTERPRET=False, ASM=True, BIAS_CODES=bias_codes)
+                      INTERPRET=False, ASM=True, BIAS_CODES=bias_codes, BIAS_BITS=bias_bits)
     return compile_kernel(K._linear_kernel, signature, values, constexprs, cfg.num_warps, cfg.num_stages, arch)
 
 
