@@ -170,9 +170,11 @@ class IntActivation:
 class IntBias:
     """Signed integer bias of ``bits`` bits on the step ``input_step * weight_step`` (Brevitas' Int8Bias).
 
-    The input step is that of the static quantizer that feeds the layer: its own ``input=``, or an upstream
-    output quantizer (a quantized ReLU) whose values reach the layer through scale-preserving ops (max-pool,
-    flatten, ...). ``convert`` stores the bias as int32 codes that the kernels add to the integer accumulator."""
+    The input step is that of the quantizer that feeds the layer: its own ``input=``, or an upstream output
+    quantizer (a quantized ReLU) whose values reach the layer through scale-preserving ops (max-pool, flatten, ...).
+    A static quantizer gives one step per channel: ``convert`` stores the bias as int32 codes that the kernels add
+    to the integer accumulator. A dynamic one gives one step per token (a conv's token is a sample): the codes are
+    made per token when the layer runs, and ``convert`` keeps the float bias for that."""
 
     bits: int = 8
 
