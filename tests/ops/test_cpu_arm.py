@@ -6,9 +6,12 @@ smmla; the decode loops, the batched GEMM, the scalar tiles) must give reference
 with tails, odd K, per-group scales, int4, int8, ternary, xq = -128, integer bias codes (stored, or quantized per
 token), ragged token tiles, a row of more than 16384 blocks and two threads.
 
-Tools: Debian packages gcc-aarch64-linux-gnu and qemu-user (CI's .ci/run installs them and sets
-BITLAB_FX_REQUIRE_ARM_TESTS=1, so there they can never be skipped); ``$BITLAB_FX_ARM_CC`` and
-``$BITLAB_FX_QEMU_AARCH64`` name others. On a machine without them the tests skip and say what to install."""
+The driver is built twice: by aarch64-linux-gnu-gcc with OpenMP (the Linux aarch64 build) and by clang
+``--target=aarch64-linux-gnu`` without OpenMP (the compiler, code and threading of a macOS build without libomp).
+
+Tools: Debian packages gcc-aarch64-linux-gnu, qemu-user and clang (CI's .ci/run installs them and sets
+BITLAB_FX_REQUIRE_ARM_TESTS=1, so there they can never be skipped); ``$BITLAB_FX_ARM_CC``, ``$BITLAB_FX_ARM_CLANG``
+and ``$BITLAB_FX_QEMU_AARCH64`` name others. On a machine without them the tests skip and say what to install."""
 import os
 import shutil
 import struct
@@ -40,15 +43,17 @@ def _tool(env: str, names) -> str:
 
 
 CC = _tool("BITLAB_FX_ARM_CC", ("aarch64-linux-gnu-gcc",))
+CLANG = _tool("BITLAB_FX_ARM_CLANG", ("clang",))  # with --target=aarch64-linux-gnu: the macOS compiler's code
 QEMU = _tool("BITLAB_FX_QEMU_AARCH64", ("qemu-aarch64", "qemu-aarch64-static"))
-MISSING = [what for what, path in (("aarch64-linux-gnu-gcc (apt: gcc-aarch64-linux-gnu)", CC),
-                                   ("qemu-aarch64 (apt: qemu-user)", QEMU)) if not path]
+TOOLS = {"aarch64-linux-gnu-gcc (apt: gcc-aarch64-linux-gnu)": CC, "qemu-aarch64 (apt: qemu-user)": QEMU,
+         "clang (apt: clang)": CLANG}
 
 
-def _require_tools():
-    if not MISSING:
+def _require_tools(*names):
+    missing = [what for what, path in TOOLS.items() if not path and what.split()[0] in names]
+    if not missing:
         return
-    message = f"ARM64 emulation tests need {' and '.join(MISSING)}"
+    message = f"ARM64 emulation tests need {' and '.join(missing)}"
     if os.environ.get("BITLAB_FX_REQUIRE_ARM_TESTS") == "1":
         pytest.fail(message + " (BITLAB_FX_REQUIRE_ARM_TESTS=1: CI must run them)")
     pytest.skip(message)
@@ -133,19 +138,28 @@ def _case(index, fmt, m, k, n, scales, act, with_bias, int_bias, threads):
 
 
 @pytest.fixture(scope="module")
-def arm_driver(tmp_path_factory):
-    """The cross-compiled driver and the cases file: (driver path, cases path)."""
-    _require_tools()
+def arm_work(tmp_path_factory):
+    """A directory with the cases file and the driver's source (the kernel's amalgamation + cpu_arm_driver.c)."""
+    _require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
     work = tmp_path_factory.mktemp("arm64")
-    cases = work / "cases.bin"
-    cases.write_bytes(struct.pack("<i", len(SHAPES)) + b"".join(_case(i, *s) for i, s in enumerate(SHAPES)))
-    source = work / "driver.c"
-    source.write_text(_build.amalgamate() + '#line 1 "cpu_arm_driver.c"\n' + DRIVER.read_text())
-    driver = work / "driver"
-    cmd = [CC] + _build.CFLAGS + _build.OPENMP + ["-static", str(source), "-o", str(driver), "-lm"]
+    (work / "cases.bin").write_bytes(struct.pack("<i", len(SHAPES)) +
+                                     b"".join(_case(i, *s) for i, s in enumerate(SHAPES)))
+    (work / "driver.c").write_text(_build.amalgamate() + '#line 1 "cpu_arm_driver.c"\n' + DRIVER.read_text())
+    return work
+
+
+def _compile(work, compiler, flags, name):
+    driver = work / name
+    cmd = compiler + _build.CFLAGS + flags + ["-static", str(work / "driver.c"), "-o", str(driver), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-3000:]}"
-    return driver, cases
+    return driver, work / "cases.bin"
+
+
+@pytest.fixture(scope="module")
+def arm_driver(arm_work):
+    """The driver built by the Linux aarch64 compiler (gcc, with OpenMP): (driver path, cases path)."""
+    return _compile(arm_work, [CC], _build.OPENMP, "driver")
 
 
 def _run(arm_driver, cpu, isas):
@@ -178,3 +192,14 @@ def test_a_cpu_without_dot_product_picks_plain_neon(arm_driver):
     assert best == ISA["neon"]
     assert selected == {ISA["neon"]: ISA["neon"], ISA["dotprod"]: ISA["neon"], ISA["avx2"]: ISA["neon"]}  # clamped
     assert summary == f"checked {2 * len(SHAPES)} failed 0"
+
+
+def test_clang_builds_the_arm_paths_bit_for_bit_without_openmp(arm_work):
+    """clang, as Apple's compiles the kernel on macOS: sdot and smmla as inline assembly (bitlab_cpu.h), no OpenMP
+    (one thread), every ARM path."""
+    _require_tools("clang")
+    driver = _compile(arm_work, [CLANG, "--target=aarch64-linux-gnu"], [], "driver-clang")
+    names = ("scalar", "neon", "dotprod", "i8mm")
+    best, selected, summary = _run(driver, "max", names)
+    assert best == ISA["i8mm"] and selected == {ISA[name]: ISA[name] for name in names}
+    assert summary == f"checked {len(names) * 2 * len(SHAPES)} failed 0"
