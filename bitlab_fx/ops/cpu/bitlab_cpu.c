@@ -186,7 +186,10 @@ static int row_quant(const job_t *j, const float *x, int64_t n, float s, int8_t 
     if (j->isa >= ISA_AVX2) return quant_avx2(x, n, s, q);
 #endif
 #ifdef BITLAB_ARM
-    if (j->isa >= ISA_NEON) return bitlab_quant_neon(x, n, s, q);
+    if (j->isa >= ISA_NEON) {
+        const int64_t done = n / 16 * 16;
+        return bitlab_quant_neon(x, n, s, q) | quant_scalar(x + done, n - done, s, q + done);
+    }
 #endif
     return quant_scalar(x, n, s, q);
 }

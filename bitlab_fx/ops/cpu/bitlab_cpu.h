@@ -255,7 +255,7 @@ void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
 
 #ifdef BITLAB_ARM
 /* ARM64 (isa_arm.c, quant_neon.c, decode_neon.c, gemm_neon.c): the best ISA this CPU has; a row's max |x|, its
- * codes (returns whether one is -128) and their sum; the decode loops (M == 1; 0: not one they handle); the
+ * codes (whole 16s; returns whether one is -128) and their sum; the decode loops (M == 1; 0: not one they handle); the
  * batched GEMM's micro-kernel and its row unpacking (signed w in the order of xq) */
 BITLAB_INTERNAL int bitlab_arm_best_isa(void);
 BITLAB_INTERNAL float bitlab_absmax_neon(const float *x, int64_t n);

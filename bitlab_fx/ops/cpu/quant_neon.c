@@ -20,12 +20,11 @@ BITLAB_INTERNAL float bitlab_absmax_neon(const float *x, int64_t n) {
     return m;
 }
 
-/* returns whether some code is -128 */
+/* the first n / 16 * 16 codes (row_quant does the rest in scalar code); returns whether one is -128 */
 BITLAB_INTERNAL int bitlab_quant_neon(const float *x, int64_t n, float s, int8_t *q) {
     const float32x4_t vs = vdupq_n_f32(s), lo = vdupq_n_f32(-128.f), hi = vdupq_n_f32(127.f);
     int16x8_t vmin = vdupq_n_s16(0);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
         int32x4_t r[4];
         for (int t = 0; t < 4; t++) /* the clamp keeps NaN, which vcvtn turns into 0 */
             r[t] = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + i + 4 * t), vs), lo), hi));
@@ -34,17 +33,7 @@ BITLAB_INTERNAL int bitlab_quant_neon(const float *x, int64_t n, float s, int8_t
         vmin = vminq_s16(vmin, vminq_s16(a, b));
         vst1q_s8(q + i, vcombine_s8(vmovn_s16(a), vmovn_s16(b)));
     }
-    int m128 = vminvq_s16(vmin) == -128;
-    for (; i < n; i++) {
-        float v = x[i] * s;
-        if (v != v) v = 0.f;
-        v = v > 127.f ? 127.f : v;
-        v = v < -128.f ? -128.f : v;
-        int r = (int)nearbyintf(v);
-        m128 |= (r == -128);
-        q[i] = (int8_t)r;
-    }
-    return m128;
+    return vminvq_s16(vmin) == -128;
 }
 
 BITLAB_INTERNAL int32_t bitlab_sum_i8_neon(const int8_t *q, int64_t n) {
