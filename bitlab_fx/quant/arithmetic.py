@@ -41,7 +41,16 @@ def multiplier(amax: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def codes(x: torch.Tensor, mult: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Activation codes ``clamp(round(x * mult), qmin, qmax)`` (fp32 whole numbers; round half to even)."""
-    return torch.clamp(torch.round(x * mult), qmin, qmax)
+    return _round_clamp(x * mult, qmin, qmax)
+
+
+def _round_clamp(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(q), qmin, qmax)``, in place on the fresh temporary ``q`` when no gradient is recorded: the same
+    numbers without two more tensors of ``q``'s size (on CPU each is a new allocation, often page faults too: a
+    1024x1024 weight's codes took 2.9 ms out of place, 0.45 ms in place, 1 thread)."""
+    if q.requires_grad:
+        return torch.clamp(torch.round(q), qmin, qmax)
+    return q.round_().clamp_(qmin, qmax)
 
 
 def int8_codes(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,7 @@ def token_bias_codes(b: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor
 
 def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """Weight codes ``clamp(round(w / step), -qmax, qmax)`` (a division by the step, not a multiplication)."""
-    return torch.clamp(torch.round(w / step), -qmax, qmax)
+    return _round_clamp(w / step, -qmax, qmax)
 
 
 # -- integer products and the rescale ----------------------------------------------------------------

@@ -32,11 +32,17 @@ def pack_ternary(wq: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_ternary expects a 2-D [N, K] tensor, got shape {tuple(wq.shape)}")
     n, k = wq.shape
     kp = padded_k(k)
-    codes = torch.ones(n, kp, dtype=torch.uint8, device=wq.device)
-    codes[:, :k] = (wq.to(torch.int16) + 1).to(torch.uint8)
-    codes = codes.reshape(n, kp // BLOCK, 4, LANES)
-    packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
-    return packed.reshape(n, kp // 4).contiguous()
+    # codes w + 1 as bytes (int8 arithmetic), padded with code 1, shifted and or-ed eight bytes at a time: a code
+    # takes 2 bits and moves by at most 6, so no bit crosses into the next byte of an int64 word (the training
+    # forward packs every weight each step)
+    codes = wq.to(torch.int8) + 1
+    if kp != k:
+        codes = torch.nn.functional.pad(codes, (0, kp - k), value=1)
+    words = codes.reshape(n, kp // BLOCK, 4, LANES).view(torch.int64)  # [N, blocks, 4 runs, 4 words]
+    packed = words[:, :, 0] | (words[:, :, 1] << 2)
+    packed |= words[:, :, 2] << 4
+    packed |= words[:, :, 3] << 6
+    return packed.view(torch.uint8).reshape(n, kp // 4)
 
 
 def unpack_ternary(packed: torch.Tensor, k: int) -> torch.Tensor:
