@@ -14,7 +14,9 @@ value is the converted op's (the gradients are the float call's).
 A weight used by several calls gets one weight fake-quant, shared. With ``bias=IntBias(...)`` the bias is
 read through ``call_module[fc1_bias_fq](get_attr[fc1.bias], get_attr[fc1.weight])``. A layer input that
 already comes from an output quantizer through scale-preserving ops (``input_scale``) is not quantized again, and
-an IntBias without ``input=`` takes its step from that quantizer.
+an IntBias without ``input=`` takes its step from that quantizer. On the layer's own dynamic (per-token) signed
+input quantizer the bias step is one per token, ``input_step[t] * weight_step[n]``: the layer call quantizes the
+bias per token with the multipliers of its input codes (``BiasFakeQuant.per_token``).
 Output quantizers of non-layer nodes (ReLUs, identities, any function) are inserted first (``output_quant``).
 """
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _input_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, new_arg
         if spec is not None:
             meta.notes.append(f"input already quantized by {upstream.layer!r} ({upstream.spec.format}): not re-quantized")
         meta.input_from = f"{upstream.spec.format} from {upstream.layer!r}"
-        meta.input_scale = source.describe()
+        meta.input_scale = source.describe() + (" (dynamic: re-quantized per layer token)" if upstream.spec.dynamic
+                                                else "")
         return upstream, source
     if spec is None:
         meta.input_scale = "float"
@@ -82,26 +85,34 @@ _STATIC = "IntActivation(bits, dynamic=False, granularity='per_tensor')"
 
 
 def _bias_scale_error(meta: LayerMeta, in_fq: Optional[ActivationFakeQuant], source: ScaleSource) -> ConfigError:
-    """Why an IntBias has no static input step, and what to do."""
+    """Why an IntBias has no input step it can use, and what to do."""
     where = (f"layer {meta.fqn!r} ({getattr(meta.object_type, '__name__', meta.object_type)}, matched by rule "
              f"{meta.rule}): IntBias(bits={meta.config.bias.bits})")
     if in_fq is None:
         return ConfigError(f"{where} needs the step of a quantized input (bias step = input_step * weight_step), but "
                            f"no activation quantizer reaches the layer's input: the chain breaks at {source.broken_by}. "
-                           f"Give the layer its own input={_STATIC}, or quantize the output of the op that breaks "
-                           f"the chain (a rule with output={_STATIC}), or drop bias= from its config")
+                           f"Give the layer its own input={_STATIC} (or a signed dynamic input=IntActivation(bits): "
+                           f"one bias step per token), or quantize the output of the op that breaks the chain (a rule "
+                           f"with output={_STATIC}), or drop bias= from its config")
     owner = "its own input quantizer" if in_fq.layer == meta.fqn else f"the quantizer of {in_fq.layer!r}"
-    return ConfigError(f"{where} needs one static input scale (bias step = input_step * weight_step), but {owner} "
-                       f"({in_fq.spec.format}) is dynamic {in_fq.spec.granularity} (a new scale for every input; "
-                       f"dynamic=True is IntActivation's default). Use {_STATIC} there, as Brevitas' activation "
-                       "quantizers are, or drop bias=")
+    return ConfigError(f"{where}: {owner} ({in_fq.spec.format}) is dynamic {in_fq.spec.granularity} (a new scale for "
+                       f"every input; dynamic=True is IntActivation's default), so the bias step is one per token, "
+                       f"and the layer's op must compute those tokens' codes itself, as int8 codes: "
+                       f"{in_fq.spec.format} codes do not fit int8. Use at most 7 unsigned or 8 signed bits there, or "
+                       f"{_STATIC} as Brevitas' activation quantizers are, or drop bias=")
 
 
 def _bias_quantizer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, in_fq: Optional[ActivationFakeQuant],
-                    weight_fq: Optional[WeightFakeQuant], source: ScaleSource) -> fx.Node:
-    """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step."""
-    if in_fq is None or in_fq.spec.dynamic:
+                    weight_fq: Optional[WeightFakeQuant], source: ScaleSource, layer_in) -> fx.Node:
+    """``call_module[<fqn>_bias_fq](bias, weight)``: an IntBias on the step input_step * weight_step (per token on a
+    dynamic input quantizer fused into the layer's op, ``layer_in``: the layer's input argument)."""
+    if in_fq is None:
         raise _bias_scale_error(meta, in_fq, source)
+    if in_fq.spec.dynamic:
+        codes = layer_input_codes(gm, layer_in, meta.token_dims)
+        if codes is None or codes.quantizer is not in_fq or codes.on_grid:
+            raise _bias_scale_error(meta, in_fq, source)
+        meta.input_scale += ", bias step per token"
     fq = BiasFakeQuant(meta.config.bias, meta.config.weight, in_fq, layer=meta.fqn, rule=str(meta.rule),
                        weight_fq=weight_fq)
     name = unique_name(gm, f"{meta.fqn}_bias_fq")
@@ -124,7 +135,7 @@ def _quantize_layer(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta, weight_f
     in_fq, source = _input_quantizer(gm, node, meta, new_args)
     if config.bias is not None and node.args[2] is not None:
         wfq = gm.get_submodule(new_args[1].target) if config.weight is not None else None
-        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq, source)
+        new_args[2] = _bias_quantizer(gm, node, meta, in_fq, wfq, source, new_args[0])
     node.args = tuple(new_args)
     if config.weight is not None:
         _compute_from_codes(gm, node, meta)
@@ -143,7 +154,7 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
         return
     w_fq = node.args[1]
     gm.get_submodule(w_fq.target).hand_over = True  # the layer reuses the codes its quantizers just computed
-    codes.quantizer.hand_over = codes.quantizer.hand_over or not codes.on_grid
+    codes.quantizer.hand_over = codes.quantizer.hand_over or not (codes.on_grid or codes.requantized)
     base = meta.fqn.replace(".", "_") or "layer"
     with gm.graph.inserting_before(node):  # the quantizer modules themselves, read by the layer call
         input_quantizer = gm.graph.create_node("get_attr", codes.quantizer_node.target, name=f"{base}_input_quantizer")

@@ -48,17 +48,20 @@ def _float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantize
     return input_quantizer.fake_value(codes_from, x_fq), weight_quantizer.fake_value(weight, w_fq)
 
 
-def input_codes(x: torch.Tensor, quantizer, token_dims: int):
-    """The int8 codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op
-    computes them: ``clamp(round(x * mult), -128, 127)``. The multiplier broadcasts against ``x``. (The
-    quantizer's own int8 codes of ``x``, when it just computed them: the same numbers.)"""
+def input_codes(x: torch.Tensor, quantizer, token_dims: int, on_grid: bool = False):
+    """The codes (fp32 whole numbers) and multiplier of a layer input, exactly as its converted op computes them:
+    ``clamp(round(x * mult), -128, 127)``, or on the range of a fused signed quantizer of fewer bits (the op's
+    ``act_bits``; ``on_grid`` values are read back with int8 codes). The multiplier broadcasts against ``x``. (The
+    quantizer's own codes of ``x``, when it just computed them: the same numbers.)"""
     kept = quantizer.take_codes(x)
     if kept is not None:
         return kept
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)
-        return A.int8_codes(xf, mult), mult
+        if on_grid:
+            return A.int8_codes(xf, mult), mult
+        return A.codes(xf, mult, quantizer.spec.qmin, quantizer.spec.qmax), mult
 
 
 def layer_grads(grad: torch.Tensor, x_fq: torch.Tensor, w_fq: torch.Tensor, bias_shape, geometry, needs):
@@ -95,12 +98,14 @@ class _ExactForward(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor):
+def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor,
+                x_mult: torch.Tensor):
     """``(float bias, integer bias codes)`` of the value: an IntBias that is fully on joins the integer sums as its
-    codes (as the converted op's ``bias_codes``); otherwise the bias argument is added in float."""
+    codes (as the converted op's ``bias_codes``; per token ``[T, N]`` on a dynamic input, from the multipliers
+    ``x_mult`` of this call, as the op's ``bias_bits``); otherwise the bias argument is added in float."""
     if bias is None or bias_quantizer is None or not bias_quantizer.quantizes():
         return (None if bias is None else bias.detach()), None
-    return None, bias_quantizer.codes(bias_from, weight)[0]
+    return None, bias_quantizer.codes(bias_from, weight, x_mult if bias_quantizer.per_token else None)[0]
 
 
 def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] = None, *, codes_from: torch.Tensor,
@@ -112,9 +117,9 @@ def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] 
     if not _use_codes(input_quantizer, weight_quantizer, on_grid):
         return F.linear(*_float_args(x_fq, w_fq, codes_from, weight, input_quantizer, weight_quantizer), bias)
     k = x_fq.shape[-1]
-    xq, mult = input_codes(codes_from, input_quantizer, 1)
+    xq, mult = input_codes(codes_from, input_quantizer, 1, on_grid)
     wq, w_step = weight_quantizer.codes(weight)
-    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight, mult.reshape(-1, 1))
     if train_kernel == "int8":
         return integer_train.linear(x_fq, w_fq, bias, codes_from, input_quantizer.spec, xq, mult, wq, w_step,
                                     weight_quantizer.spec, float_bias, bias_codes)
@@ -132,9 +137,9 @@ def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weigh
         return conv(x_fq, w_fq, bias, stride, padding, dilation, groups)
     unbatched = x_fq.dim() == w_fq.dim() - 1
     src = codes_from.unsqueeze(0) if unbatched else codes_from
-    xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1)
+    xq, mult = input_codes(src, input_quantizer, w_fq.dim() - 1, on_grid)
     wq, w_step = weight_quantizer.codes(weight)
-    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight)
+    float_bias, bias_codes = _bias_value(bias, bias_quantizer, bias_from, weight, mult)  # per token: per sample
     y = A.conv_from_codes(xq, mult, wq.reshape(weight.shape).float(), w_step.reshape(-1), float_bias, stride, padding,
                           dilation, groups, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.squeeze(0) if unbatched else y

@@ -236,8 +236,12 @@ class BiasFakeQuant(_FakeQuant):
     """Fake-quantizes a bias with an :class:`IntBias` spec on the step ``input_step * weight_step``
     (Brevitas' ``Int8Bias``): ``call_module[fc1_bias_fq](bias, weight)``.
 
-    ``input_fq`` is the static activation quantizer that feeds the layer (its step is ``1/multiplier``);
-    it is held as a plain reference, not a submodule (it already lives in the graph).
+    ``input_fq`` is the activation quantizer that feeds the layer (its step is ``1/multiplier``); it is held as a
+    plain reference, not a submodule (it already lives in the graph). When it is static, the step is one number
+    per output channel and ``forward`` returns the fake-quantized bias. When it is dynamic (the layer's own
+    per-token input quantizer), the step changes with every token (``w_step / x_mult[token]``, :attr:`per_token`):
+    ``forward`` returns the float bias, and the layer call quantizes it per token from the multipliers it computes
+    its input codes with (``exact_layers``; the converted op does the same at run time, ``bias_bits``).
     """
 
     def __init__(self, spec: IntBias, weight_spec: Union[TernaryWeight, IntWeight], input_fq: "ActivationFakeQuant",
@@ -247,24 +251,36 @@ class BiasFakeQuant(_FakeQuant):
         object.__setattr__(self, "input_fq", input_fq)
         object.__setattr__(self, "weight_fq", weight_fq)  # its learned step, when the weight has one
 
-    def step(self, weight: torch.Tensor) -> torch.Tensor:
-        """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient)."""
+    @property
+    def per_token(self) -> bool:
+        """Whether the input step is one per token (a dynamic input quantizer), so the bias codes are made per call."""
+        return self.input_fq.spec.dynamic
+
+    def step(self, weight: torch.Tensor, x_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_step * weight_step``: ``[N]`` per channel or ``[1]`` per tensor (fp32, no gradient); per token,
+        ``[T, N]`` from the multipliers ``x_mult`` of the call's tokens (:func:`arithmetic.token_bias_step`)."""
         wfq = self.__dict__.get("weight_fq")
         g = (wfq.step(weight) if wfq is not None else P.weight_scale(weight, self.weight_spec)).reshape(-1)
+        if self.per_token:
+            if x_mult is None:
+                raise ValueError(f"the IntBias of {self.layer!r} is on a dynamic input: its step is one per token; "
+                                 "pass the call's input multipliers x_mult")
+            return A.token_bias_step(g, x_mult)
         return g / self.input_fq.multiplier(weight.new_empty(0)).float().reshape(-1)
 
     def quantizes(self) -> bool:
         """Whether ``forward`` returns exactly ``codes * step`` (on, not blending in, its input quantizer on)."""
         return self.enabled and self.mix >= 1.0 and self.input_fq.enabled
 
-    def codes(self, bias: torch.Tensor, weight: torch.Tensor):
-        """``(codes, step)``: the integer bias (fp32 whole numbers ``[N]``) and its step, what ``convert`` stores
-        as int32 and the layers add to their integer sums (``exact_layers``, the ops' ``bias_codes``)."""
-        step = self.step(weight)
-        return P.quantize_bias(bias.detach().float(), step, self.spec.bits), step
+    def codes(self, bias: torch.Tensor, weight: torch.Tensor, x_mult: Optional[torch.Tensor] = None):
+        """``(codes, step)``: the integer bias (fp32 whole numbers ``[N]``, or ``[T, N]`` per token) and its step, what
+        ``convert`` stores as int32 (static input) and the layers add to their integer sums (``exact_layers``, the ops'
+        ``bias_codes`` / ``bias_bits``)."""
+        step = self.step(weight, x_mult)
+        return A.bias_codes(bias, step, self.spec.bits), step
 
     def forward(self, bias: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if not self._active() or not self.input_fq.enabled:
+        if not self._active() or not self.input_fq.enabled or self.per_token:
             return bias
         return self._blend(bias, P.fake_quantize_bias(bias, self.step(weight), self.spec.bits))
 
