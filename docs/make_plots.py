@@ -8,11 +8,13 @@ Inputs (each plot is skipped, with a message, when its input is missing):
 
 - ``docs/img/quickstart.json``, ``docs/img/lenet.json``, ``docs/img/char_lm.json``: written by
   ``python examples/<name>.py --json docs/img/<name>.json`` (accuracy or perplexity per epoch/step, sizes).
+- ``docs/img/qat_llm.json``: ``python examples/qat_pretrained_lm.py --json docs/img/qat_llm.json`` (SmolLM2 QAT:
+  the table, loss and perplexity-vs-tokens curves; about 30 min on 2 cores, not part of ``--run``).
 - ``benchmarks/results/bench_linear.json``: the CPU kernel benchmark. A list of rows (or ``{"rows": [...]}``),
   each a dict with the columns of its table: ``"N x K"``, ``"M"`` (batch), ``"fp32 us"``, ``"bitlab us"``
   (``"x fp32"`` is used when present).
 
-Outputs in ``docs/img/``: ``accuracy_curves.png``, ``model_size.png``, ``cpu_speed.png``.
+Outputs in ``docs/img/``: ``accuracy_curves.png``, ``model_size.png``, ``cpu_speed.png``, ``qat_llm.png``.
 Not imported by the tests (matplotlib is an optional extra: ``docs = ["matplotlib"]``).
 """
 from __future__ import annotations
@@ -146,6 +148,33 @@ def plot_speed(plt) -> None:
     _save(fig, "cpu_speed.png")
 
 
+def plot_qat_llm(plt) -> None:
+    """docs/img/qat_llm.png from qat_llm.json (examples/qat_pretrained_lm.py): distillation loss per step and
+    held-out perplexity vs training tokens per format, with the fp32 and PTQ perplexities as lines."""
+    d = load("qat_llm")
+    if d is None:
+        return
+    rows = {r["model"]: r for r in d["rows"]}
+    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(9.5, 3.5))
+    for i, (fmt, curves) in enumerate(d["curves"].items()):
+        color = f"C{i}"
+        loss_ax.plot([p[0] for p in curves["loss"]], [p[2] for p in curves["loss"]], label=fmt, color=color, lw=1.2)
+        pts = curves["ppl_vs_tokens"]
+        ppl_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fmt} QAT", color=color, lw=1.4)
+        if f"{fmt} PTQ" in rows:
+            ppl_ax.axhline(rows[f"{fmt} PTQ"]["ppl"], color=color, lw=0.8, ls=":", label=f"{fmt} PTQ")
+    ppl_ax.axhline(rows["fp32"]["ppl"], color="black", lw=0.9, ls="--", label="fp32")
+    loss_ax.set(xlabel="optimizer step", ylabel="KL(teacher || student)", yscale="log",
+                title="Distillation loss (SmolLM2-135M)")
+    ppl_ax.set(xlabel="training tokens", ylabel="held-out perplexity", yscale="log",
+               title="Held-out perplexity vs training tokens")
+    for ax in (loss_ax, ppl_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, "qat_llm.png")
+
+
 def _save(fig, name: str) -> None:
     path = IMG / name
     fig.savefig(path, dpi=90)
@@ -169,6 +198,7 @@ def main(argv=None) -> None:
     plot_curves(plt)
     plot_sizes(plt)
     plot_speed(plt)
+    plot_qat_llm(plt)
 
 
 if __name__ == "__main__":

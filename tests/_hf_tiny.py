@@ -24,6 +24,9 @@ def build(name: str):
         return _causal("MistralForCausalLM", "MistralConfig", **llama_kw), (ids,), ids, "lm_head"
     if name == "qwen2":
         return _causal("Qwen2ForCausalLM", "Qwen2Config", **llama_kw), (ids,), ids, "lm_head"
+    if name == "phi3":
+        return (_causal("Phi3ForCausalLM", "Phi3Config", pad_token_id=0, bos_token_id=1, eos_token_id=2, **llama_kw),
+                (ids,), ids, "lm_head")
     if name == "gpt2":
         return (_causal("GPT2LMHeadModel", "GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=64,
                         bos_token_id=0, eos_token_id=0), (ids,), ids, "lm_head")
