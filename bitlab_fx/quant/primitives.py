@@ -111,8 +111,9 @@ def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
 
 
 def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
-    """``wq * g`` (fp32, ``wq``'s shape) for codes ``wq`` and steps ``g`` of ``granularity``."""
-    return (weight_groups(wq.float(), granularity) * _expand_scale(g, granularity)).reshape(wq.shape)
+    """``wq * g`` (fp32, ``wq``'s shape) for codes ``wq`` and steps ``g`` of ``granularity`` (int8 codes are promoted
+    to fp32 inside the product, exactly, without a float copy first)."""
+    return (weight_groups(wq, granularity) * _expand_scale(g.float(), granularity)).reshape(wq.shape)
 
 
 def fake_quantize_weight(w: torch.Tensor, wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
