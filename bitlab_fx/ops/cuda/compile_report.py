@@ -134,7 +134,7 @@ def compile_quant_act(k: int, mode: int = K.MODE_PER_TOKEN, dtype: str = "bf16",
                  "K_pad": "i32", "stride_xm": "i32"}
     block_k = min(4096, max(128, triton.next_power_of_2(k_pad)))
     return compile_kernel(K._quant_act_kernel, signature, dict(K=k, K_pad=k_pad, stride_xm=k),
-                          dict(MODE=mode, BLOCK_K=block_k, INTERPRET=False), 4, 3, arch)
+                          dict(MODE=mode, BLOCK_K=block_k, INTERPRET=False, QMAX=127), 4, 3, arch)
 
 
 def main(argv=None) -> int:
