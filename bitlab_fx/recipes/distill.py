@@ -70,8 +70,8 @@ class DistillConfig:
         if self.autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"DistillConfig(autocast={self.autocast!r}): use None, 'bf16' or 'fp16'")
         if self.temperature <= 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"DistillConfig(temperature={self.temperature}, lr={self.lr}, "
-                              f"min_lr_ratio={self.min_lr_ratio}): temperature and lr must be > 0, min_lr_ratio in [0, 1]")
+            raise ConfigError(f"DistillConfig(temperature={self.temperature}, lr={self.lr}, min_lr_ratio="
+                              f"{self.min_lr_ratio}): temperature and lr must be > 0, min_lr_ratio in [0, 1]")
         if min(self.kl_weight, self.lm_weight, self.hidden_weight) < 0 or \
                 self.kl_weight + self.lm_weight + self.hidden_weight == 0:
             raise ConfigError("DistillConfig: kl_weight, lm_weight and hidden_weight must be >= 0 and not all 0")
