@@ -27,7 +27,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -189,19 +188,27 @@ def _build(case: str, variant: str):
     return build(copy.deepcopy(base), x, case), autocast, x, y
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in kB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _memory_one(case: str, variant: str) -> None:
-    """(child process) Peak resident memory three steps add to the built model, in MB, printed as JSON."""
+    """(child process) Peak resident memory three steps add to the built model, in MB, printed as JSON. The peak
+    is this process's own high-water mark (``VmHWM``, reset first where Linux allows it; ``ru_maxrss`` would
+    carry the parent's size over ``exec``)."""
     model, autocast, x, y = _build(case, variant)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    before = _rss_kb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    before = _status_kb("VmRSS")
     for _ in range(3):
         _step(model, opt, x, y, autocast)
-    print(json.dumps({"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
 
 
 def _memory(case: str, variant: str, threads: int) -> str:

@@ -164,12 +164,22 @@ def test_converts_to_the_same_model():
     torch.testing.assert_close(converted(x), integer.eval()(x), rtol=0, atol=0)
 
 
-def test_compiled_training_step_fullgraph():
-    fq, integer = _pair(_mlp(), bfx.ternary())
-    compiled = torch.compile(copy.deepcopy(integer), fullgraph=True)
+@pytest.mark.parametrize("train_kernel", ["fake_quant", "int8"])
+def test_compiled_training_step_fullgraph(train_kernel):
+    """torch.compile(fullgraph=True) of a prepared model trains (no graph break, no host sync in the step) and gives
+    the eager step's loss and gradients."""
+    eager = bfx.prepare_qat(_mlp(), dataclasses.replace(bfx.ternary(), train_kernel=train_kernel))
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
-    out_e, loss_e, grads_e = _loss_and_grads(integer.train(), x, y)
+    out_e, loss_e, grads_e = _loss_and_grads(eager.train(), x, y)
     out_c, loss_c, grads_c = _loss_and_grads(compiled.train(), x, y)
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
     for name, g in grads_e.items():
         torch.testing.assert_close(grads_c[f"_orig_mod.{name}"], g, rtol=1e-4, atol=1e-6)
+
+
+def test_train_kernel_is_checked():
+    with pytest.raises(bfx.ConfigError, match="train_kernel='int4'.*fake_quant, int8"):
+        bfx.QuantConfig(weight="ternary", input="int8", train_kernel="int4")
+    config = bfx.QuantConfig(weight="ternary", input="int8", train_kernel="int8")
+    assert bfx.QuantConfig.from_dict(config.to_dict()) == config
