@@ -35,7 +35,7 @@ def pack_ternary(wq: torch.Tensor) -> torch.Tensor:
     # codes w + 1 as bytes (int8 arithmetic), padded with code 1, shifted and or-ed eight bytes at a time: a code
     # takes 2 bits and moves by at most 6, so no bit crosses into the next byte of an int64 word (the training
     # forward packs every weight each step)
-    codes = wq.to(torch.int8) + 1
+    codes = (wq.to(torch.int8) + 1).contiguous()  # (+ keeps a transposed input's strides)
     if kp != k:
         codes = torch.nn.functional.pad(codes, (0, kp - k), value=1)
     words = codes.reshape(n, kp // BLOCK, 4, LANES).view(torch.int64)  # [N, blocks, 4 runs, 4 words]
