@@ -35,3 +35,9 @@ def test_padding_is_zero_code():
 def test_int4_round_trip(n, k, seed):
     w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(unpack_int4(pack_int4(w), k), w)
+
+
+def test_pack_ternary_of_a_transposed_view():
+    """A transposed weight (Hugging Face Conv1D stores [K, N]) packs like its contiguous copy."""
+    w = torch.randint(-1, 2, (256, 96), dtype=torch.int8)
+    assert torch.equal(pack_ternary(w.t()), pack_ternary(w.t().contiguous()))
