@@ -252,10 +252,12 @@ def main() -> None:
     for r in runners.values():
         r.warm_up()
     results = {k: [] for k in runners}
-    for _ in range(args.repeats):  # interleaved rounds
+    for i in range(args.repeats):  # interleaved rounds
         for k, r in runners.items():
             time.sleep(0.5)  # let the previous runtime's worker threads (llama.cpp's spin) go idle
             results[k].append(r.round())
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in results.items()) + " decode tokens/s",
+              file=sys.stderr, flush=True)  # (a run cut short still shows its rounds)
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch 1, prompt "
           f"{args.prompt}, {args.new_tokens} greedy tokens, prefill {args.prefill}, {args.threads} threads, "
           f"{args.repeats} interleaved rounds; torch {torch.__version__}, transformers {transformers.__version__}")

@@ -36,8 +36,10 @@ def test_llm_benchmark_runs_and_says_which_peers_are_missing():
     """bench_llm.py end to end on a tiny synthetic Llama: fp32 and bitlab rows; llama.cpp rows or a note."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_llm.py"), "--model", "synthetic",
                            "--hidden", "128", "--vocab", "256", "--layers", "1", "--runtimes",
-                           "fp32,bitlab-ternary,bitlab-ternary-greedy,llamacpp-tq2_0", "--repeats", "1", "--new-tokens", "3",
+                           "fp32,bitlab-ternary,bitlab-ternary-greedy,bitlab-ternary-lean,llamacpp-tq2_0", "--repeats", "1",
+                           "--new-tokens", "3",
                            "--prefill", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| fp32 |" in proc.stdout and "| bitlab-ternary |" in proc.stdout and "| bitlab-ternary-greedy |" in proc.stdout
+    assert "| bitlab-ternary-lean |" in proc.stdout
     assert "| llamacpp-tq2_0 |" in proc.stdout or "llamacpp-tq2_0: skipped" in proc.stdout

@@ -53,17 +53,24 @@ class LeanDecoder:
 
     def _attention(self, qkv: torch.Tensor, cache: torch.Tensor, position: int, end: int, cos: torch.Tensor,
                    sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        p, n = self.plan, qkv.shape[0]
-        qk = qkv[:, :self.qk_width].view(n, -1, p.head_dim)  # q heads then k heads
+        # Each view below is one as_strided call where slicing, viewing and permuting would take two to four (every
+        # torch call costs ~1-2 us of Python and dispatch, as much as the arithmetic of these small tensors).
+        # qkv: [n, width] rows of q heads | k heads | v heads; cache: [2 (keys, values), kv_heads, max_len, head_dim].
+        p, n, d, kvh = self.plan, qkv.shape[0], self.plan.head_dim, self.plan.kv_heads
+        width, row, base = qkv.shape[1], cache.stride(1), cache.storage_offset()
+        qk = qkv.as_strided((n, p.heads + kvh, d), (width, d, 1), qkv.storage_offset())  # q and k heads
         # HF's (x * cos) + (rotate_half(x) * sin), written back into qkv: rotate_half(x) * sin == roll(x) * sin_signed
-        torch.add(qk * cos, qk.roll(p.head_dim // 2, -1) * sin, out=qk)
-        cache[:, :, position:end] = qkv[:, self.q_width:].view(n, 2, p.kv_heads, p.head_dim).permute(1, 2, 0, 3)
-        kv = cache[:, :, :end]  # the filled prefix only
+        torch.add(qk * cos, qk.roll(d // 2, -1) * sin, out=qk)
+        new_kv = qkv.as_strided((2, kvh, n, d), (kvh * d, d, width, 1), qkv.storage_offset() + self.q_width)
+        cache.as_strided((2, kvh, n, d), (kvh * row, row, d, 1), base + position * d).copy_(new_kv)
         if n == 1:  # one query: each kv head's group of query heads as the rows of one matmul (SDPA's CPU path
-            # for one query and GQA repeats the keys per query head, ~3x slower here)
-            q = qkv[0, :self.q_width].view(p.kv_heads, -1, p.head_dim)
-            scores = torch.baddbmm(self._zero, q, kv[0].transpose(1, 2), beta=0.0, alpha=p.scaling)
-            return torch.bmm(scores.softmax(-1), kv[1]).view(1, self.q_width)
+            # for one query and GQA repeats the keys per query head, ~3x slower here); the filled prefix only
+            q = qkv.as_strided((kvh, p.heads // kvh, d), ((p.heads // kvh) * d, d, 1), qkv.storage_offset())
+            keys_t = cache.as_strided((kvh, d, end), (row, 1, d), base)
+            values = cache.as_strided((kvh, end, d), (row, d, 1), base + kvh * row)
+            scores = torch.baddbmm(self._zero, q, keys_t, beta=0.0, alpha=p.scaling)
+            return torch.bmm(scores.softmax(-1), values).view(1, self.q_width)
+        kv = cache[:, :, :end]  # the filled prefix only
         q = qkv[:, :self.q_width].view(n, p.heads, p.head_dim).transpose(0, 1)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=p.scaling,
                                              enable_gqa=p.heads != p.kv_heads)
