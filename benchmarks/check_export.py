@@ -54,6 +54,19 @@ def onnx_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids[None].numpy()})[0][0])
 
 
+def qat_trained(model, args):
+    """The converted student of a qat_pretrained_lm.py checkpoint (prepared as that example prepares it)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import qat_pretrained_lm as example
+
+    formats = {"ternary": "ternary", "int4": "w4a8", "int8": "w8a8"}
+    if args.decoder not in formats:
+        raise SystemExit(f"--qat-checkpoint: --decoder must be one of {sorted(formats)}")
+    student = example.prepare(model, formats[args.decoder], args.int8_layers)
+    student.load_state_dict(torch.load(args.qat_checkpoint, map_location="cpu", weights_only=False)["student"])
+    return bfx.convert(student.eval())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", choices=["synthetic", "smollm2"])
@@ -64,6 +77,10 @@ def main() -> None:
     p.add_argument("--decoder", default="ternary", choices=["ternary", "int4", "int8", "weight-only-int8"],
                    help="the decoder linears' format (bench_llm.DECODERS, or int8 weights with float inputs); "
                         "the lm_head is int8")
+    p.add_argument("--qat-checkpoint", default=None,
+                   help="a checkpoint of examples/qat_pretrained_lm.py (--checkpoint-dir): export that QAT-trained "
+                        "model (its format from --decoder, its int8 layers from --int8-layers) instead of PTQ")
+    p.add_argument("--int8-layers", default="", help="with --qat-checkpoint: the run's --int8-layers")
     p.add_argument("--workdir", default=tempfile.gettempdir())
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -78,7 +95,9 @@ def main() -> None:
         ids = torch.tensor(tokenizer(TEXT)["input_ids"][:args.tokens])
     else:
         ids = torch.randint(3, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
-    if args.decoder == "weight-only-int8":
+    if args.qat_checkpoint:
+        converted = qat_trained(model, args)
+    elif args.decoder == "weight-only-int8":
         qc = bfx.QConfigMapping().set_global(bfx.weight_only(bfx.IntWeight(8))).set_module_name("lm_head", bfx.int8())
         converted = bfx.convert(bfx.prepare_qat(model, qc).eval())
     else:
@@ -97,7 +116,8 @@ def main() -> None:
     t0 = time.perf_counter()
     bfx.export_onnx(converted, path, (ids[None],), dynamic_batch=False)  # batch 1: fixed
     rows.append(("onnxruntime MatMulNBits", path, time.perf_counter() - t0, metrics(ours, onnx_logits(path, ids), ids)))
-    print(f"model {args.model}, decoder {args.decoder}, {ids.numel()} tokens teacher-forced; fp32 parameters {fp32_bytes / 1e6:.1f} MB; "
+    trained = f"QAT-trained ({os.path.basename(args.qat_checkpoint)})" if args.qat_checkpoint else "no training"
+    print(f"model {args.model}, decoder {args.decoder}, {trained}, {ids.numel()} tokens teacher-forced; fp32 parameters {fp32_bytes / 1e6:.1f} MB; "
           f"bitlab_fx perplexity {rows[0][3]['ppl_ours']:.2f}")
     print("| runtime | cosine, first position | cosine, min over positions | top-1 agreement | perplexity ratio "
           "| file MB | fp32 / file | export s |")
