@@ -91,8 +91,9 @@ def test_cuda_argument_binding_reads_both_names():
     assert _bind("ternary_linear", (x, w, s, None, "per_tensor", None, 64), {"act_multiplier": m})[5] is m
     assert _bind("ternary_linear", (x, w, s, None, "per_tensor", m, 64), {})[5] is m
     assert _bind("int8_linear", (x, w, s, None, "per_tensor", None, m), {})[5] is m
-    assert _bind("int8_linear", (x, w, s), {})[4:] == ("per_token", None, -1, None)
+    assert _bind("int8_linear", (x, w, s), {})[4:] == ("per_token", None, -1, None, 8, 0)
     assert _bind("int8_linear", (x, w, s), {"bias_codes": m})[7] is m
+    assert _bind("ternary_linear", (x, w, s), {"act_bits": 4, "bias_bits": 8})[8:] == (4, 8)  # schema version 4
 
 
 def test_ops_have_no_gradient_and_say_so_when_backpropagated():
