@@ -20,6 +20,7 @@ gradient path is the identity their straight-through estimator gives (see ``fake
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -86,6 +87,23 @@ def _int8(codes: Tensor) -> Tensor:
     return codes if codes.dtype == torch.int8 else codes.to(torch.int8)
 
 
+_last_saved: list = []  # [(weakref to the input, its version, spec, int8 codes, multipliers)] of the last layer call
+
+
+def _shared_codes(source: Tensor, act_spec, xq: Tensor, rows: Tensor):
+    """``(xq, rows)``, or the very tensors the previous layer call saved when it read the same input (same object, same
+    version) with the same dynamic spec, i.e. the same codes: sibling layers (q/k/v, gate/up) then keep one copy for
+    their backward, not one each. Eager mode only."""
+    if torch.compiler.is_compiling() or not act_spec.dynamic:
+        return xq, rows
+    if _last_saved:
+        ref, version, spec, saved_xq, saved_rows = _last_saved[0]
+        if ref() is source and version == source._version and spec == act_spec and saved_xq.shape == xq.shape:
+            return saved_xq, saved_rows
+    _last_saved[:] = [(weakref.ref(source), source._version, act_spec, xq, rows)]
+    return xq, rows
+
+
 def linear(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], source: Tensor, act_spec, xq: Tensor, mult: Tensor,
            wq: Tensor, w_step: Tensor, weight_spec, float_bias: Optional[Tensor], bias_codes: Optional[Tensor]) -> Tensor:
     """The layer ``F.linear(x_fq, w_fq, bias)`` of input codes ``xq`` (multiplier ``mult``, computed from ``source``
@@ -96,6 +114,7 @@ def linear(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], source: Tensor, a
     rows = mult.float().reshape(-1, 1)
     float_bias = None if float_bias is None else float_bias.float()
     y = _product(source, act_spec, rows, xq2, wq2, w_step, weight_spec, float_bias, bias_codes, x_fq.dtype)
+    xq2, rows = _shared_codes(source, act_spec, xq2, rows)
     return _IntegerForward.apply(x_fq, w_fq, bias, y, xq2, rows, wq2, w_step, weight_spec.granularity, None)
 
 

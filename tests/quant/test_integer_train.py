@@ -131,6 +131,33 @@ def test_saved_activations_are_int8_codes():
     assert _saved_activation_bytes(integer.train(), x, y) <= 0.3 * fp32 <= _saved_activation_bytes(fq.train(), x, y)
 
 
+class _Siblings(nn.Module):
+    """Three layers reading one input (like q/k/v projections), through a norm that keeps its input, not its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(256)
+        self.q, self.k, self.v = nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.head(self.q(h) * self.k(h) + self.v(h))
+
+
+def test_sibling_layers_save_one_copy_of_their_input_codes():
+    torch.manual_seed(0)
+    model = _Siblings()
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    mapping = bfx.QConfigMapping().set_global(bfx.QuantConfig("ternary", "int8", train_kernel="int8"))
+    integer = bfx.prepare_qat(copy.deepcopy(model), mapping.set_module_name("head", None))
+    fp32 = _saved_activation_bytes(model, x, y)
+    # fp32 keeps h once for q, k and v; the integer forward keeps its int8 codes once (plus the norm's own tensors,
+    # the products' inputs and the float head's input, the same in both)
+    h_bytes = 64 * 256 * 4
+    assert _saved_activation_bytes(integer.train(), x, y) <= fp32 - h_bytes + 0.3 * h_bytes
+
+
 def test_quantizers_return_stand_ins_only_for_integer_layers():
     fq, integer = _pair(_mlp(), bfx.ternary())
     quantizers = [m for m in integer.modules() if isinstance(m, (ActivationFakeQuant, WeightFakeQuant))]
