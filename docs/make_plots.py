@@ -160,6 +160,8 @@ def plot_qat_llm(plt) -> None:
         color = f"C{i}"
         loss_ax.plot([p[0] for p in curves["loss"]], [p[2] for p in curves["loss"]], label=fmt, color=color, lw=1.2)
         pts = curves["ppl_vs_tokens"]
+        if f"{fmt} PTQ" in rows:  # PTQ is the QAT curve's start: 0 training tokens
+            pts = [(0, rows[f"{fmt} PTQ"]["ppl"])] + pts
         ppl_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fmt} QAT", color=color, lw=1.4)
         if f"{fmt} PTQ" in rows:
             ppl_ax.axhline(rows[f"{fmt} PTQ"]["ppl"], color=color, lw=0.8, ls=":", label=f"{fmt} PTQ")

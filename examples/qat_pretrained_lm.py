@@ -1,6 +1,6 @@
 """QAT of a pretrained language model (SmolLM2-135M-Instruct) by distillation from its float self.
 
-    python examples/qat_pretrained_lm.py                          # W4A8, W8A8, ternary: about 30 min on 2 cores
+    python examples/qat_pretrained_lm.py                          # W4A8, W8A8, ternary (see docs/qat-llm.md)
     python examples/qat_pretrained_lm.py --formats w4a8 --steps 40
     python examples/qat_pretrained_lm.py --model tiny --steps 4   # a random tiny Llama, seconds (the test)
 
@@ -216,9 +216,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     p.add_argument("--formats", default="w4a8,w8a8,ternary", help=f"comma-separated, of {', '.join(FORMATS)}")
-    p.add_argument("--steps", type=int, default=24,
+    p.add_argument("--steps", type=int, default=48,
                    help="optimizer steps per format (the same for every format; 0: PTQ rows only)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128, help="tokens per training window and per perplexity window")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="overrides the per-format learning rate")
@@ -226,7 +226,7 @@ def parse_args(argv):
     p.add_argument("--lm-weight", type=float, default=0.0, help="weight of the plain LM loss next to the KL")
     p.add_argument("--int8-layers", default="", help="regex of layer names kept int8 (e.g. 'down_proj')")
     p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for perplexity")
-    p.add_argument("--eval-every", type=int, default=8, help="steps between held-out perplexity points (curve)")
+    p.add_argument("--eval-every", type=int, default=12, help="steps between held-out perplexity points (curve)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training per format at most")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (0: not timed)")
     p.add_argument("--bench-lock", default="/tmp/bitlab_bench.lock", help="flock file for decode timing ('' = none)")
