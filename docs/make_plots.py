@@ -155,7 +155,7 @@ def plot_qat_llm(plt) -> None:
     if d is None:
         return
     rows = {r["model"]: r for r in d["rows"]}
-    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(9.5, 3.5))
+    fig, (loss_ax, ppl_ax, zoom_ax) = plt.subplots(1, 3, figsize=(13.5, 3.5))
     for i, (fmt, curves) in enumerate(d["curves"].items()):
         color = f"C{i}"
         loss_ax.plot([p[0] for p in curves["loss"]], [p[2] for p in curves["loss"]], label=fmt, color=color, lw=1.2)
@@ -163,14 +163,18 @@ def plot_qat_llm(plt) -> None:
         if f"{fmt} PTQ" in rows:  # PTQ is the QAT curve's start: 0 training tokens
             pts = [(0, rows[f"{fmt} PTQ"]["ppl"])] + pts
         ppl_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fmt} QAT", color=color, lw=1.4)
+        if max(p[1] for p in pts) < 10 * rows["fp32"]["ppl"]:  # the formats near fp32, on a linear scale
+            zoom_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fmt} QAT", color=color, lw=1.4)
         if f"{fmt} PTQ" in rows:
             ppl_ax.axhline(rows[f"{fmt} PTQ"]["ppl"], color=color, lw=0.8, ls=":", label=f"{fmt} PTQ")
-    ppl_ax.axhline(rows["fp32"]["ppl"], color="black", lw=0.9, ls="--", label="fp32")
+    for ax in (ppl_ax, zoom_ax):
+        ax.axhline(rows["fp32"]["ppl"], color="black", lw=0.9, ls="--", label="fp32")
+    zoom_ax.set(xlabel="training tokens", ylabel="held-out perplexity", title="W4A8 / W8A8 (first point: PTQ)")
     loss_ax.set(xlabel="optimizer step", ylabel="KL(teacher || student)", yscale="log",
                 title="Distillation loss (SmolLM2-135M)")
     ppl_ax.set(xlabel="training tokens", ylabel="held-out perplexity", yscale="log",
                title="Held-out perplexity vs training tokens")
-    for ax in (loss_ax, ppl_ax):
+    for ax in (loss_ax, ppl_ax, zoom_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
