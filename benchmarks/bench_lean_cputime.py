@@ -20,24 +20,41 @@ import bitlab_fx as bfx
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_llm  # noqa: E402
 
-torch.set_num_threads(1)
-class A: model = "smollm2"
-model, _ = bench_llm.load_model(A)
-cm = bench_llm.convert(model, "ternary")
-prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
-def fp32(n):
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-def lean(n):
-    bfx.greedy_decode(cm, prompt, n, engine="lean")
-def per_token(f, n=17):
-    t0 = time.process_time(); f(1); t1 = time.process_time(); f(n); t2 = time.process_time()
-    return ((t2 - t1) - (t1 - t0)) / (n - 1) * 1e3
-for f in (fp32, lean): f(2)
-res = {"fp32": [], "lean": []}
-for r in range(5):
-    for k, f in (("fp32", fp32), ("lean", lean)):
-        res[k].append(per_token(f))
-    print("round", r + 1, {k: round(v[-1], 2) for k, v in res.items()}, flush=True)
-m = {k: statistics.median(v) for k, v in res.items()}
-print({k: f"{m[k]:.2f} ms ({min(v):.2f}-{max(v):.2f})" for k, v in res.items()}, f"ratio {m['fp32'] / m['lean']:.2f}x")
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model, _ = bench_llm.load_model(type("Args", (), {"model": "smollm2"}))
+    converted = bench_llm.convert(model, "ternary")
+    prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+
+    def fp32(n):
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    def lean(n):
+        bfx.greedy_decode(converted, prompt, n, engine="lean")
+
+    def cpu_ms_per_token(decode, n=17):
+        t0 = time.process_time()
+        decode(1)
+        t1 = time.process_time()
+        decode(n)
+        t2 = time.process_time()
+        return ((t2 - t1) - (t1 - t0)) / (n - 1) * 1e3
+
+    runs = {"fp32": fp32, "lean": lean}
+    for decode in runs.values():
+        decode(2)  # warm-up
+    results = {name: [] for name in runs}
+    for r in range(5):  # interleaved rounds
+        for name, decode in runs.items():
+            results[name].append(cpu_ms_per_token(decode))
+        print("round", r + 1, {name: round(v[-1], 2) for name, v in results.items()}, flush=True)
+    median = {name: statistics.median(v) for name, v in results.items()}
+    for name, v in results.items():
+        print(f"{name}: {median[name]:.2f} CPU ms per token ({min(v):.2f}-{max(v):.2f})")
+    print(f"fp32 / lean: {median['fp32'] / median['lean']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
