@@ -54,6 +54,13 @@ def onnx_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids[None].numpy()})[0][0])
 
 
+def _held_out_pydoc() -> str:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import qat_pretrained_lm as example
+
+    return example.topic_texts()[1]
+
+
 def qat_trained(model, args):
     """The converted student of a qat_pretrained_lm.py checkpoint (prepared as that example prepares it)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -81,6 +88,9 @@ def main() -> None:
                    help="a checkpoint of examples/qat_pretrained_lm.py (--checkpoint-dir): export that QAT-trained "
                         "model (its format from --decoder, its int8 layers from --int8-layers) instead of PTQ")
     p.add_argument("--int8-layers", default="", help="with --qat-checkpoint: the run's --int8-layers")
+    p.add_argument("--text", default="fox", choices=["fox", "pydoc"],
+                   help="smollm2's text: the fixed English paragraph, or the held-out pydoc topics of "
+                        "examples/qat_pretrained_lm.py (--tokens of them)")
     p.add_argument("--workdir", default=tempfile.gettempdir())
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -92,7 +102,7 @@ def main() -> None:
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
                                                                gguf_file=os.path.basename(gguf_path))
-        ids = torch.tensor(tokenizer(TEXT)["input_ids"][:args.tokens])
+        ids = torch.tensor(tokenizer(TEXT if args.text == "fox" else _held_out_pydoc())["input_ids"][:args.tokens])
     else:
         ids = torch.randint(3, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
     if args.qat_checkpoint:
