@@ -3,7 +3,7 @@ converted layers directly (``plan.py`` says what runs and what is refused, ``eng
 
 >>> import bitlab_fx as bfx, torch
 >>> bfx.lean_fallback_reason(torch.nn.Linear(2, 2))
-'Linear is not one of the lean decoder's architectures (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)'
+"Linear is not one of the lean decoder's architectures (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
 """
 from __future__ import annotations
 
