@@ -30,7 +30,7 @@ __all__ = [
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode", "greedy_decode",
-    "lean_fallback_reason",
+    "lean_fallback_reason", "recipes",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
     "export_gguf", "export_onnx", "export_onnx_decoder",
