@@ -177,7 +177,7 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
 
 def _onnxruntime_runner(args, converted, decoder, prompt, prefill_ids):
     path = os.path.join(args.workdir, f"{args.model}-{decoder}-decoder.onnx")
-    llm_peers.write_onnx_decoder(copy.deepcopy(converted), path)
+    bfx.export_onnx_decoder(copy.deepcopy(converted), path)  # its layers: MatMulNBits on the same codes
 
     class Runner:
         def warm_up(self):

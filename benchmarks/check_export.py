@@ -54,18 +54,21 @@ def onnx_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids[None].numpy()})[0][0])
 
 
-def _held_out_pydoc() -> str:
+def _qat_example():
+    """examples/qat_pretrained_lm.py as a module (its text split and its prepare)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    import qat_pretrained_lm as example
+    import qat_pretrained_lm
 
-    return example.topic_texts()[1]
+    return qat_pretrained_lm
+
+
+def _held_out_pydoc() -> str:
+    return _qat_example().topic_texts()[1]
 
 
 def qat_trained(model, args):
     """The converted student of a qat_pretrained_lm.py checkpoint (prepared as that example prepares it)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    import qat_pretrained_lm as example
-
+    example = _qat_example()
     formats = {"ternary": "ternary", "int4": "w4a8", "int8": "w8a8"}
     if args.decoder not in formats:
         raise SystemExit(f"--qat-checkpoint: --decoder must be one of {sorted(formats)}")

@@ -54,12 +54,6 @@ def llama_cpp_speed(path: str, prompt: list, new_tokens: int, prefill_ids: list,
     return {"decode": decode, "prefill": prefill, "tokens": tokens}
 
 
-def write_onnx_decoder(model, path: str) -> dict:
-    """The onnxruntime peer's file: the converted model as one ONNX step with a KV cache (bfx.export_onnx_decoder:
-    its layers as MatMulNBits on the same codes); returns {layer: ONNX nodes}."""
-    return bfx.export_onnx_decoder(model, path)
-
-
 def onnxruntime_speed(path: str, prompt, new_tokens: int, prefill_ids, threads: int) -> dict:
     """Greedy decode tokens/s (after the prompt: (N - 1) / (t(N tokens) - t(1 token)), as for the torch runtimes)
     and prefill tokens/s (one step over the prefill ids, empty cache) of a bfx.export_onnx_decoder file."""
@@ -71,12 +65,8 @@ def onnxruntime_speed(path: str, prompt, new_tokens: int, prefill_ids, threads: 
     t1 = time.perf_counter()
     tokens = decoder.greedy(prompt, new_tokens)
     tn = time.perf_counter()
-    batch = prefill_ids.shape[0]
-    feeds = {"input_ids": prefill_ids.numpy(), "attention_mask": np.ones(prefill_ids.shape, dtype=np.int64),
-             "position_ids": np.arange(prefill_ids.shape[1], dtype=np.int64)[None].repeat(batch, 0),
-             **decoder._empty_cache(batch)}
     t2 = time.perf_counter()
-    decoder.session.run(["logits"], feeds)
+    decoder.prompt_logits(prefill_ids)
     t3 = time.perf_counter()
     return {"decode": (new_tokens - 1) / ((tn - t1) - (t1 - t0)), "prefill": prefill_ids.shape[1] / (t3 - t2),
             "tokens": tokens[0, prompt.shape[1]:].tolist()}

@@ -3,7 +3,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bitlab_fx as bfx
 from _small_net import SmallNet  # noqa: F401  (re-exported: the conv + linear net of the tests)
+
+# The activation quantizers the exactness tests run every layer through (the prepared forward computed from
+# integer codes, and the integer training forward): dynamic per token / per tensor, observed static, learned.
+ACTIVATION_SPECS = {
+    "per_token": bfx.IntActivation(),
+    "per_tensor": bfx.IntActivation(granularity="per_tensor"),
+    "observed": bfx.IntActivation(dynamic=False, granularity="per_tensor"),
+    "learned": bfx.IntActivation(dynamic=False, granularity="per_tensor", learned=True),
+}
 
 
 def mlp(sizes=(32, 64, 10)):

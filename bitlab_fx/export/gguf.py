@@ -134,10 +134,12 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
 
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    embeddings = _quantized_embeddings(model)
+    embeddings = _quantized_embeddings(model)  # llama.cpp gathers rows of any block type
     shared = {e.stored_weight.data_ptr() for e in embeddings.values()}
     layers = {c.name: layer_weight(c) for c in converted_layers(model).values()
               if c.stored_weight.data_ptr() not in shared}  # a head tied to a quantized embedding: token_embd only
+    layers.update({path: stored_layer_weight(path, e.weight_format, e.stored_weight, e.weight_scale, e.weight_shape)
+                   for path, e in embeddings.items()})
     inside = tuple(path + "." for path, m in model.named_modules()  # converted layers, their fused siblings
                    if type(m).__module__.startswith("bitlab_fx.nn") and not isinstance(m, torch.fx.GraphModule))
     written, fallbacks = {}, []
@@ -159,14 +161,6 @@ def add_tensors(writer, model, arch: str, ternary_type: str, float_type: str) ->
             fallbacks.append(f"{hf_name} ({layer.weight_format} {tuple(layer.codes.shape)}: {kind})")
         if layer.bias is not None:
             _add(writer, gguf_name(hf_name + ".bias"), "F32", layer.bias.numpy(), written)
-    for hf_name, embedding in embeddings.items():  # llama.cpp gathers rows of any block type
-        layer = stored_layer_weight(hf_name, embedding.weight_format, embedding.stored_weight,
-                                    embedding.weight_scale, embedding.weight_shape)
-        wanted = ggml_blocks.first_choice(layer.weight_format, ternary_type)
-        kind, data = ggml_blocks.encode(layer, wanted)
-        _add(writer, gguf_name(hf_name + ".weight"), kind, data, written)
-        if kind != wanted:
-            fallbacks.append(f"{hf_name} ({layer.weight_format} {tuple(layer.codes.shape)}: {kind})")
     _add_float_tensors(writer, model, layers, inside, gguf_name, float_type, arch, written)
     if fallbacks:
         warnings.warn(f"export_gguf: {len(fallbacks)} layer(s) have rows or groups that are not whole "

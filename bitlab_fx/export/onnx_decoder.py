@@ -80,21 +80,17 @@ class CachedStep(torch.nn.Module):
         return (logits, *_cache_tensors(out))
 
 
-def _check_causal_lm(model) -> int:
-    """The number of layers with a cache of a causal LM ``model``; ExportError for anything else."""
+def _check_causal_lm(model) -> None:
+    """ExportError unless ``model`` is a Hugging Face decoder-only causal LM."""
     config = getattr(model, "config", None)
-    name = type(model).__name__
     if config is None or getattr(config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
-        raise ExportError(f"export_onnx_decoder: {name} is not a Hugging Face decoder-only causal LM (a model with "
-                          "generate() and no encoder); export other models with bfx.export_onnx")
-    probe = torch.zeros(1, 2, dtype=torch.long)
-    with torch.no_grad():
-        out = model(input_ids=probe, use_cache=True)
-    return len(_cache_tensors(out)) // 2
+        raise ExportError(f"export_onnx_decoder: {type(model).__name__} is not a Hugging Face decoder-only causal LM "
+                          "(a model with generate() and no encoder); export other models with bfx.export_onnx")
 
 
-def _example_step(model, layers: int) -> tuple:
-    """(inputs, dynamic shapes) of an example step: batch 2, 3 new tokens after 5 cached ones."""
+def _example_step(model) -> tuple:
+    """(inputs, dynamic shapes) of an example step: batch 2, 3 new tokens after 5 cached ones (the cache the model
+    itself returned for them: one key and one value per layer)."""
     from torch.export import Dim
 
     b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
@@ -117,15 +113,14 @@ def export_onnx_decoder(model: torch.nn.Module, path: str, all_logits: bool = Fa
 
     check_converted(model, "ONNX")
     model = model.eval()
-    layers = _check_causal_lm(model)
-    inputs, shapes = _example_step(model, layers)
+    _check_causal_lm(model)
+    inputs, shapes = _example_step(model)
+    layers = len(inputs[3]) // 2
     step = CachedStep(model, layers, all_logits).eval()
     names = ["input_ids", "attention_mask", "position_ids", *cache_input_names(layers)]
     try:
         program = onnx_export.torch_onnx_export(step, inputs, {}, shapes, input_names=names,
                                                 output_names=["logits", *cache_output_names(layers)])
-    except ExportError:
-        raise
     except Exception as err:
         raise ExportError(f"export_onnx_decoder: torch.onnx.export of {type(model).__name__}'s cached step failed: "
                           f"{str(err).splitlines()[0][:400]}; export without a cache with bfx.export_onnx") from err
@@ -153,9 +148,19 @@ class OnnxDecoder:
                               "bfx.export_onnx_decoder (bfx.export_onnx files have no cache)")
         self.cache_shape = [specs[n].shape for n in self.past_names]  # [batch, kv heads, past, head dim]
 
-    def _empty_cache(self, batch: int) -> dict:
-        return {n: np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32)
-                for n, shape in zip(self.past_names, self.cache_shape)}
+    def prompt_feeds(self, ids: np.ndarray) -> dict:
+        """The inputs of a step over the prompt ``ids`` [batch, seq] with an empty cache."""
+        batch, seq = ids.shape
+        empty = {n: np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32)
+                 for n, shape in zip(self.past_names, self.cache_shape)}
+        return {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64),
+                "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)), **empty}
+
+    def prompt_logits(self, input_ids) -> torch.Tensor:
+        """The logits output of one step over the prompt ``input_ids`` [batch, seq] (the last position's, or every
+        position's for a file written with ``all_logits=True``)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return torch.from_numpy(self.session.run(["logits"], self.prompt_feeds(ids))[0])
 
     def greedy(self, input_ids: torch.Tensor, new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
         """The prompt ``input_ids`` [batch, seq] (no padding) followed by up to ``new_tokens`` greedy tokens;
@@ -164,9 +169,8 @@ class OnnxDecoder:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ExportError(f"OnnxDecoder.greedy: input_ids must be [batch, seq] with seq >= 1, got shape "
                               f"{tuple(ids.shape)}")
-        batch, seq = ids.shape
-        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64),
-                 "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)), **self._empty_cache(batch)}
+        batch = ids.shape[0]
+        feeds = self.prompt_feeds(ids)
         out, done = [ids], np.zeros(batch, dtype=bool)
         for _ in range(new_tokens):
             logits, *present = self.session.run(None, feeds)

@@ -59,9 +59,7 @@ def test_greedy_tokens_equal_the_converted_models_generate(exported):
 def test_prefill_logits_agree_with_the_converted_model(exported):
     converted, ids, path, _ = exported
     decoder = OnnxDecoder(path)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(),
-             "position_ids": torch.arange(ids.shape[1]).expand_as(ids).numpy(), **decoder._empty_cache(ids.shape[0])}
-    got = torch.from_numpy(decoder.session.run(["logits"], feeds)[0])
+    got = decoder.prompt_logits(ids)
     with torch.no_grad():
         want = converted(ids).logits[:, -1:]  # the last position's: what decoding reads
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-2
@@ -105,9 +103,7 @@ def test_all_logits_gives_every_positions_logits_for_scoring(tmp_path):
     path = tmp_path / "scoring.onnx"
     bfx.export_onnx_decoder(converted, path, all_logits=True)
     decoder = OnnxDecoder(path)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(),
-             "position_ids": torch.arange(ids.shape[1]).expand_as(ids).numpy(), **decoder._empty_cache(ids.shape[0])}
-    got = torch.from_numpy(decoder.session.run(["logits"], feeds)[0])
+    got = decoder.prompt_logits(ids)
     with torch.no_grad():
         want = converted(ids).logits
     assert got.shape == want.shape and ((got - want).abs().max() / want.abs().max()).item() <= 1e-2

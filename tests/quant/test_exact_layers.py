@@ -16,6 +16,7 @@ from bitlab_fx.layer_kinds import LAYER_KINDS
 from bitlab_fx.ops import cpu
 from bitlab_fx.quant import exact_layers
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from _helpers import ACTIVATION_SPECS
 
 ISAS = [n for n in ("scalar", "avx2", "vnni") if cpu.kernel_library() is not None and cpu.set_isa(n) == n]
 cpu.set_isa(None)
@@ -43,12 +44,7 @@ WEIGHTS = {
     "int4-group16": bfx.IntWeight(4, bfx.PerGroup(16)),
     "int8-learned": bfx.IntWeight(8, scale="learned"),
 }
-ACTS = {
-    "per_token": bfx.IntActivation(),
-    "per_tensor": bfx.IntActivation(granularity="per_tensor"),
-    "observed": bfx.IntActivation(dynamic=False, granularity="per_tensor"),
-    "learned": bfx.IntActivation(dynamic=False, granularity="per_tensor", learned=True),
-}
+ACTS = ACTIVATION_SPECS
 
 
 def _train(model, x, y, steps=6, lr=1e-2):

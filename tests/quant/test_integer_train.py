@@ -14,7 +14,7 @@ from torch import nn
 
 import bitlab_fx as bfx
 from bitlab_fx.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from _helpers import SmallNet
+from _helpers import ACTIVATION_SPECS, SmallNet
 
 WEIGHTS = {
     "ternary": bfx.TernaryWeight(),
@@ -26,12 +26,7 @@ WEIGHTS = {
     "int8": bfx.IntWeight(8),
     "int8-learned": bfx.IntWeight(8, scale="learned"),
 }
-ACTS = {
-    "per_token": bfx.IntActivation(),
-    "per_tensor": bfx.IntActivation(granularity="per_tensor"),
-    "observed": bfx.IntActivation(dynamic=False, granularity="per_tensor"),
-    "learned": bfx.IntActivation(dynamic=False, granularity="per_tensor", learned=True),
-}
+ACTS = ACTIVATION_SPECS
 
 
 def _mlp():
