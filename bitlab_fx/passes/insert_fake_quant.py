@@ -167,10 +167,11 @@ def _compute_from_codes(gm: fx.GraphModule, node: fx.Node, meta: LayerMeta) -> N
                    **bias_kwargs, **integer}
 
 
-def _integer_reader(node: fx.Node, quantizer_node: fx.Node) -> bool:
-    """Whether ``node`` is an integer layer call that reads ``quantizer_node`` only as its fake-quant input (computed
-    from the quantizer's own input, not on-grid values) or weight: it needs the codes, not the float values."""
-    if node.kwargs.get("train_kernel", "fake_quant") == "fake_quant" or node.kwargs.get("on_grid", True):
+def _code_reader(node: fx.Node, quantizer_node: fx.Node) -> bool:
+    """Whether ``node`` is a layer call computed from the codes (``exact_layers``, either train kernel) that reads
+    ``quantizer_node`` only as its fake-quant input (computed from the quantizer's own input, not on-grid values) or
+    weight: its forward needs the codes, not the float values (its backward makes them from the codes)."""
+    if "codes_from" not in node.kwargs or node.kwargs.get("on_grid", True):
         return False
     slots = [i for i, a in enumerate(node.args) if a is quantizer_node]
     return bool(slots) and all(i in (0, 1) for i in slots) and quantizer_node not in node.kwargs.values() and \
@@ -178,11 +179,12 @@ def _integer_reader(node: fx.Node, quantizer_node: fx.Node) -> bool:
 
 
 def _mark_stand_ins(gm: fx.GraphModule) -> None:
-    """Input and weight quantizers read by integer layer calls only return their input (``_FakeQuant.stand_in``)."""
+    """Input and weight quantizers read by layer calls computed from the codes only return their input
+    (``_FakeQuant.stand_in``)."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (ActivationFakeQuant, WeightFakeQuant)):
             users = list(node.users)
-            gm.get_submodule(node.target).stand_in = bool(users) and all(_integer_reader(u, node) for u in users)
+            gm.get_submodule(node.target).stand_in = bool(users) and all(_code_reader(u, node) for u in users)
 
 
 def _int_bias_kwargs(gm: fx.GraphModule, bias, base: str) -> dict:

@@ -80,13 +80,35 @@ def layer_grads(grad: torch.Tensor, x_fq: torch.Tensor, w_fq: torch.Tensor, bias
         False, [0] * len(stride), groups, [need_x, need_w, need_b])
 
 
+def backward_values(x_fq, w_fq, xq, x_mult, wq, w_step, input_quantizer, weight_quantizer, granularity):
+    """The fake-quant input and weight of the layer's backward. A quantizer that returned its fake-quant value gave
+    it as the call's argument; one that returned a stand-in (``_FakeQuant.stand_in``) did not compute it, and it is
+    made here from the codes the forward product just used, ``xq / x_mult`` and ``wq * w_step``: the same numbers
+    the quantizer would have given (same operations), written in place over the codes, which are this call's own
+    fp32 temporaries and are read by nothing else (one tensor fewer of each size a step)."""
+    if input_quantizer._returns_stand_in():
+        x_fq = _in_place(xq, x_fq, lambda q: q.div_(x_mult), lambda q: P.dequantize_activation(q, x_mult, x_fq.dtype))
+    if weight_quantizer._returns_stand_in():
+        w_fq = _in_place(wq, w_fq, lambda q: P.dequantize_weight_(q, w_step, granularity),
+                         lambda q: P.dequantize_weight(q, w_step, granularity).to(w_fq.dtype))
+    return x_fq, w_fq
+
+
+def _in_place(codes: torch.Tensor, like: torch.Tensor, in_place, out_of_place) -> torch.Tensor:
+    """``in_place(codes)`` when the codes are a contiguous fp32 tensor of ``like``'s dtype, else ``out_of_place``."""
+    if codes.dtype == like.dtype == torch.float32 and codes.is_contiguous() and not codes.requires_grad:
+        return in_place(codes).reshape(like.shape)
+    return out_of_place(codes).reshape(like.shape)
+
+
 class _ExactForward(torch.autograd.Function):
     """Returns ``y`` (computed from the codes); the gradients are those of the float layer call
-    ``op(x_fq, w_fq, bias)`` (``op``: "linear" or a conv with its geometry)."""
+    ``op(x_fq, w_fq, bias)`` (``op``: "linear" or a conv with its geometry), computed from ``saved``: the
+    ``(x_fq, w_fq)`` values of :func:`backward_values` (the arguments themselves may be stand-ins)."""
 
     @staticmethod
-    def forward(ctx, x_fq, w_fq, bias, y, geometry):
-        ctx.save_for_backward(x_fq, w_fq)
+    def forward(ctx, x_fq, w_fq, bias, y, geometry, saved):
+        ctx.save_for_backward(*saved)
         ctx.geometry = geometry
         ctx.bias_shape = None if bias is None else bias.shape
         return y.detach()  # a new tensor, not the input as-is (an output view could not be modified in place)
@@ -95,7 +117,7 @@ class _ExactForward(torch.autograd.Function):
     def backward(ctx, grad):
         x_fq, w_fq = ctx.saved_tensors
         gx, gw, gb = layer_grads(grad, x_fq, w_fq, ctx.bias_shape, ctx.geometry, ctx.needs_input_grad[:3])
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def _bias_value(bias: Optional[torch.Tensor], bias_quantizer, bias_from: Optional[torch.Tensor], weight: torch.Tensor,
@@ -126,7 +148,9 @@ def linear(x_fq: torch.Tensor, w_fq: torch.Tensor, bias: Optional[torch.Tensor] 
     y = A.linear_from_codes(xq.reshape(-1, k), mult.reshape(-1, 1), wq.reshape(wq.shape[0], -1), w_step,
                             float_bias, x_fq.dtype, P.weight_qrange(weight_quantizer.spec), bias_codes)
     y = y.reshape(*x_fq.shape[:-1], wq.shape[0])
-    return _ExactForward.apply(x_fq, w_fq, bias, y, None)
+    saved = backward_values(x_fq, w_fq, xq, mult, wq, w_step, input_quantizer, weight_quantizer,
+                            weight_quantizer.spec.granularity)
+    return _ExactForward.apply(x_fq, w_fq, bias, y, None, saved)
 
 
 def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weight, input_quantizer, weight_quantizer,
@@ -151,7 +175,9 @@ def _conv(x_fq, w_fq, bias, stride, padding, dilation, groups, codes_from, weigh
     if train_kernel == "int8":
         return integer_train.conv(x_fq, w_fq, bias, y, xq, mult, wq.reshape(weight.shape), w_step,
                                   weight_quantizer.spec, geometry)
-    return _ExactForward.apply(x_fq, w_fq, bias, y, geometry)
+    saved = backward_values(x_fq, w_fq, xq, mult, wq, w_step, input_quantizer, weight_quantizer,
+                            weight_quantizer.spec.granularity)
+    return _ExactForward.apply(x_fq, w_fq, bias, y, geometry, saved)
 
 
 def _ints(v, n: int) -> list:

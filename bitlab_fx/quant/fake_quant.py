@@ -51,11 +51,12 @@ class _FakeQuant(_CodesHandOver, nn.Module):
     ``mix = 1`` (default) is plain fake quantization; ``0 < mix < 1`` returns
     ``(1 - mix) * x + mix * fake_quant(x)`` (see ``bfx.QuantWarmup``); ``mix = 0`` is the identity.
 
-    ``stand_in`` (set by ``prepare_qat`` when every reader of the output is an integer layer call,
-    ``QuantConfig(train_kernel="int8")``): a fully-on quantizer whose straight-through gradient is the identity
-    (no learned step) returns its input instead of the fake-quant value; the layer computes its value from the
-    codes (handed over) and its gradients from the saved codes, and asks :meth:`fake_value` for the float value
-    when it falls back to the float call.
+    ``stand_in`` (set by ``prepare_qat`` when every reader of the output is a layer call computed from the codes,
+    ``exact_layers``, with either train kernel): a fully-on quantizer whose straight-through gradient is the
+    identity (no learned step) returns its input instead of the fake-quant value; the layer computes its value from
+    the codes (handed over) and its gradients from the codes (the float values made from them in place, or the
+    int8 codes saved by ``integer_train``), and asks :meth:`fake_value` for the float value when it falls back to
+    the float call.
     """
 
     def __init__(self, spec, layer: str, rule: str):

@@ -116,6 +116,12 @@ def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.T
     return (weight_groups(wq, granularity) * _expand_scale(g.float(), granularity)).reshape(wq.shape)
 
 
+def dequantize_weight_(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
+    """:func:`dequantize_weight` in place over fp32 codes ``wq`` (contiguous): the same numbers, no new tensor."""
+    weight_groups(wq, granularity).mul_(_expand_scale(g.float(), granularity))
+    return wq
+
+
 def fake_quantize_weight(w: torch.Tensor, wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
     """``wq * g`` (the codes and steps :func:`weight_codes` gave for ``w``) in ``w``'s dtype, with a
     straight-through gradient to ``w``."""

@@ -181,6 +181,32 @@ def test_exact_layer_gradients_equal_the_float_fake_quant_call(kind, learned):
     torch.testing.assert_close(y_exact, float_call(afq(x), wfq(w), b), rtol=1e-5, atol=1e-5)  # float rounding apart
 
 
+@pytest.mark.parametrize("kind, wspec", [("linear", bfx.TernaryWeight()), ("linear", bfx.IntWeight(4, bfx.PerGroup(8))),
+                                         ("conv2d", bfx.TernaryWeight()), ("conv1d", bfx.IntWeight(8))],
+                         ids=["linear-ternary", "linear-int4-g8", "conv2d-ternary", "conv1d-int8"])
+def test_stand_in_quantizers_give_the_same_values_and_gradients(kind, wspec):
+    """Quantizers that return their input (``stand_in``, as ``prepare_qat`` sets them for layers computed from the
+    codes, with the codes handed over): the layer makes its backward's float values from the codes, and the output
+    and every gradient are bitwise those of the quantizers returning their fake-quant values."""
+    torch.manual_seed(8)
+    shapes = {"linear": ((6, 5, 24), (8, 24)), "conv2d": ((2, 4, 6, 6), (5, 4, 3, 3)), "conv1d": ((2, 4, 9), (5, 4, 3))}
+    xs, ws = shapes[kind]
+    x, w, b = torch.randn(xs, requires_grad=True), torch.randn(ws, requires_grad=True), torch.randn(ws[0], requires_grad=True)
+    token_dims = {"linear": 1, "conv2d": 3, "conv1d": 2}[kind]
+    results = []
+    for stand_in in (False, True):
+        afq, wfq = ActivationFakeQuant(bfx.IntActivation(), token_dims=token_dims), WeightFakeQuant(wspec)
+        for fq in (afq, wfq):
+            fq.stand_in = fq.hand_over = stand_in
+        call = lambda: LAYER_KINDS[kind].exact(afq(x), wfq(w), b, codes_from=x, weight=w, input_quantizer=afq,  # noqa: E731
+                                                weight_quantizer=wfq)
+        results.append((call().detach(), _grads(call, x, w, b)))
+    (y_fake, g_fake), (y_stand_in, g_stand_in) = results
+    assert torch.equal(y_stand_in, y_fake)
+    for got, want in zip(g_stand_in, g_fake):
+        assert torch.equal(got, want)
+
+
 def test_disabled_or_blending_quantizers_give_the_plain_float_call():
     torch.manual_seed(6)
     x, w = torch.randn(4, 16), torch.randn(8, 16)

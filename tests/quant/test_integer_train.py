@@ -153,11 +153,20 @@ def test_sibling_layers_save_one_copy_of_their_input_codes():
     assert _saved_activation_bytes(integer.train(), x, y) <= fp32 - h_bytes + 0.3 * h_bytes
 
 
-def test_quantizers_return_stand_ins_only_for_integer_layers():
-    fq, integer = _pair(_mlp(), bfx.ternary())
-    quantizers = [m for m in integer.modules() if isinstance(m, (ActivationFakeQuant, WeightFakeQuant))]
-    assert quantizers and all(m.stand_in for m in quantizers)
-    assert not any(getattr(m, "stand_in", False) for m in fq.modules())
+def test_quantizers_return_stand_ins_only_for_layers_computed_from_codes():
+    """Input and weight quantizers read only by layer calls that compute their value from the codes return their
+    input (both train kernels; the layer makes the float values its backward needs from the codes); an output
+    quantizer, read by a float op, returns its fake-quant value."""
+    config = dataclasses.replace(bfx.ternary(), output=bfx.IntActivation(8))
+    for model in _pair(_mlp(), config):
+        quantizers = {n: m for n, m in model.named_modules() if isinstance(m, (ActivationFakeQuant, WeightFakeQuant))}
+        outputs = {n for n in quantizers if n.endswith("_output_fq")}
+        assert outputs and len(quantizers) > len(outputs)
+        assert {n for n, m in quantizers.items() if not m.stand_in} == outputs
+        x = torch.randn(4, 64)
+        assert torch.equal(quantizers["0_input_fq"](x), x)
+        assert not torch.equal(quantizers["0_output_fq"](x), x)
+    _, integer = _pair(_mlp(), bfx.ternary())
     assert "train_kernel='int8'" in integer.code or 'train_kernel = \'int8\'' in integer.code
 
 
