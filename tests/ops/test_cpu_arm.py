@@ -3,7 +3,7 @@ kernel's source is cross-compiled with a small driver (tests/ops/cpu_arm_driver.
 under qemu-aarch64 on emulated CPUs with the dot product and i8mm (``-cpu max``), with the dot product only
 (``-cpu neoverse-n1``: detection) and with neither (``-cpu cortex-a53``). Every ARM path (scalar, plain NEON, sdot,
 smmla; the decode loops, the batched GEMM, the scalar tiles) must give reference.py's outputs bit for bit on shapes
-with tails, odd K, per-group scales, int4, int8, ternary, xq = -128, integer bias codes (stored, or quantized per
+with tails, odd K, per-group scales (at M = 1 too: the decode loops' groups), int4, int8, ternary, xq = -128, integer bias codes (stored, or quantized per
 token), ragged token tiles, a row of more than 16384 blocks and two threads.
 
 The driver is built twice: by aarch64-linux-gnu-gcc with OpenMP (the Linux aarch64 build) and by clang
@@ -92,6 +92,17 @@ SHAPES = [
     ("ternary", 1, 200, 9, "channel", "per_token", True, "tok8", 1),
     ("int8", 6, 64, 10, "channel", "per_tensor", True, "tok16", 1),
     ("int4", 1, 130, 5, "tensor", "per_token", True, "tok4", 1),
+    # M = 1 with per-group scales in the decode loops (groups of whole units: int4 32-k halves, int8 any k, ternary
+    # 128-blocks): one half per group (K = 160: a last chunk of one half), three halves, whole chunks, odd N, two
+    # threads that share the rows (the last case has enough work), xq = -128
+    ("int4", 1, 160, 7, "group32", "per_token", True, "", 1),
+    ("int4", 1, 288, 13, "group96", "static", False, "", 1),
+    ("int4", 1, 576, 9, "group64", "per_tensor", True, "", 2),
+    ("ternary", 1, 384, 13, "group128", "per_token", True, "", 1),
+    ("ternary", 1, 512, 5, "group256", "static", False, "", 1),
+    ("int8", 1, 576, 9, "group64", "static", True, "", 1),
+    ("int8", 1, 60, 7, "group12", "per_token", True, "", 1),
+    ("int4", 1, 1024, 201, "group32", "per_token", True, "", 2),
     # > 16384 128-blocks: the sdot ternary decode sums its 4^r-scaled chains in parts (DECODE_MAX_RUNS)
     ("ternary", 1, 128 * 16384 + 384, 5, "channel", "per_token", False, "", 2),
 ]

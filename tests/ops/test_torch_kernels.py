@@ -59,7 +59,25 @@ def test_same_as_the_python_kernel_bitwise(fmt, act, static, by_keyword, shape, 
     assert got.shape == want.shape == (*shape[:-1], N) and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["bf16", "non-contiguous", "groups", "weight-only", "disabled"])
+@pytest.mark.parametrize("fmt", ["ternary", "int8", "int4"])
+@pytest.mark.parametrize("group", [32, 64, 128, 40])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_per_group_scales_same_as_the_python_kernel_bitwise(fmt, group, rows):
+    """Per-group scales [N, G] run in C++ too (M = 1: the decode loops), with the Python kernel's results; ternary
+    groups that are not whole 32-k runs (40) go to the Python kernel, which runs the reference."""
+    k = 640
+    torch.manual_seed(group + rows)
+    q = {"ternary": 1, "int8": 127, "int4": 8}[fmt]
+    wq = torch.randint(-q, q + (fmt != "int4"), (N, k), dtype=torch.int8)
+    w = {"ternary": pack_ternary, "int4": pack_int4, "int8": lambda t: t}[fmt](wq)
+    ws, bias, x = torch.rand(N, k // group) + 0.5, torch.randn(N), torch.randn(rows, k)
+    tail = () if fmt == "int8" else (k,)
+    got = getattr(torch.ops.bitlab, f"{fmt}_linear")(x, w, ws, bias, "per_token", None, *tail)
+    want = getattr(torch.ops.bitlab, f"_py_{fmt}_linear")(x, w, ws, bias, "per_token", None, *tail)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["bf16", "non-contiguous", "groups not dividing K", "weight-only", "disabled"])
 def test_other_cases_are_the_python_kernels(case, monkeypatch):
     w, ws, x = _weights("int8"), torch.rand(N) + 0.5, torch.randn(4, K)
     act = "per_token"
@@ -67,8 +85,10 @@ def test_other_cases_are_the_python_kernels(case, monkeypatch):
         x = x.bfloat16()
     elif case == "non-contiguous":
         x = torch.randn(K, 4).t()
-    elif case == "groups":
-        ws = torch.rand(N, 4) + 0.5
+    elif case == "groups not dividing K":  # the Python kernel's error
+        with pytest.raises(bfx.KernelError, match="groups do not divide"):
+            _call("", "int8", x, w, torch.rand(N, 3), None, act)
+        return
     elif case == "weight-only":
         act = "none"
     elif case == "disabled":

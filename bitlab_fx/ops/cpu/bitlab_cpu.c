@@ -33,7 +33,9 @@
  * computes sum((xq + 128) * w) with signed w and subtracts 128 * sum(w) (same integers).
  *
  * Paths, per call (run_thread): M == 1 (ternary, per-tensor/per-channel scales): decode_avx2/decode_vnni, one
- * loop over a thread's rows in 4-row tiles with a vector epilogue (decode.c). Small M: dot-product tiles of
+ * loop over a thread's rows in 4-row tiles with a vector epilogue (decode.c); M == 1 with per-group scales: the
+ * loop bitlab_group_decoder picks (decode.c: groups of whole 128-blocks for ternary, 32-k halves for int4, 32-k
+ * chunks for int8; other groups the paths below). Small M: dot-product tiles of
  * up to 4 rows x 4 tokens through function tables (tiles.c). M >= the batched threshold: panel_cols, tokens
  * in vector lanes (see "Batched GEMM" in gemm.c).
  *
@@ -41,8 +43,9 @@
  * overflow), AVX-512 VNNI (vpdpbusd, int32 accumulation; 256-bit vectors except in the batched
  * GEMM, which uses all 32 zmm registers). Chosen at run time with __builtin_cpu_supports.
  * ARM64: NEON (smull + sadalp: exact int32 for any int8) and DOTPROD (sdot, ARMv8.2 FEAT_DotProd), chosen at run
- * time by isa_arm.c (getauxval / sysctlbyname); M == 1 with one scale group runs the decode loops, every other
- * M the batched GEMM (whose activation tiles then hold signed xq: XT_OFFSET 0).
+ * time by isa_arm.c (getauxval / sysctlbyname); M == 1 runs the decode loops (per-group scales too, where the
+ * groups are whole units of their loops), every other M the batched GEMM (whose activation tiles then hold signed
+ * xq: XT_OFFSET 0).
  */
 #include "bitlab_cpu.h"
 
@@ -231,6 +234,8 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
             *m128 |= row_quant(j, j->x + m * j->K, j->K, j->s[m], q);
         }
         memset(q + j->K, 0, (size_t)(j->Kp - j->K));
+        if (!j->xt) /* each group's sum of xq, before int4's reorder (a group of 32 k is half a chunk) */
+            for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = bitlab_row_sum(j, q + g * j->gs, j->gs);
         if (j->wfmt == W_INT4) { /* each 64-k chunk: even k first, then odd k (see i4_codes) */
             int8_t t[64];
             for (int64_t c = 0; c < j->Kp / 64; c++) {
@@ -252,8 +257,6 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
                     d ^= XT_OFFSET * 0x01010101u;
                     memcpy(dst + qi * mt * kg + b, &d, 4);
                 }
-        } else {
-            for (int64_t g = 0; g < j->G; g++) j->gsum[m * j->G + g] = bitlab_row_sum(j, q + g * j->gs, j->gs);
         }
     }
 }
@@ -313,12 +316,17 @@ static void run_thread(job_t *j, int tid, int nt) {
     } else {
         split(j->N, j->nr, tid, nt, &n0, &n1);
 #ifdef BITLAB_X86
+        const decode_fn group_decode = bitlab_group_decoder(j); /* M == 1, per-group scales */
+        if (group_decode) {
+            group_decode(j, n0, n1);
+            return;
+        }
         if (j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2 && j->isa >= ISA_AVX2) {
             if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
             else bitlab_decode_avx2(j, n0, n1);
             return;
         }
-        if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else use_panel took it) */
+        if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else group_decode or use_panel took it) */
             if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
             else bitlab_decode_i4_avx2(j, n0, n1);
             return;
@@ -357,11 +365,23 @@ int bitlab_set_panel_min_m(int m) {
     return m;
 }
 
+/* whether M == 1 with per-group scales runs a decode loop (decode.c, decode_neon.c) */
+static int decodes_groups(const job_t *j) {
+#ifdef BITLAB_X86
+    return bitlab_group_decoder(j) != NULL;
+#elif defined(BITLAB_ARM) /* (unless the batched GEMM is forced for this M: use_panel) */
+    return j->ws_kind == 2 && bitlab_decode_arm_takes(j) && !(g_panel_min_m > 0 && j->M >= g_panel_min_m);
+#else
+    (void)j;
+    return 0;
+#endif
+}
+
 static int use_panel(job_t *j) {
 #ifdef BITLAB_X86
     int min_m = g_panel_min_m > 0 ? g_panel_min_m : (j->isa == ISA_VNNI ? 12 : 64);
-    if (j->wfmt == W_INT4) /* int4 runs the decode loop (M == 1, one scale group) or the batched GEMM */
-        min_m = j->M == 1 && j->ws_kind != 2 ? 2 : 1;
+    if (j->wfmt == W_INT4) /* int4 runs a decode loop (M == 1: one scale group, or groups it takes) or the GEMM */
+        min_m = j->M == 1 && (j->ws_kind != 2 || decodes_groups(j)) ? 2 : 1;
     if (j->isa < ISA_AVX2 || j->M < min_m) return 0;
     if (j->wfmt == W_INT8 && (j->isa != ISA_VNNI || j->gs % 4)) return 0; /* maddubs would saturate */
     if (j->isa == ISA_VNNI && j->M <= 16) { j->pnc = 24; j->pmt = 16; }
@@ -369,9 +389,10 @@ static int use_panel(job_t *j) {
     else { j->pnc = PANEL_AVX2_NC; j->pmt = PANEL_AVX2_MT; }
     return 1;
 #elif defined(BITLAB_ARM)
-    /* M == 1 with one scale group takes the decode loops (decode_neon.c); everything else the batched GEMM
-     * (int8 groups must cover whole 4-k steps, else the scalar tiles; smmla's whole 8-k steps, else sdot) */
-    int decode = j->M == 1 && j->ws_kind != 2;
+    /* M == 1 takes the decode loops (decode_neon.c) with one scale group or groups of their units; everything else
+     * the batched GEMM (int8 groups must cover whole 4-k steps, else the scalar tiles; smmla's whole 8-k steps,
+     * else sdot) */
+    int decode = j->M == 1 && (j->ws_kind != 2 || decodes_groups(j));
     if (j->isa < ISA_NEON || (g_panel_min_m > 0 ? j->M < g_panel_min_m : decode)) return 0;
     if (j->wfmt == W_INT8 && j->gs % 4) return 0;
     j->pmt = PANEL_ARM_MT;
@@ -396,7 +417,7 @@ static void unpack_i4_scalar(const uint8_t *src, int64_t N, int64_t K, int8_t *d
 
 static int run_job(job_t *j, int nthreads) {
     j->isa = bitlab_isa();
-    if (j->wfmt == W_INT4 && (j->isa < ISA_AVX2 || (j->ws_kind == 2 && j->gs % 64))) {
+    if (j->wfmt == W_INT4 && (j->isa < ISA_AVX2 || (j->ws_kind == 2 && j->gs % 64 && !decodes_groups(j)))) {
         int8_t *w8 = (int8_t *)malloc((size_t)(j->N * j->K) + 1);
         if (!w8) return -1;
         unpack_i4_scalar((const uint8_t *)j->w, j->N, j->K, w8);

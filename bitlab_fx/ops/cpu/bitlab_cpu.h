@@ -251,17 +251,23 @@ void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
+/* M == 1 with per-group scales: the decode loop for this job, or NULL where none applies (groups that are not
+ * whole units of the format's loop; int8 on AVX2 with some xq == -128) */
+typedef void (*decode_fn)(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL decode_fn bitlab_group_decoder(const job_t *j);
 #endif
 
 #ifdef BITLAB_ARM
 /* ARM64 (isa_arm.c, quant_neon.c, decode_neon.c, gemm_neon.c): the best ISA this CPU has; a row's max |x|, its
- * codes (whole 16s; returns whether one is -128) and their sum; the decode loops (M == 1; 0: not one they handle); the
+ * codes (whole 16s; returns whether one is -128) and their sum; the decode loops (M == 1; 0: not one they handle) and
+ * whether they take a job; the
  * batched GEMM's micro-kernel and its row unpacking (signed w in the order of xq) */
 BITLAB_INTERNAL int bitlab_arm_best_isa(void);
 BITLAB_INTERNAL float bitlab_absmax_neon(const float *x, int64_t n);
 BITLAB_INTERNAL int bitlab_quant_neon(const float *x, int64_t n, float s, int8_t *q);
 BITLAB_INTERNAL int32_t bitlab_sum_i8_neon(const int8_t *q, int64_t n);
 BITLAB_INTERNAL int bitlab_decode_arm(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL int bitlab_decode_arm_takes(const job_t *j); /* whether bitlab_decode_arm runs this job */
 BITLAB_INTERNAL panel_fn bitlab_panel_arm(const job_t *j);
 BITLAB_INTERNAL void bitlab_unpack_row_arm(const job_t *j, int64_t n, int8_t *row);
 /* Functions with sdot carry TGT_DOTPROD (the library is built for baseline ARMv8-A) and use SDOT (16 int8

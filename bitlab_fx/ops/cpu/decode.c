@@ -1,8 +1,9 @@
 /* decode.c: M == 1 (one token: the decode step of a language model), output rows [n0, n1) of a thread
  * in one loop per weight format and ISA: ternary, int8 and int4 weights on AVX2 and AVX-512 VNNI
  * (256-bit), 4 rows per tile with the next tile's rows prefetched and a 4-lane vector epilogue that
- * rounds like the scalar rescale. run_thread (bitlab_cpu.c) calls them through bitlab_decode_*. x86 only:
- * elsewhere M == 1 takes the small-M tiles (tiles.c). */
+ * rounds like the scalar rescale. run_thread (bitlab_cpu.c) calls them through bitlab_decode_*, and with
+ * per-group scales through bitlab_group_decoder (the same rows functions over each group's units, the group
+ * sums rescaled and added in RESCALE_BODY's order). x86 only (ARM64: decode_neon.c). */
 #include "bitlab_cpu.h"
 
 #ifdef BITLAB_X86
@@ -37,17 +38,60 @@ static inline __attribute__((always_inline)) void store1_row(const job_t *j, int
 }
 
 /* A decode driver: output rows [n0, n1) in 4-row tiles (prefetching the next tile's rows), then the ragged
- * end one row at a time. ROWS(w, stride, NR, xq, count, pf) returns the NR rows' sums of code * xq;
- * STRIDE: bytes per stored row; COUNT: the blocks/chunks ROWS walks; OFF: codes are w + OFF. */
+ * end one row at a time. ROWS(w, stride, NR, xq, u0, u1, pf) returns the NR rows' sums of code * xq over the
+ * units (128-blocks, 64-k chunks, 32-k chunks) [u0, u1); STRIDE: bytes per stored row; COUNT: the units of a
+ * row; OFF: codes are w + OFF. */
 #define DEFINE_DECODE(NAME, TGT, ROWS, STRIDE, COUNT, OFF)                                                      \
     static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
         const int64_t stride = (STRIDE), count = (COUNT);                                                      \
         const uint8_t *w = (const uint8_t *)j->w;                                                              \
         int64_t n = n0;                                                                                        \
         for (; n + 4 <= n1; n += 4)                                                                            \
-            store4_rows(j, n, ROWS(w + n * stride, stride, 4, j->xq, count, n + 8 <= n1 ? 4 * stride : 0), OFF); \
+            store4_rows(j, n, ROWS(w + n * stride, stride, 4, j->xq, 0, count, n + 8 <= n1 ? 4 * stride : 0), OFF); \
         for (; n < n1; n++)                                                                                    \
-            store1_row(j, n, _mm_cvtsi128_si32(ROWS(w + n * stride, stride, 1, j->xq, count, 0)), OFF);        \
+            store1_row(j, n, _mm_cvtsi128_si32(ROWS(w + n * stride, stride, 1, j->xq, 0, count, 0)), OFF);     \
+    }
+
+/* Per-group scales (ws_kind 2): group g's sums, acc - OFF * sum(xq over g), rescaled and added up left to right
+ * like RESCALE_BODY (bitlab_cpu.h), for rows n .. n + NR - 1 (NR 4 or 1) in the lanes of y */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128 group_add(const job_t *j, int64_t n, const int NR,
+                                                                       int64_t g, __m128i acc, int32_t off,
+                                                                       __m128 y) {
+    const __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[g])));
+    const float *ws = j->ws + n * j->G + g;
+    const __m128 step = NR == 4 ? _mm_setr_ps(ws[0], ws[j->G], ws[2 * j->G], ws[3 * j->G]) : _mm_set_ss(ws[0]);
+    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(exact), step);
+    return g ? _mm_add_ps(y, p) : p;
+}
+
+/* y / s (+ bias) into out[n .. n + NR - 1] */
+static inline __attribute__((always_inline)) TGT_AVX2 void group_store(const job_t *j, int64_t n, const int NR,
+                                                                       __m128 y) {
+    y = _mm_div_ps(y, _mm_set1_ps(j->s[0]));
+    if (NR == 4) {
+        if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
+        _mm_storeu_ps(j->out + n, y);
+    } else {
+        j->out[n] = j->bias ? _mm_cvtss_f32(y) + j->bias[n] : _mm_cvtss_f32(y);
+    }
+}
+
+/* A per-group decode driver (groups of whole units: gs / UNIT_K of them): like DEFINE_DECODE, with ROWS run over
+ * each group's units and the group sums rescaled as they come (group_add). */
+#define DEFINE_DECODE_GROUPS(NAME, TGT, ROWS, STRIDE, UNIT_K, OFF)                                              \
+    static inline __attribute__((always_inline)) TGT void NAME##_tile(const job_t *j, int64_t n, const int NR,  \
+                                                                      int64_t pf) {                           \
+        const int64_t stride = (STRIDE), per = j->gs / (UNIT_K);                                               \
+        const uint8_t *w = (const uint8_t *)j->w + n * stride;                                                 \
+        __m128 y = _mm_setzero_ps();                                                                           \
+        for (int64_t g = 0; g < j->G; g++)                                                                     \
+            y = group_add(j, n, NR, g, ROWS(w, stride, NR, j->xq, g * per, (g + 1) * per, pf), OFF, y);        \
+        group_store(j, n, NR, y);                                                                              \
+    }                                                                                                          \
+    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
+        int64_t n = n0;                                                                                        \
+        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * (STRIDE) : 0);                      \
+        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
     }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -63,7 +107,10 @@ static inline __attribute__((always_inline)) TGT_VNNI __m128i
 decode_rows_part(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf);
 
 static inline __attribute__((always_inline)) TGT_VNNI __m128i
-decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+decode_rows(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t b0, int64_t b1, int64_t pf) {
+    const int64_t blocks = b1 - b0;
+    w += b0 * 32;
+    x += b0 * 128;
     if (blocks <= DECODE_MAX_RUNS / 4) return decode_rows_part(w, stride, NR, x, blocks, pf);
     __m128i total = _mm_setzero_si128(); /* very long rows: exact int32 partial sums, added with wrap */
     for (int64_t b = 0; b < blocks; b += DECODE_MAX_RUNS / 4) {
@@ -175,10 +222,10 @@ int bitlab_decode_i8_vnni(const job_t *j, int64_t n0, int64_t n1) { return decod
 
 /* Decode with int4 weights (VNNI): vpdpbusd(u = w + 8, xq) per half-chunk, one chain per row and parity. */
 static inline __attribute__((always_inline)) TGT_VNNI __m128i
-decode_rows_i4(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+decode_rows_i4(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c0, int64_t c1, int64_t pf) {
     __m256i a[4][2];
     for (int n = 0; n < 4; n++) a[n][0] = a[n][1] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
         __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
         if (pf && !(c & 1))
@@ -201,14 +248,15 @@ void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_i4_v
 /* Decode (M == 1) with int4 weights on AVX2: maddubs(u, xq) pairs <= 2 * 15 * 128 = 3840, two per chunk
  * into one int16 accumulator per row, widened every 4 chunks (<= 30720). */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+decode_rows_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c0, int64_t c1,
+                    int64_t pf) {
     (void)pf; /* no software prefetch in this loop (the DEFINE_DECODE signature passes one) */
     const __m256i one16 = _mm256_set1_epi16(1);
     __m256i a32[4];
     for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
-    int64_t c = 0;
-    while (c < chunks) {
-        int64_t lim = c + 4 < chunks ? c + 4 : chunks;
+    int64_t c = c0;
+    while (c < c1) {
+        int64_t lim = c + 4 < c1 ? c + 4 : c1;
         __m256i a16[4];
         for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
         for (; c < lim; c++) {
@@ -232,13 +280,14 @@ DEFINE_DECODE(decode_i4_avx2, TGT_AVX2, decode_rows_i4_avx2, (j->K + 1) / 2, ((j
  * needs small codes: (byte >> 2r) & 3, products <= 2 * 128, one int16 accumulator per row gains
  * <= 4 * 512 per block, so it is widened to int32 every 8 blocks. */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t blocks, int64_t pf) {
+decode_rows_avx2(const uint8_t *w, int64_t stride, const int NR, const int8_t *x, int64_t b0, int64_t b1,
+                 int64_t pf) {
     const __m256i m3 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
     __m256i a32[4];
     for (int n = 0; n < 4; n++) a32[n] = _mm256_setzero_si256();
-    int64_t b = 0;
-    while (b < blocks) {
-        int64_t lim = b + 8 < blocks ? b + 8 : blocks;
+    int64_t b = b0;
+    while (b < b1) {
+        int64_t lim = b + 8 < b1 ? b + 8 : b1;
         __m256i a16[4];
         for (int n = 0; n < NR; n++) a16[n] = _mm256_setzero_si256();
         for (; b < lim; b++) {
@@ -266,11 +315,11 @@ DEFINE_DECODE(decode_avx2, TGT_AVX2, decode_rows_avx2, j->Kp / 4, j->Kp / 128, 1
 /* Decode with int8 weights on AVX2 (no xq == -128): maddubs(|w|, sign(xq, w)), |pair| <= 2 * 128 * 127 < 32768,
  * widened to int32 by madd every chunk; 4 rows per tile, rows of K bytes, the tail in scalar code. */
 static inline __attribute__((always_inline)) TGT_AVX2 __m128i
-decode_rows_i8_avx2(const int8_t *w, int64_t K, const int NR, const int8_t *x, int64_t chunks, int64_t pf) {
+decode_rows_i8_avx2(const int8_t *w, int64_t K, const int NR, const int8_t *x, int64_t c0, int64_t c1, int64_t pf) {
     const __m256i one16 = _mm256_set1_epi16(1);
     __m256i a[4];
     for (int n = 0; n < 4; n++) a[n] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c * 32));
         if (pf && !(c & 1))
             for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * K + pf + c * 32), _MM_HINT_T0);
@@ -291,10 +340,10 @@ static TGT_AVX2 void decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1) {
         int32_t t[4];
         if (nr == 4) {
             int64_t pf = n + 8 <= n1 ? 4 * K : 0; /* the next tile's rows */
-            _mm_storeu_si128((__m128i *)t, decode_rows_i8_avx2(w + n * K, K, 4, j->xq, chunks, pf));
+            _mm_storeu_si128((__m128i *)t, decode_rows_i8_avx2(w + n * K, K, 4, j->xq, 0, chunks, pf));
         } else {
             for (int r = 0; r < nr; r++)
-                t[r] = _mm_cvtsi128_si32(decode_rows_i8_avx2(w + (n + r) * K, K, 1, j->xq, chunks, 0));
+                t[r] = _mm_cvtsi128_si32(decode_rows_i8_avx2(w + (n + r) * K, K, 1, j->xq, 0, chunks, 0));
         }
         for (int r = 0; r < nr; r++) {
             const int8_t *row = w + (n + r) * K;
@@ -306,6 +355,134 @@ static TGT_AVX2 void decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1) {
             for (int r = 0; r < nr; r++) store1_row(j, n + r, t[r], 0);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode with per-group scales (ws_kind 2): the rows functions above over each group's units   */
+/* (DEFINE_DECODE_GROUPS), and for int4 groups of an odd number of 32-k halves (32, 96, ...)    */
+/* the halves of each chunk summed apart (DEFINE_DECODE_HALVES).                                */
+/* ------------------------------------------------------------------------------------------ */
+/* int8 rows for per-group scales on VNNI: vpdpbusd(u = w + 128 (w ^ 0x80), xq), exact mod 2^32 for every xq;
+ * the driver takes 128 * sum(xq over the group) back out (OFF 128). Groups are whole 32-k chunks: no tail. */
+static inline __attribute__((always_inline)) TGT_VNNI __m128i
+decode_rows_i8u_vnni(const uint8_t *w, int64_t K, const int NR, const int8_t *x, int64_t c0, int64_t c1, int64_t pf) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256i a[4];
+    for (int n = 0; n < 4; n++) a[n] = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c1; c++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c * 32));
+        if (pf && !(c & 1))
+            for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * K + pf + c * 32), _MM_HINT_T0);
+        for (int n = 0; n < NR; n++) {
+            __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + n * K + c * 32)), flip);
+            a[n] = _mm256_dpbusd_epi32(a[n], u, xv);
+            PINV(a[n]);
+        }
+    }
+    return sum4_rows(a[0], a[1], a[2], a[3]);
+}
+
+/* int8 rows on AVX2 (no xq == -128) in the drivers' byte-pointer signature */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128i
+decode_rows_i8g_avx2(const uint8_t *w, int64_t K, const int NR, const int8_t *x, int64_t c0, int64_t c1, int64_t pf) {
+    return decode_rows_i8_avx2((const int8_t *)w, K, NR, x, c0, c1, pf);
+}
+
+DEFINE_DECODE_GROUPS(decode_groups_vnni, TGT_VNNI, decode_rows, j->Kp / 4, 128, 1)
+DEFINE_DECODE_GROUPS(decode_groups_avx2, TGT_AVX2, decode_rows_avx2, j->Kp / 4, 128, 1)
+DEFINE_DECODE_GROUPS(decode_groups_i4_vnni, TGT_VNNI, decode_rows_i4, (j->K + 1) / 2, 64, 8)
+DEFINE_DECODE_GROUPS(decode_groups_i4_avx2, TGT_AVX2, decode_rows_i4_avx2, (j->K + 1) / 2, 64, 8)
+DEFINE_DECODE_GROUPS(decode_groups_i8_vnni, TGT_VNNI, decode_rows_i8u_vnni, j->K, 32, 128)
+DEFINE_DECODE_GROUPS(decode_groups_i8_avx2, TGT_AVX2, decode_rows_i8g_avx2, j->K, 32, 0)
+
+/* int4 chunk c of NR rows, its two 32-k halves apart: a chunk's bytes 0..15 hold k 0..31 of it (both nibbles),
+ * which pair with the xq bytes 0..15 of each parity (quant_rows' order), so every 128-bit lane of the products
+ * belongs to one half. Returns the rows' sums of the first half in the low 128 bits, of the second in the high. */
+static inline __attribute__((always_inline)) TGT_VNNI __m256i
+decode_halves_i4_vnni(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c, int64_t pf) {
+    const __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
+    const __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
+    if (pf && !(c & 1))
+        for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * rb + pf + c * 32), _MM_HINT_T0);
+    __m256i t[4];
+    for (int n = 0; n < 4; n++) {
+        t[n] = _mm256_setzero_si256();
+        if (n >= NR) continue;
+        __m256i lo, hi;
+        i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
+        t[n] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(t[n], lo, xe), hi, xo);
+    }
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+}
+
+/* the same on AVX2: maddubs pairs <= 2 * 15 * 128, two per lane, widened by madd in every chunk */
+static inline __attribute__((always_inline)) TGT_AVX2 __m256i
+decode_halves_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c, int64_t pf) {
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
+    const __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
+    if (pf && !(c & 1))
+        for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * rb + pf + c * 32), _MM_HINT_T0);
+    __m256i t[4];
+    for (int n = 0; n < 4; n++) {
+        t[n] = _mm256_setzero_si256();
+        if (n >= NR) continue;
+        __m256i lo, hi;
+        i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
+        t[n] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), one16);
+    }
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+}
+
+/* A per-group int4 driver for groups of gs / 32 halves (an odd number): each chunk's halves join the current
+ * group's sum, which is rescaled (group_add) when its last half is in. */
+#define DEFINE_DECODE_HALVES(NAME, TGT, HALVES)                                                                 \
+    static inline __attribute__((always_inline)) TGT void NAME##_tile(const job_t *j, int64_t n, const int NR,  \
+                                                                      int64_t pf) {                           \
+        const int64_t rb = (j->K + 1) / 2, halves = j->K / 32, per = j->gs / 32;                               \
+        const uint8_t *w = (const uint8_t *)j->w + n * rb;                                                     \
+        __m128 y = _mm_setzero_ps();                                                                           \
+        __m128i acc = _mm_setzero_si128();                                                                     \
+        int64_t g = 0, left = per;                                                                             \
+        for (int64_t c = 0; 2 * c < halves; c++) {                                                             \
+            const __m256i both = HALVES(w, rb, NR, j->xq, c, pf);                                              \
+            for (int h = 0; h < 2 && 2 * c + h < halves; h++) {                                               \
+                acc = _mm_add_epi32(acc, h ? _mm256_extracti128_si256(both, 1) : _mm256_castsi256_si128(both)); \
+                if (--left == 0) {                                                                             \
+                    y = group_add(j, n, NR, g++, acc, 8, y);                                                   \
+                    acc = _mm_setzero_si128();                                                                 \
+                    left = per;                                                                                \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        group_store(j, n, NR, y);                                                                              \
+    }                                                                                                          \
+    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
+        const int64_t rb = (j->K + 1) / 2;                                                                     \
+        int64_t n = n0;                                                                                        \
+        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * rb : 0);                            \
+        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
+    }
+DEFINE_DECODE_HALVES(decode_halves_vnni, TGT_VNNI, decode_halves_i4_vnni)
+DEFINE_DECODE_HALVES(decode_halves_avx2, TGT_AVX2, decode_halves_i4_avx2)
+
+/* [weight format]: the unit a group must be made of for the whole-unit loop ([AVX2, VNNI]), and the int4 loop
+ * for groups of an odd number of 32-k halves */
+static const struct {
+    int64_t unit_k;
+    decode_fn whole[2], halves[2];
+} GROUP_DECODE[3] = {
+    [W_TERNARY] = {128, {decode_groups_avx2, decode_groups_vnni}, {NULL, NULL}},
+    [W_INT8] = {32, {decode_groups_i8_avx2, decode_groups_i8_vnni}, {NULL, NULL}},
+    [W_INT4] = {64, {decode_groups_i4_avx2, decode_groups_i4_vnni}, {decode_halves_avx2, decode_halves_vnni}},
+};
+
+decode_fn bitlab_group_decoder(const job_t *j) {
+    if (j->M != 1 || j->ws_kind != 2 || j->isa < ISA_AVX2 || j->gs <= 0) return NULL;
+    const int vnni = j->isa == ISA_VNNI;
+    if (j->wfmt == W_INT8 && !vnni && j->has_m128) return NULL; /* maddubs(|w|, sign(xq, w)) needs xq != -128 */
+    if (j->gs % GROUP_DECODE[j->wfmt].unit_k == 0) return GROUP_DECODE[j->wfmt].whole[vnni];
+    return j->gs % 32 == 0 ? GROUP_DECODE[j->wfmt].halves[vnni] : NULL;
 }
 
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_avx2(j, n0, n1); }

@@ -5,9 +5,10 @@
 // way ~200 times per token of a small LLM. This file registers boxed C++ kernels for the CPU key instead.
 // They run the common case themselves, calling the same C function the Python kernel calls (bitlab_linear of
 // the library ops/cpu/__init__.py loaded, handed over by bitlab_torch_set_kernel), with the same arguments:
-//   x float32 and contiguous, a contiguous weight of the right shape, weight_scale float32 [1] or [N],
-//   bias None or float32 [N], act "per_token" / "per_tensor" (static multiplier: float32, one number).
-// Anything else (other dtypes, per-group scales, weight-only, integer biases, act_bits != 8, bad input that needs its error
+//   x float32 and contiguous, a contiguous weight of the right shape, weight_scale float32 [1], [N] or [N, G]
+//   (G groups dividing K; ternary groups of whole 32-k runs), bias None or float32 [N], act "per_token" /
+//   "per_tensor" (static multiplier: float32, one number).
+// Anything else (other dtypes, other scale shapes, weight-only, integer biases, act_bits != 8, bad input that needs its error
 // message, the kernel switched off by BITLAB_FX_DISABLE_CPU_KERNEL) goes to the Python kernel, kept as the op
 // bitlab::_py_<name> with the same schema: the results are those of the Python kernel in every case.
 #include <torch/library.h>
@@ -63,7 +64,20 @@ bool run_fast(torch::jit::Stack* stack) {
     const c10::IValue& in_features = base[6];
     if (!in_features.isInt() || (in_features.toInt() >= 0 && in_features.toInt() != k)) return false;
   }
-  if (!is_f32_contiguous(ws) || ws.dim() != 1 || (ws.size(0) != 1 && ws.size(0) != n)) return false;
+  // the scale layout, as the Python kernel passes it (cpu._scales, cpu._supported): 0 per tensor, 1 per channel,
+  // 2 per group (groups of K / G; ternary ones of whole 32-k runs, else the reference runs)
+  if (!is_f32_contiguous(ws)) return false;
+  int kind;
+  int64_t groups = 1;
+  if (ws.dim() == 1 && (ws.size(0) == 1 || ws.size(0) == n)) {
+    kind = (ws.size(0) == n && n > 1) ? 1 : 0;
+  } else if (ws.dim() == 2 && ws.size(0) == n && ws.size(1) > 0 && k % ws.size(1) == 0 &&
+             (Wfmt != 0 || (k / ws.size(1)) % 32 == 0)) {
+    kind = 2;
+    groups = ws.size(1);
+  } else {
+    return false;
+  }
   const float* bias = nullptr;
   if (!bv.isNone()) {
     if (!bv.isTensor()) return false;
@@ -101,8 +115,7 @@ bool run_fast(torch::jit::Stack* stack) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor out = at::empty(shape, x.options());
-  const int kind = (ws.size(0) == n && n > 1) ? 1 : 0;
-  int rc = g_linear(x.data_ptr<float>(), m, k, w.data_ptr(), Wfmt, n, ws.data_ptr<float>(), kind, 1, bias, code,
+  int rc = g_linear(x.data_ptr<float>(), m, k, w.data_ptr(), Wfmt, n, ws.data_ptr<float>(), kind, groups, bias, code,
                     static_multiplier, out.data_ptr<float>(), at::get_num_threads());
   if (rc != 0) return false;  // out of memory: the Python kernel raises its error
   torch::jit::drop(*stack, kArgs);
