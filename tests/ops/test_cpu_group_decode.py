@@ -1,6 +1,7 @@
-"""M = 1 (one token: a decode step) with per-group weight scales on the CPU kernel (ops/cpu/decode.c; ARM64:
-decode_neon.c, tested in test_cpu_arm.py). The decode loops take groups of whole units (int4: 32-k halves of a
-64-k chunk or whole chunks; int8: 32-k chunks; ternary: 128-blocks); other groups take the small-M tiles. Every
+"""M = 1 (one token: a decode step) with per-group weight scales on the CPU kernel (ops/cpu/decode_groups.c and
+decode.c; ARM64: decode_neon.c, tested in test_cpu_arm.py). The decode loops take groups of whole units (int4:
+32-k halves of a 64-k chunk; int8: 32-k chunks; ternary: 128-blocks or 32-k runs); other groups take the small-M
+tiles. Every
 path of this machine (the ``isa`` fixture: scalar, AVX2, VNNI where the CPU has it, and the batched GEMM forced)
 must give reference.py's outputs bit for bit (per group: ``sum_g fp32(acc_g) * ws[n, g]`` left to right, then
 ``/ s``, ``+ bias``), and the same numbers as the batched / small-M paths give that token in a batch."""
@@ -20,8 +21,8 @@ QMAX = {"int4": 8, "ternary": 1, "int8": 127}
 REFERENCE = {"int4": reference.int4_linear, "ternary": reference.ternary_linear, "int8": reference.int8_linear}
 
 # (format, group size, K): int4 groups of one half (K = 160: the last chunk is half; K = 32: one half), three halves
-# (96), whole chunks (64, 128; K = 576 is 9 chunks, not a multiple of 128); ternary groups of whole 128-blocks and,
-# through the tiles, of 32 / 64 k; int8 groups of whole 32-k chunks and, through the tiles, of 12 k.
+# (96), whole chunks (64, 128; K = 576 is 9 chunks, not a multiple of 128); ternary groups of whole 128-blocks and
+# of 32 / 64 k (runs; K = 96: a ragged last block); int8 groups of whole 32-k chunks and, through the tiles, of 12 k.
 CASES = [("int4", 32, 160), ("int4", 32, 576), ("int4", 32, 32), ("int4", 96, 288), ("int4", 64, 576),
          ("int4", 128, 384), ("ternary", 128, 384), ("ternary", 256, 512), ("ternary", 32, 96), ("ternary", 64, 192),
          ("int8", 32, 96), ("int8", 64, 576), ("int8", 128, 384), ("int8", 12, 36)]

@@ -37,6 +37,7 @@ FILES = (
     ("tiles.c", 1),        # small M: scalar and AVX2 register tiles, dot_tile, gemm_cols
     ("tiles_vnni.c", 2),   # small M: VNNI register tiles
     ("decode.c", 2),       # M == 1: the decode loops
+    ("decode_groups.c", 1),  # M == 1 with per-group scales: the choice of loop, the int4 / small-group loops
     ("gemm.c", 2),         # the batched GEMM
     ("weight_only.c", 1),  # act = "none": bitlab_linear_wo, bitlab_expand_wo
     ("conv.c", 1),         # bitlab_im2col_s8

@@ -157,6 +157,30 @@ static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum_epi32(__m256i
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
     return _mm_cvtsi128_si32(s);
 }
+
+/* The decode loops with per-group scales (ws_kind 2; decode.c, decode_groups.c): group g's sums of rows n .. n + NR - 1
+ * (NR 4 or 1, in the lanes), acc - off * sum(xq over g), rescaled and added up left to right like RESCALE_BODY below
+ * (separate IEEE mul and add: the same roundings) into y; group_store: y / s (+ bias) into out[n .. n + NR - 1] */
+static inline __attribute__((always_inline)) TGT_AVX2 __m128 group_add(const job_t *j, int64_t n, const int NR,
+                                                                       int64_t g, __m128i acc, int32_t off,
+                                                                       __m128 y) {
+    const __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[g])));
+    const float *ws = j->ws + n * j->G + g;
+    const __m128 step = NR == 4 ? _mm_setr_ps(ws[0], ws[j->G], ws[2 * j->G], ws[3 * j->G]) : _mm_set_ss(ws[0]);
+    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(exact), step);
+    return g ? _mm_add_ps(y, p) : p;
+}
+
+static inline __attribute__((always_inline)) TGT_AVX2 void group_store(const job_t *j, int64_t n, const int NR,
+                                                                       __m128 y) {
+    y = _mm_div_ps(y, _mm_set1_ps(j->s[0]));
+    if (NR == 4) {
+        if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
+        _mm_storeu_ps(j->out + n, y);
+    } else {
+        j->out[n] = j->bias ? _mm_cvtss_f32(y) + j->bias[n] : _mm_cvtss_f32(y);
+    }
+}
 #endif
 
 /* [b, e): thread tid's share of nt of [0, total), in whole units */
@@ -251,8 +275,13 @@ void bitlab_decode_i4_vnni(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i4_avx2(const job_t *j, int64_t n0, int64_t n1);
 void bitlab_decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
-/* M == 1 with per-group scales: the decode loop for this job, or NULL where none applies (groups that are not
- * whole units of the format's loop; int8 on AVX2 with some xq == -128) */
+/* decode.c: per-group scales, ternary groups of whole 128-blocks and int8 groups of whole 32-k chunks */
+BITLAB_INTERNAL void bitlab_decode_groups_vnni(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL void bitlab_decode_groups_avx2(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL void bitlab_decode_groups_i8_vnni(const job_t *j, int64_t n0, int64_t n1);
+BITLAB_INTERNAL void bitlab_decode_groups_i8_avx2(const job_t *j, int64_t n0, int64_t n1);
+/* decode_groups.c: M == 1 with per-group scales: the decode loop for this job, or NULL where none applies (groups
+ * that are not whole units of a loop; int8 on AVX2 with some xq == -128) */
 typedef void (*decode_fn)(const job_t *j, int64_t n0, int64_t n1);
 BITLAB_INTERNAL decode_fn bitlab_group_decoder(const job_t *j);
 #endif

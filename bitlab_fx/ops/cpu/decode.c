@@ -1,9 +1,10 @@
 /* decode.c: M == 1 (one token: the decode step of a language model), output rows [n0, n1) of a thread
  * in one loop per weight format and ISA: ternary, int8 and int4 weights on AVX2 and AVX-512 VNNI
  * (256-bit), 4 rows per tile with the next tile's rows prefetched and a 4-lane vector epilogue that
- * rounds like the scalar rescale. run_thread (bitlab_cpu.c) calls them through bitlab_decode_*, and with
- * per-group scales through bitlab_group_decoder (the same rows functions over each group's units, the group
- * sums rescaled and added in RESCALE_BODY's order). x86 only (ARM64: decode_neon.c). */
+ * rounds like the scalar rescale. run_thread (bitlab_cpu.c) calls them through bitlab_decode_*; with per-group
+ * scales, ternary and int8 groups of whole units run the same rows functions over each group's units, the
+ * group sums rescaled and added in RESCALE_BODY's order (decode_groups.c picks the loop and holds the others).
+ * x86 only (ARM64: decode_neon.c). */
 #include "bitlab_cpu.h"
 
 #ifdef BITLAB_X86
@@ -52,32 +53,8 @@ static inline __attribute__((always_inline)) void store1_row(const job_t *j, int
             store1_row(j, n, _mm_cvtsi128_si32(ROWS(w + n * stride, stride, 1, j->xq, 0, count, 0)), OFF);     \
     }
 
-/* Per-group scales (ws_kind 2): group g's sums, acc - OFF * sum(xq over g), rescaled and added up left to right
- * like RESCALE_BODY (bitlab_cpu.h), for rows n .. n + NR - 1 (NR 4 or 1) in the lanes of y */
-static inline __attribute__((always_inline)) TGT_AVX2 __m128 group_add(const job_t *j, int64_t n, const int NR,
-                                                                       int64_t g, __m128i acc, int32_t off,
-                                                                       __m128 y) {
-    const __m128i exact = _mm_sub_epi32(acc, _mm_set1_epi32((int32_t)((uint32_t)off * (uint32_t)j->gsum[g])));
-    const float *ws = j->ws + n * j->G + g;
-    const __m128 step = NR == 4 ? _mm_setr_ps(ws[0], ws[j->G], ws[2 * j->G], ws[3 * j->G]) : _mm_set_ss(ws[0]);
-    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(exact), step);
-    return g ? _mm_add_ps(y, p) : p;
-}
-
-/* y / s (+ bias) into out[n .. n + NR - 1] */
-static inline __attribute__((always_inline)) TGT_AVX2 void group_store(const job_t *j, int64_t n, const int NR,
-                                                                       __m128 y) {
-    y = _mm_div_ps(y, _mm_set1_ps(j->s[0]));
-    if (NR == 4) {
-        if (j->bias) y = _mm_add_ps(y, _mm_loadu_ps(j->bias + n));
-        _mm_storeu_ps(j->out + n, y);
-    } else {
-        j->out[n] = j->bias ? _mm_cvtss_f32(y) + j->bias[n] : _mm_cvtss_f32(y);
-    }
-}
-
 /* A per-group decode driver (groups of whole units: gs / UNIT_K of them): like DEFINE_DECODE, with ROWS run over
- * each group's units and the group sums rescaled as they come (group_add). */
+ * each group's units and the group sums rescaled as they come (group_add, bitlab_cpu.h). */
 #define DEFINE_DECODE_GROUPS(NAME, TGT, ROWS, STRIDE, UNIT_K, OFF)                                              \
     static inline __attribute__((always_inline)) TGT void NAME##_tile(const job_t *j, int64_t n, const int NR,  \
                                                                       int64_t pf) {                           \
@@ -358,9 +335,9 @@ static TGT_AVX2 void decode_i8_avx2(const job_t *j, int64_t n0, int64_t n1) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Decode with per-group scales (ws_kind 2): the rows functions above over each group's units   */
-/* (DEFINE_DECODE_GROUPS), and for int4 groups of an odd number of 32-k halves (32, 96, ...)    */
-/* the halves of each chunk summed apart (DEFINE_DECODE_HALVES).                                */
+/* Decode with per-group scales (ws_kind 2), ternary groups of whole 128-blocks and int8 groups */
+/* of whole 32-k chunks: the rows functions above over each group's units (DEFINE_DECODE_GROUPS, */
+/* bitlab_decode_groups_*). The other per-group loops and the choice are in decode_groups.c.    */
 /* ------------------------------------------------------------------------------------------ */
 /* int8 rows for per-group scales on VNNI: vpdpbusd(u = w + 128 (w ^ 0x80), xq), exact mod 2^32 for every xq;
  * the driver takes 128 * sum(xq over the group) back out (OFF 128). Groups are whole 32-k chunks: no tail. */
@@ -390,99 +367,16 @@ decode_rows_i8g_avx2(const uint8_t *w, int64_t K, const int NR, const int8_t *x,
 
 DEFINE_DECODE_GROUPS(decode_groups_vnni, TGT_VNNI, decode_rows, j->Kp / 4, 128, 1)
 DEFINE_DECODE_GROUPS(decode_groups_avx2, TGT_AVX2, decode_rows_avx2, j->Kp / 4, 128, 1)
-DEFINE_DECODE_GROUPS(decode_groups_i4_vnni, TGT_VNNI, decode_rows_i4, (j->K + 1) / 2, 64, 8)
-DEFINE_DECODE_GROUPS(decode_groups_i4_avx2, TGT_AVX2, decode_rows_i4_avx2, (j->K + 1) / 2, 64, 8)
 DEFINE_DECODE_GROUPS(decode_groups_i8_vnni, TGT_VNNI, decode_rows_i8u_vnni, j->K, 32, 128)
 DEFINE_DECODE_GROUPS(decode_groups_i8_avx2, TGT_AVX2, decode_rows_i8g_avx2, j->K, 32, 0)
 
-/* int4 chunk c of NR rows, its two 32-k halves apart: a chunk's bytes 0..15 hold k 0..31 of it (both nibbles),
- * which pair with the xq bytes 0..15 of each parity (quant_rows' order), so every 128-bit lane of the products
- * belongs to one half. Returns the rows' sums of the first half in the low 128 bits, of the second in the high. */
-static inline __attribute__((always_inline)) TGT_VNNI __m256i
-decode_halves_i4_vnni(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c, int64_t pf) {
-    const __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
-    const __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
-    if (pf && !(c & 1))
-        for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * rb + pf + c * 32), _MM_HINT_T0);
-    __m256i t[4];
-    for (int n = 0; n < 4; n++) {
-        t[n] = _mm256_setzero_si256();
-        if (n >= NR) continue;
-        __m256i lo, hi;
-        i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
-        t[n] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(t[n], lo, xe), hi, xo);
-    }
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+BITLAB_INTERNAL void bitlab_decode_groups_vnni(const job_t *j, int64_t n0, int64_t n1) { decode_groups_vnni(j, n0, n1); }
+BITLAB_INTERNAL void bitlab_decode_groups_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_groups_avx2(j, n0, n1); }
+BITLAB_INTERNAL void bitlab_decode_groups_i8_vnni(const job_t *j, int64_t n0, int64_t n1) {
+    decode_groups_i8_vnni(j, n0, n1);
 }
-
-/* the same on AVX2: maddubs pairs <= 2 * 15 * 128, two per lane, widened by madd in every chunk */
-static inline __attribute__((always_inline)) TGT_AVX2 __m256i
-decode_halves_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *x, int64_t c, int64_t pf) {
-    const __m256i one16 = _mm256_set1_epi16(1);
-    const __m256i xe = _mm256_loadu_si256((const __m256i *)(x + c * 64));
-    const __m256i xo = _mm256_loadu_si256((const __m256i *)(x + c * 64 + 32));
-    if (pf && !(c & 1))
-        for (int n = 0; n < NR; n++) _mm_prefetch((const char *)(w + n * rb + pf + c * 32), _MM_HINT_T0);
-    __m256i t[4];
-    for (int n = 0; n < 4; n++) {
-        t[n] = _mm256_setzero_si256();
-        if (n >= NR) continue;
-        __m256i lo, hi;
-        i4_codes(i4_load(w + n * rb, rb, c), &lo, &hi);
-        t[n] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), one16);
-    }
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
-}
-
-/* A per-group int4 driver for groups of gs / 32 halves (an odd number): each chunk's halves join the current
- * group's sum, which is rescaled (group_add) when its last half is in. */
-#define DEFINE_DECODE_HALVES(NAME, TGT, HALVES)                                                                 \
-    static inline __attribute__((always_inline)) TGT void NAME##_tile(const job_t *j, int64_t n, const int NR,  \
-                                                                      int64_t pf) {                           \
-        const int64_t rb = (j->K + 1) / 2, halves = j->K / 32, per = j->gs / 32;                               \
-        const uint8_t *w = (const uint8_t *)j->w + n * rb;                                                     \
-        __m128 y = _mm_setzero_ps();                                                                           \
-        __m128i acc = _mm_setzero_si128();                                                                     \
-        int64_t g = 0, left = per;                                                                             \
-        for (int64_t c = 0; 2 * c < halves; c++) {                                                             \
-            const __m256i both = HALVES(w, rb, NR, j->xq, c, pf);                                              \
-            for (int h = 0; h < 2 && 2 * c + h < halves; h++) {                                               \
-                acc = _mm_add_epi32(acc, h ? _mm256_extracti128_si256(both, 1) : _mm256_castsi256_si128(both)); \
-                if (--left == 0) {                                                                             \
-                    y = group_add(j, n, NR, g++, acc, 8, y);                                                   \
-                    acc = _mm_setzero_si128();                                                                 \
-                    left = per;                                                                                \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        group_store(j, n, NR, y);                                                                              \
-    }                                                                                                          \
-    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
-        const int64_t rb = (j->K + 1) / 2;                                                                     \
-        int64_t n = n0;                                                                                        \
-        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * rb : 0);                            \
-        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
-    }
-DEFINE_DECODE_HALVES(decode_halves_vnni, TGT_VNNI, decode_halves_i4_vnni)
-DEFINE_DECODE_HALVES(decode_halves_avx2, TGT_AVX2, decode_halves_i4_avx2)
-
-/* [weight format]: the unit a group must be made of for the whole-unit loop ([AVX2, VNNI]), and the int4 loop
- * for groups of an odd number of 32-k halves */
-static const struct {
-    int64_t unit_k;
-    decode_fn whole[2], halves[2];
-} GROUP_DECODE[3] = {
-    [W_TERNARY] = {128, {decode_groups_avx2, decode_groups_vnni}, {NULL, NULL}},
-    [W_INT8] = {32, {decode_groups_i8_avx2, decode_groups_i8_vnni}, {NULL, NULL}},
-    [W_INT4] = {64, {decode_groups_i4_avx2, decode_groups_i4_vnni}, {decode_halves_avx2, decode_halves_vnni}},
-};
-
-decode_fn bitlab_group_decoder(const job_t *j) {
-    if (j->M != 1 || j->ws_kind != 2 || j->isa < ISA_AVX2 || j->gs <= 0) return NULL;
-    const int vnni = j->isa == ISA_VNNI;
-    if (j->wfmt == W_INT8 && !vnni && j->has_m128) return NULL; /* maddubs(|w|, sign(xq, w)) needs xq != -128 */
-    if (j->gs % GROUP_DECODE[j->wfmt].unit_k == 0) return GROUP_DECODE[j->wfmt].whole[vnni];
-    return j->gs % 32 == 0 ? GROUP_DECODE[j->wfmt].halves[vnni] : NULL;
+BITLAB_INTERNAL void bitlab_decode_groups_i8_avx2(const job_t *j, int64_t n0, int64_t n1) {
+    decode_groups_i8_avx2(j, n0, n1);
 }
 
 void bitlab_decode_avx2(const job_t *j, int64_t n0, int64_t n1) { decode_avx2(j, n0, n1); }
