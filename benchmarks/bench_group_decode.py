@@ -14,6 +14,7 @@ Threads as shipped (``torch.get_num_threads()``); weights of one layer stay in t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -78,20 +79,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--budget", type=float, default=0.05, help="seconds of calls per variant per round")
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: as shipped")
+    p.add_argument("--json", default="", help="also write every round's per-call us here ({shape: {variant: [...]}})")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.variants.split(",")
     print(f"M = 1, per-token int8 activations, {torch.get_num_threads()} threads, kernel ISA {cpu.set_isa(None)}, "
           f"median of {args.rounds} interleaved rounds (min..max), us per call")
-    rows = []
+    rows, raw = [], {}
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         fits = [name for name in names if k % (VARIANTS[name][1] or k) == 0]  # groups must divide K
-        times = per_call_us({name: make_call(name, n, k) for name in fits}, args.rounds, args.budget)
+        times = raw[shape] = per_call_us({name: make_call(name, n, k) for name in fits}, args.rounds, args.budget)
         rows.append([shape] + [f"{statistics.median(times[name]):.1f} ({min(times[name]):.1f}..{max(times[name]):.1f})"
                                if name in times else "-" for name in names])
     print(tabulate(rows, headers=["N x K"] + names, tablefmt="github"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f)
 
 
 if __name__ == "__main__":
