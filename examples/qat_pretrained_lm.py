@@ -20,6 +20,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import time
@@ -36,6 +37,7 @@ FORMATS = {
     "w8a8": (bfx.int8(), 2e-5, 0.0),
     "ternary": (bfx.ternary(), 5e-4, 0.25),
 }
+WEIGHT_ONLY_INT8 = bfx.weight_only(bfx.IntWeight(8))  # --weight-only-layers: int8 weights, float inputs
 HELD_OUT_EVERY = 8  # every 8th topic (sorted by name) is held out
 
 
@@ -85,15 +87,19 @@ def tiny_llama():
 MODELS = {"smollm2": load_smollm2, "tiny": tiny_llama}
 
 
-def mapping_for(fmt: str, int8_layers: str):
-    """Decoder linears in ``fmt``, the (tied) LM head int8, layers matching ``int8_layers`` (a regex) int8;
-    the embedding stays float."""
-    qmap = bfx.QConfigMapping().set_global(FORMATS[fmt][0]).set_module_name("lm_head", bfx.int8())
-    return qmap.set_module_name_regex(int8_layers, bfx.int8()) if int8_layers else qmap
+def mapping_for(fmt: str, int8_layers: str, weight_only_layers: str = ""):
+    """Decoder linears in ``fmt``, the (tied) LM head int8, layers matching ``int8_layers`` (a regex matching the
+    whole module name, e.g. ``.*down_proj``) int8, layers matching ``weight_only_layers`` int8 weights with float
+    inputs (the head too if it matches ``lm_head``); the embedding stays float."""
+    head = WEIGHT_ONLY_INT8 if weight_only_layers and re.fullmatch(weight_only_layers, "lm_head") else bfx.int8()
+    qmap = bfx.QConfigMapping().set_global(FORMATS[fmt][0]).set_module_name("lm_head", head)
+    if int8_layers:
+        qmap.set_module_name_regex(int8_layers, bfx.int8())
+    return qmap.set_module_name_regex(weight_only_layers, WEIGHT_ONLY_INT8) if weight_only_layers else qmap
 
 
-def prepare(model, fmt: str, int8_layers: str):
-    student = bfx.prepare_qat(copy.deepcopy(model), mapping_for(fmt, int8_layers))
+def prepare(model, fmt: str, int8_layers: str, weight_only_layers: str = ""):
+    student = bfx.prepare_qat(copy.deepcopy(model), mapping_for(fmt, int8_layers, weight_only_layers))
     student.get_input_embeddings().requires_grad_(False)  # tied to the head: frozen both (saves time and memory)
     return student
 
@@ -163,7 +169,7 @@ def run_format(model, fmt: str, args, data, record) -> list:
     """PTQ and QAT rows of one format; the curves go into ``record``."""
     train_ids, held_ids, prompt = data
     rows = []
-    ptq = bfx.convert(prepare(model, fmt, args.int8_layers).eval(), inplace=True)
+    ptq = bfx.convert(prepare(model, fmt, args.int8_layers, args.weight_only_layers).eval(), inplace=True)
     rows.append({"model": f"{fmt} PTQ", "ppl": perplexity(ptq, held_ids, args.seq), "train s": 0.0,
                  "MB": state_bytes(ptq) / 1e6, "tok/s": decode_tokens_per_s(ptq, prompt, args.decode_tokens,
                                                                              args.bench_lock)})
@@ -172,7 +178,7 @@ def run_format(model, fmt: str, args, data, record) -> list:
     if args.steps == 0:  # PTQ only
         return rows
     cpu0 = time.process_time()
-    student = prepare(model, fmt, args.int8_layers)
+    student = prepare(model, fmt, args.int8_layers, args.weight_only_layers)
     config = distill_config(fmt, args)
     curve, eval_cost = [], {"wall": 0.0, "cpu": 0.0}
 
@@ -224,7 +230,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=None, help="overrides the per-format learning rate")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lm-weight", type=float, default=0.0, help="weight of the plain LM loss next to the KL")
-    p.add_argument("--int8-layers", default="", help="regex of layer names kept int8 (e.g. 'down_proj')")
+    p.add_argument("--int8-layers", default="", help="regex matching whole layer names kept int8 (e.g. '.*down_proj')")
+    p.add_argument("--weight-only-layers", default="",
+                   help="regex matching whole layer names kept int8 with float inputs (e.g. '.*down_proj|lm_head')")
     p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for perplexity")
     p.add_argument("--eval-every", type=int, default=12, help="steps between held-out perplexity points (curve)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training per format at most")

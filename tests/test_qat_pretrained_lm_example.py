@@ -30,3 +30,16 @@ def test_qat_pretrained_lm_tiny_run(tmp_path, capsys):
     assert [p[0] for p in saved["curves"]["w4a8"]["ppl_vs_tokens"]] == [32, 64]
     assert (tmp_path / "ck" / "w4a8.pt").exists()
     assert "w4a8 QAT" in capsys.readouterr().out
+
+
+def test_weight_only_layers_keep_int8_weights_with_float_inputs():
+    import bitlab_fx as bfx
+
+    example = _example()
+    model, _ = example.tiny_llama()
+    converted = bfx.convert(example.prepare(model, "w8a8", "", r".*\.down_proj|lm_head").eval())
+    acts = {name: m.act for name, m in converted.named_modules() if isinstance(m, bfx.nn.QuantizedLinear)}
+    kept = {name for name, act in acts.items() if act == "none"}
+    assert kept == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"} | {n for n in acts if n.startswith("lm_head")}
+    assert any(n.startswith("lm_head") for n in kept) and len(kept) < len(acts)
+    assert all(act == "per_token" for name, act in acts.items() if name not in kept)
