@@ -11,7 +11,8 @@ noisy); the table shows medians and the spread (min-max). ``bitlab-<decoder>[-un
 ``-unfused`` converts with ``fuse_siblings=False`` (one op call per layer); eager or
 ``bfx.compile_for_decode``; decoding with ``generate`` or, with ``-greedy``, ``bfx.greedy_decode`` (one model
 call per token on a static cache, no generate machinery; ``engine="hf"``) or, with ``-lean``, ``bfx.greedy_decode``'s
-lean engine (the converted layers called directly, its own KV cache; ``engine="lean"``). bitlab runtimes quantize every decoder linear
+lean engine (the converted layers called directly, its own KV cache; ``engine="lean"``; ``-lean-compiled``: its
+one-token step compiled, ``engine="lean-compiled"``). bitlab runtimes quantize every decoder linear
 (ternary: W1.58A8; int4: 4-bit per-group-32 weights, int8 activations; int8: W8A8) and the lm_head int8,
 the embedding stays float. The per-token breakdown splits bitlab's decode step into its ``bitlab::`` ops
 (their CPU time under torch.profiler) and the rest (HF model code, generate). llama.cpp peers (``bench`` extra: gguf,
@@ -125,6 +126,12 @@ class LeanRunner(GreedyRunner):
         super().warm_up()
 
 
+class LeanCompiledRunner(LeanRunner):
+    """The lean engine with its one-token step compiled (``engine="lean-compiled"``; warm-up compiles)."""
+
+    engine = "lean-compiled"
+
+
 def kernel_share(runner: HFRunner) -> tuple:
     """(ms per decode token in bitlab's ops, ms per token in total): the ``bitlab::`` ops' CPU time under
     torch.profiler (which also slows the rest: the total is measured without it) in generate(N) minus
@@ -156,9 +163,11 @@ def build_runtimes(args, model, gguf_path, prompt, prefill_ids):
                 cm = convert(model, decoder, fuse_siblings=False)
             else:
                 cm = converted.setdefault(decoder, convert(model, decoder))
-            if "compiled" in flags:
-                cm = compiled(copy.deepcopy(cm))
-            runner = LeanRunner if "lean" in flags else GreedyRunner if "greedy" in flags else HFRunner
+            if "lean" in flags:  # -lean-compiled: the lean engine's compiled step, not compile_for_decode
+                runner = LeanCompiledRunner if "compiled" in flags else LeanRunner
+            else:
+                cm = compiled(copy.deepcopy(cm)) if "compiled" in flags else cm
+                runner = GreedyRunner if "greedy" in flags else HFRunner
             runners[name] = runner(cm, prompt, prefill_ids, args.new_tokens)
         elif name.startswith("llamacpp"):
             miss = llm_peers.missing()

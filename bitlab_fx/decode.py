@@ -83,7 +83,7 @@ def _with_eager_fallback(compiled: dict, eager: Callable, name: str) -> Callable
             try:
                 return compiled["step" if _is_decode_step(args, kwargs) else "prompt"](self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001  (any compiler failure: decode eagerly instead)
-                if not _is_compile_failure(e):
+                if not is_compile_failure(e):
                     raise
                 state["failed"] = True
                 warnings.warn(f"bitlab_fx.compile_for_decode: compiling {name}.forward failed, decoding eagerly "
@@ -95,14 +95,14 @@ def _with_eager_fallback(compiled: dict, eager: Callable, name: str) -> Callable
     return forward
 
 
-def _is_compile_failure(e: Exception) -> bool:
+def is_compile_failure(e: Exception) -> bool:
     """An error of torch.compile itself (dynamo, a backend, inductor), not one of the model on its inputs."""
     module = type(e).__module__ or ""
     return module.startswith(("torch._dynamo", "torch._inductor")) or type(e).__name__ in (
         "BackendCompilerFailed", "InductorError", "Unsupported", "CppCompileError")
 
 
-ENGINES = ("auto", "lean", "hf")
+ENGINES = ("auto", "lean", "lean-compiled", "hf")
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
@@ -126,8 +126,10 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     ``engine``: ``"auto"`` (default) decodes converted Llama/Mistral/Qwen2 models, one prompt at a time, with the
     lean engine (``bitlab_fx/lean``: the converted layers called directly, its own KV cache; about twice as fast
     as the compiled forward on small models) and every other model with its forward as above; ``"lean"`` does
-    the same but warns when it falls back (``bfx.lean_fallback_reason(model)`` says why); ``"hf"`` always
-    calls the model's forward."""
+    the same but warns when it falls back (``bfx.lean_fallback_reason(model)`` says why); ``"lean-compiled"``
+    also compiles the lean engine's one-token step with ``torch.compile`` (``bitlab_fx/lean/compiled.py``: the first
+    call compiles, later calls with the same model reuse the graph; where compiling fails it warns and runs the
+    eager lean step); ``"hf"`` always calls the model's forward."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ConvertError(f"greedy_decode: input_ids must be a [batch, length] int64 tensor, got "
                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
@@ -141,7 +143,8 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     if engine not in ENGINES:
         raise ConvertError(f"greedy_decode: engine={engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     if engine != "hf":
-        out = _lean_greedy(model, input_ids, max_new_tokens, eos_token_id, warn=engine == "lean")
+        out = _lean_greedy(model, input_ids, max_new_tokens, eos_token_id, warn=engine.startswith("lean"),
+                           compiled=engine == "lean-compiled")
         if out is not None:
             return out
     out = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=input_ids.device)
@@ -163,7 +166,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
             if i + 1 < max_new_tokens:
                 position = torch.full((1,), length + i, dtype=torch.long, device=input_ids.device)
                 logits = model(token[:, None], **cache, use_cache=True, cache_position=position).logits
-                if i == 0 and compiled and not recheck_guards and _default_stance():
+                if i == 0 and compiled and not recheck_guards and default_stance():
                     # the first step ran torch.compile's guards and found (or compiled) the decode graph; the later
                     # steps of this call pass the same model, cache object, shapes, dtypes and modes (only token
                     # values and positions change), so checking only what tells the graphs apart is enough
@@ -172,7 +175,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
 
 
 def _lean_greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: Optional[int],
-                 warn: bool) -> Optional[torch.Tensor]:
+                 warn: bool, compiled: bool) -> Optional[torch.Tensor]:
     """The lean engine's tokens, or None where it does not run the model (with a warning if ``warn``)."""
     from .lean import lean_decoder, lean_fallback_reason, lean_greedy
 
@@ -184,14 +187,14 @@ def _lean_greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
         if reason is None:
             decoder, reason = lean_decoder(model, length + max_new_tokens)
             if decoder is not None:
-                return lean_greedy(decoder, input_ids, max_new_tokens, eos_token_id)
+                return lean_greedy(decoder, input_ids, max_new_tokens, eos_token_id, compiled)
     if warn:
         warnings.warn(f"bitlab_fx.greedy_decode: the lean engine does not decode this {type(model).__name__}: {reason}; "
                       "decoding with its forward instead", RuntimeWarning, stacklevel=3)
     return None
 
 
-def _default_stance() -> bool:
+def default_stance() -> bool:
     """Whether torch.compile runs with its default stance (not one the caller set, e.g. "force_eager"), which
     greedy_decode may then narrow to skipping non-differentiating guards without changing the caller's choice."""
     stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)  # (no public getter in torch)

@@ -7,11 +7,14 @@ converted layers directly (``plan.py`` says what runs and what is refused, ``eng
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..decode import default_stance
+from .compiled import compiled_step
 from .engine import LeanDecoder, cache_length
 from .plan import LeanUnsupported, Plan, make_plan, model_tensors
 
@@ -65,18 +68,24 @@ def lean_decoder(model: nn.Module, length: int) -> Tuple[Optional[LeanDecoder], 
 
 
 def lean_greedy(decoder: LeanDecoder, input_ids: torch.Tensor, max_new_tokens: int,
-                eos_token_id: Optional[int]) -> torch.Tensor:
-    """Greedy tokens of one ``[1, length]`` prompt: the prompt in one step, then one step per token."""
+                eos_token_id: Optional[int], compiled: bool = False) -> torch.Tensor:
+    """Greedy tokens of one ``[1, length]`` prompt: the prompt in one step, then one step per token (``compiled``:
+    the compiled step of ``compiled.py``; after its first call only what tells its graphs apart is checked, as
+    ``greedy_decode`` does for a compiled forward: between steps only token values and positions change)."""
     length = input_ids.shape[1]
     out = torch.empty(1, length + max_new_tokens, dtype=torch.long)
     out[:, :length] = input_ids
     row = out[0]
+    step = compiled_step(decoder) if compiled else decoder.forward
     logits = decoder.forward(row[:length], 0)
-    for i in range(max_new_tokens):
-        token = logits.argmax()
-        row[length + i] = token
-        if eos_token_id is not None and int(token) == eos_token_id:
-            return out[:, :length + i + 1]
-        if i + 1 < max_new_tokens:
-            logits = decoder.forward(row[length + i:length + i + 1], length + i)
+    with contextlib.ExitStack() as later_steps:
+        for i in range(max_new_tokens):
+            token = logits.argmax()
+            row[length + i] = token
+            if eos_token_id is not None and int(token) == eos_token_id:
+                return out[:, :length + i + 1]
+            if i + 1 < max_new_tokens:
+                logits = step(row[length + i:length + i + 1], length + i)
+                if i == 0 and compiled and default_stance():
+                    later_steps.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     return out

@@ -1,5 +1,7 @@
 """The lean engine (bitlab_fx/lean): greedy_decode's tokens on converted Llama/Qwen2/Mistral models are HF
 generate's, and its logits are HF forward's up to float rounding."""
+import warnings
+
 import pytest
 import torch
 
@@ -52,3 +54,42 @@ def test_lean_stops_at_eos():
     first = int(bfx.greedy_decode(model, ids, 1, engine="lean")[0, -1])
     out = bfx.greedy_decode(model, ids, 8, eos_token_id=first, engine="lean")
     assert out.shape == (1, ids.shape[1] + 1) and int(out[0, -1]) == first
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-ternary", "qwen2-biases-int8"])
+def test_compiled_lean_step_gives_the_eager_lean_tokens(case):
+    """engine="lean-compiled": the one-token step compiled (fixed shapes, attention over the whole cache with the
+    later positions masked): generate's tokens, and the cache it keeps is reused by a later, shorter call."""
+    model = CASES[case]()
+    ids = prompt()
+    want = hf_greedy(model, ids, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the eager step
+        assert torch.equal(bfx.greedy_decode(model, ids, 10, engine="lean-compiled"), want)
+        assert torch.equal(bfx.greedy_decode(model, ids[:, :4], 5, engine="lean-compiled"), hf_greedy(model, ids[:, :4], 5))
+
+
+def test_compiled_lean_step_logits_match_the_eager_step():
+    model = convert(tiny("Llama"))
+    ids = prompt()[0]
+    decoder, _ = lean_decoder(model, 32)
+    with torch.inference_mode():
+        decoder.forward(ids, 0)
+        eager = decoder.forward(ids[:1], len(ids))
+        decoder.forward(ids, 0)  # the same cache contents again
+        static = decoder.step(ids[:1], torch.tensor([len(ids)]))
+    torch.testing.assert_close(static, eager, rtol=0, atol=1e-5)  # softmax over zeros added: float rounding apart
+
+
+def test_compiled_lean_step_falls_back_with_a_warning_when_compiling_fails(monkeypatch):
+    real_compile = torch.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, **{**kwargs, "backend": broken_backend}))
+    model = CASES["mistral-ternary"]()
+    ids = prompt()
+    with pytest.warns(RuntimeWarning, match="compiling the lean step failed"):
+        out = bfx.greedy_decode(model, ids, 6, engine="lean-compiled")
+    assert torch.equal(out, hf_greedy(model, ids, 6))

@@ -66,7 +66,7 @@ def test_engine_hf_skips_the_lean_engine_and_bad_engines_are_refused():
     ids = prompt()
     assert torch.equal(bfx.greedy_decode(model, ids, 4, engine="hf"), hf_greedy(model, ids, 4))
     assert "_bitlab_lean_decoder" not in model.__dict__
-    with pytest.raises(bfx.ConvertError, match="engine='fast'; use one of 'auto', 'lean', 'hf'"):
+    with pytest.raises(bfx.ConvertError, match="engine='fast'; use one of 'auto', 'lean', 'lean-compiled', 'hf'"):
         bfx.greedy_decode(model, ids, 4, engine="fast")
 
 
