@@ -39,9 +39,10 @@ def multiplier(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     return qmax / amax.float().clamp(min=EPS)
 
 
-def codes(x: torch.Tensor, mult: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Activation codes ``clamp(round(x * mult), qmin, qmax)`` (fp32 whole numbers; round half to even)."""
-    return _round_clamp(x * mult, qmin, qmax)
+def codes(x: torch.Tensor, mult: torch.Tensor, qmin: int, qmax: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Activation codes ``clamp(round(x * mult), qmin, qmax)`` (fp32 whole numbers; round half to even); ``out``: an
+    fp32 tensor of ``x``'s shape to write them into (a scratch tensor of the caller's), else a new one."""
+    return _round_clamp(torch.mul(x, mult, out=out) if out is not None else x * mult, qmin, qmax)
 
 
 def _round_clamp(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -79,9 +80,10 @@ def token_bias_codes(b: torch.Tensor, w_step: torch.Tensor, x_mult: torch.Tensor
     return bias_codes(b, token_bias_step(w_step, x_mult), bias_bits)
 
 
-def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Weight codes ``clamp(round(w / step), -qmax, qmax)`` (a division by the step, not a multiplication)."""
-    return _round_clamp(w / step, -qmax, qmax)
+def weight_codes(w: torch.Tensor, step: torch.Tensor, qmax: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight codes ``clamp(round(w / step), -qmax, qmax)`` (a division by the step, not a multiplication); ``out``:
+    an fp32 tensor of ``w``'s shape to write them into (a scratch tensor of the caller's), else a new one."""
+    return _round_clamp(torch.div(w, step, out=out) if out is not None else w / step, -qmax, qmax)
 
 
 # -- integer products and the rescale ----------------------------------------------------------------

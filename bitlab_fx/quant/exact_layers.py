@@ -56,6 +56,8 @@ def input_codes(x: torch.Tensor, quantizer, token_dims: int, on_grid: bool = Fal
     kept = quantizer.take_codes(x)
     if kept is not None:
         return kept
+    if quantizer.spec.dynamic and not on_grid:
+        return P.dynamic_activation_codes(x, quantizer.spec, token_dims)
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)

@@ -221,8 +221,11 @@ class ActivationFakeQuant(_FakeQuant):
         if self.spec.learned:
             self.multiplier(x)  # observes the first batches (initialisation)
             return self._blend(x, P.lsq_fake_quantize_activation(x, self.scale, self.spec))
-        s = self.multiplier(x)
-        q = P.quantize_activation(x, s, self.spec)
+        if self.spec.dynamic:
+            q, s = P.dynamic_activation_codes(x, self.spec, self.token_dims)
+        else:
+            s = self.multiplier(x)
+            q = P.quantize_activation(x, s, self.spec)
         self._keep_codes(x, q, s)
         if self._returns_stand_in():
             return x

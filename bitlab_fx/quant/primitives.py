@@ -69,13 +69,16 @@ def weight_scale(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight]) -> torc
     For ``scale="learned"`` specs this is the initial value of the learned step (absmean for ternary,
     absmax/q for int)."""
     with torch.no_grad():
-        groups = weight_groups(w.detach().float(), spec.granularity)
-        if isinstance(spec, TernaryWeight):
-            g = groups.abs().amax(-1) if spec.scale == "absmax" else groups.abs().mean(-1)
-        else:
-            g = groups.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
-        g = g.clamp(min=EPS)
-        return g.reshape(scale_shape(w.shape, spec.granularity))
+        return _scale_of(weight_groups(w.detach().float(), spec.granularity).abs(), w.shape, spec)
+
+
+def _scale_of(magnitudes: torch.Tensor, w_shape, spec: Union[TernaryWeight, IntWeight]) -> torch.Tensor:
+    """The step of :func:`weight_scale` from the weight's magnitudes ``|weight_groups(w)|``."""
+    if isinstance(spec, TernaryWeight):
+        g = magnitudes.amax(-1) if spec.scale == "absmax" else magnitudes.mean(-1)
+    else:
+        g = magnitudes.amax(-1) / (2 ** (spec.bits - 1) - 1)
+    return g.clamp(min=EPS).reshape(scale_shape(w_shape, spec.granularity))
 
 
 def weight_qrange(spec: Union[TernaryWeight, IntWeight]) -> int:
@@ -96,10 +99,13 @@ def weight_codes(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
     """Integer weights as fp32 whole numbers (``w``'s shape) and their fp32 step ``g``
     (``scale`` if given: a learned step, see :func:`lsq_fake_quantize_weight`). No gradient."""
     with torch.no_grad():
-        g = weight_scale(w, spec) if scale is None else \
-            learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity))
         groups = weight_groups(w.detach().float(), spec.granularity)
-        wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), weight_qrange(spec))
+        if scale is None:  # the codes are written over the magnitudes the step was computed from (one tensor fewer)
+            magnitudes = groups.abs()
+            g, out = _scale_of(magnitudes, w.shape, spec), magnitudes
+        else:
+            g, out = learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity)), None
+        wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), weight_qrange(spec), out=out)
         return wq.reshape(w.shape), g
 
 
@@ -184,12 +190,26 @@ def activation_multiplier(x: torch.Tensor, spec: IntActivation, token_dims: int)
     """The dynamic multiplier ``s`` (fp32), one per token (reduced over the last ``token_dims`` dims)
     or one for the whole tensor; shaped to broadcast against ``x``."""
     with torch.no_grad():
+        return _ranges_and_multiplier(x.detach().float(), spec, token_dims)[1]
+
+
+def _ranges_and_multiplier(xf: torch.Tensor, spec: IntActivation, token_dims: int):
+    """``(|xf| or max(xf, 0), s)``: the values :func:`activation_amax` reduces (a new tensor) and the multiplier."""
+    ranges = xf.abs() if spec.signed else xf.clamp(min=0)
+    if spec.granularity == "per_token" and xf.dim() > token_dims:
+        amax = ranges.amax(dim=tuple(range(xf.dim() - token_dims, xf.dim())), keepdim=True)
+    else:
+        amax = ranges.amax() if xf.numel() else xf.new_ones(())
+    return ranges, A.multiplier(amax, spec.qmax)
+
+
+def dynamic_activation_codes(x: torch.Tensor, spec: IntActivation, token_dims: int):
+    """``(codes, s)`` of a dynamic spec: :func:`quantize_activation` on :func:`activation_multiplier`, the codes
+    written over the magnitudes the multiplier was reduced from (one tensor of ``x``'s size fewer). No gradient."""
+    with torch.no_grad():
         xf = x.detach().float()
-        if spec.granularity == "per_token" and x.dim() > token_dims:
-            amax = activation_amax(xf, spec, tuple(range(x.dim() - token_dims, x.dim())))
-        else:
-            amax = activation_amax(xf, spec) if xf.numel() else xf.new_ones(())
-        return A.multiplier(amax, spec.qmax)
+        ranges, s = _ranges_and_multiplier(xf, spec, token_dims)
+        return A.codes(xf, s, spec.qmin, spec.qmax, out=ranges), s
 
 
 def dequantize_activation(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -116,3 +116,22 @@ def test_warmup_blends_float_to_quantized():
     warm2 = bfx.QuantWarmup(pm, ramp_steps=4, delay_steps=2)
     warm2.load_state_dict(state)
     assert warm2.mix == 1.0
+
+
+def test_dynamic_activation_codes_and_weight_codes_match_their_formulas():
+    """The codes written over their scratch tensors are the formulas' numbers: activations
+    clamp(round(x * qmax / max|x|), qmin, qmax) per token (or max(x, 0) unsigned), ternary weights
+    clamp(round(w / mean|w|), -1, 1) per row."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 40) * 3
+    for spec in (bfx.IntActivation(), bfx.IntActivation(4), bfx.IntActivation(8, signed=False)):
+        ranges = x.abs() if spec.signed else x.clamp(min=0)
+        mult = spec.qmax / ranges.amax(-1, keepdim=True).clamp(min=1e-5)
+        codes, s = P.dynamic_activation_codes(x, spec, 1)
+        assert torch.equal(s, mult)
+        assert torch.equal(codes, torch.clamp(torch.round(x * mult), spec.qmin, spec.qmax))
+    w = torch.randn(24, 40)
+    wq, g = P.weight_codes(w, bfx.TernaryWeight())
+    step = w.abs().mean(-1).clamp(min=1e-5)
+    assert torch.equal(g, step)
+    assert torch.equal(wq, torch.clamp(torch.round(w / step[:, None]), -1, 1))
