@@ -1,7 +1,7 @@
 """The lean decode step: a converted Llama-family model's token, computed straight from its converted layers.
 
 Per decoder layer: RMSNorm, one op call for q/k/v, the rotary embedding on q and k together (written back
-into the op's output), the new key and value written in place into a preallocated cache ``[layers, 2 (keys,
+into the op's output), the new key and value written in place into the layer's preallocated cache ``[2 (keys,
 values), kv_heads, max_len, head_dim]`` in one copy, attention over the filled prefix only (a prompt: SDPA;
 one query: two batched matmuls, GQA without repeating the keys), the o projection, the residual, RMSNorm, one
 op call for gate/up, activation times up, down, the residual: about 25 torch calls, against HF's ~60 module
@@ -28,8 +28,9 @@ class LeanDecoder:
         self.plan, self.max_len = plan, max_len
         p = plan
         self.q_width, self.qk_width = p.heads * p.head_dim, (p.heads + p.kv_heads) * p.head_dim
-        # keys and values of a layer side by side ([2, kv_heads, max_len, head_dim]): one write per token
-        self.cache = torch.zeros(len(p.layers), 2, p.kv_heads, max_len, p.head_dim)
+        # keys and values of a layer side by side ([2, kv_heads, max_len, head_dim]): one write per token; a tensor of
+        # its own per layer (views of one tensor would be aliased inputs to a compiled step, which then copies them)
+        self.cache = [torch.zeros(2, p.kv_heads, max_len, p.head_dim) for _ in p.layers]
         self.cos, self.sin_signed = _rope_tables(p.rotary, max_len, p.head_dim)
         self._steps = list(zip(p.layers, self.cache))
         self._norm_shape = tuple(p.final_norm.shape)
