@@ -250,8 +250,15 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workdir", default=tempfile.gettempdir())
+    p.add_argument("--workdir", default=None, help="where the GGUF/ONNX files go (default: a new temporary folder, "
+                   "removed at the end: a shared one lets two runs overwrite the file the other has mapped)")
     args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as scratch:
+        args.workdir = args.workdir or scratch
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, gguf_path = load_model(args)
     torch.manual_seed(1)

@@ -176,12 +176,19 @@ def parse_args():
                    help="a row of benchmarks/ggml_emulation.py (llama.cpp's Q8_0 activation rounding in torch), and "
                         "its agreement with llama.cpp's own logits (int8 layers only)")
     p.add_argument("--threads", type=int, default=2, help="torch, llama.cpp and onnxruntime threads")
-    p.add_argument("--workdir", default=tempfile.gettempdir())
+    p.add_argument("--workdir", default=None, help="where the exported files go (default: a new temporary folder, "
+                   "removed at the end: a shared one lets two runs overwrite the file the other has mapped)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="check_export_") as scratch:
+        args.workdir = args.workdir or scratch
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, gguf_path = load_model(args)
     fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
