@@ -88,9 +88,9 @@ def backward_values(x_fq, w_fq, xq, x_mult, wq, w_step, input_quantizer, weight_
     made here from the codes the forward product just used, ``xq / x_mult`` and ``wq * w_step``: the same numbers
     the quantizer would have given (same operations), written in place over the codes, which are this call's own
     fp32 temporaries and are read by nothing else (one tensor fewer of each size a step)."""
-    if input_quantizer._returns_stand_in():
+    if input_quantizer.returns_stand_in():
         x_fq = _in_place(xq, x_fq, lambda q: q.div_(x_mult), lambda q: P.dequantize_activation(q, x_mult, x_fq.dtype))
-    if weight_quantizer._returns_stand_in():
+    if weight_quantizer.returns_stand_in():
         w_fq = _in_place(wq, w_fq, lambda q: P.dequantize_weight_(q, w_step, granularity),
                          lambda q: P.dequantize_weight(q, w_step, granularity).to(w_fq.dtype))
     return x_fq, w_fq

@@ -69,13 +69,14 @@ class _FakeQuant(_CodesHandOver, nn.Module):
         self.hand_over = False  # keep the last codes for an exact layer call (see _CodesHandOver)
         self.stand_in = False  # return the input for integer layer calls (see the class docstring)
 
-    def _returns_stand_in(self) -> bool:
+    def returns_stand_in(self) -> bool:
+        """Whether ``forward`` returns its input for the layer to compute from the codes (``stand_in``, see above)."""
         return self.stand_in and self.enabled and self.mix >= 1.0 and not self.spec.learned
 
     def fake_value(self, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The fake-quant value of ``source`` when ``value`` is the stand-in this quantizer returned for it, else
         ``value`` as it is."""
-        return self._fake_quantize(source) if self._returns_stand_in() else value
+        return self._fake_quantize(source) if self.returns_stand_in() else value
 
     def _blend(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q if self.mix >= 1.0 else torch.lerp(x, q, self.mix)
@@ -128,7 +129,7 @@ class WeightFakeQuant(_FakeQuant):
             return self._blend(w, P.lsq_fake_quantize_weight(w, self.scale, self.spec))
         wq, g = P.weight_codes(w, self.spec)
         self._keep_codes(w, wq, g)
-        if self._returns_stand_in():
+        if self.returns_stand_in():
             return w
         return self._blend(w, P.fake_quantize_weight(w, wq, g, self.spec.granularity))
 
@@ -227,7 +228,7 @@ class ActivationFakeQuant(_FakeQuant):
             s = self.multiplier(x)
             q = P.quantize_activation(x, s, self.spec)
         self._keep_codes(x, q, s)
-        if self._returns_stand_in():
+        if self.returns_stand_in():
             return x
         return self._blend(x, P.fake_quantize_activation(x, q, s))
 
