@@ -115,3 +115,18 @@ def test_int4_op_errors_name_the_shapes():
         torch.ops.bitlab.int4_linear(torch.randn(2, 12), pack_int4(wq), torch.ones(4), None, "none", None, -1)
     with pytest.raises(bfx.KernelError, match="bits=9"):
         torch.ops.bitlab.quantize_dequantize(torch.randn(2), None, 9, True, "per_tensor", 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", ["channel", "group12"])
+def test_int4_unpacked_to_int8_across_threads(isa, scale):
+    """A layer large enough that the int4 -> int8 fallback unpacks its rows on several threads (the scalar ISA; scale
+    groups the int4 loops do not take on any ISA), odd K: the reference's values, bit for bit."""
+    torch.manual_seed(11)
+    n, k = 301, 333 if scale == "channel" else 336
+    wq = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    ws = torch.rand(n) + 0.01 if scale == "channel" else torch.rand(n, k // 12) + 0.01
+    x = torch.randn(5, k) * 3
+    packed = pack_int4(wq)
+    y = torch.ops.bitlab.int4_linear(x, packed, ws, None, "per_token", None, k)
+    assert torch.equal(y, reference.int4_linear(x, packed, ws, None, "per_token", None, k))
