@@ -33,7 +33,8 @@ HERE = Path(__file__).parent
 # gemm.c 0.3, bitlab_cpu.c 0.25, conv.c 0.1); a file moved or added should keep them about even.
 FILES = (
     ("bitlab_cpu.h", 0),   # shared types, macros, inline helpers, cross-file declarations
-    ("bitlab_cpu.c", 2),   # ABI, ISA, activation quantization, job and threads, bitlab_linear(_q)
+    ("quant.c", 2),        # activation quantization (scalar, AVX2): max |x|, codes, code sums
+    ("bitlab_cpu.c", 2),   # ABI, ISA, job and threads, bitlab_linear(_q)
     ("tiles.c", 1),        # small M: scalar and AVX2 register tiles, dot_tile, gemm_cols
     ("tiles_vnni.c", 2),   # small M: VNNI register tiles
     ("decode.c", 2),       # M == 1: the decode loops
