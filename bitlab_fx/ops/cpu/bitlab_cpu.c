@@ -138,6 +138,38 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
     }
 }
 
+#ifdef BITLAB_X86
+/* M == 1 on x86: runs this thread's output rows n0..n1 on the decode loop that takes the job and returns 1, or
+ * returns 0 (the job takes the tiles). */
+static int decode_x86(job_t *j, int64_t n0, int64_t n1) {
+    const decode_fn group_decode = bitlab_group_decoder(j); /* M == 1, per-group scales */
+    if (group_decode) {
+        group_decode(j, n0, n1);
+        return 1;
+    }
+    if (j->M != 1 || j->ws_kind == 2 || j->isa < ISA_AVX2) return 0;  /* (int4 per-group: use_panel took it) */
+    if (j->wfmt == W_TERNARY) {
+        if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
+        else bitlab_decode_avx2(j, n0, n1);
+    } else if (j->wfmt == W_INT4) {
+        if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
+        else bitlab_decode_i4_avx2(j, n0, n1);
+    } else if (j->isa == ISA_AVX2 && !j->has_m128) {
+        bitlab_decode_i8_avx2(j, n0, n1);
+    } else if (j->isa == ISA_VNNI) {
+        if (bitlab_decode_i8_vnni(j, n0, n1) != 0) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            j->failed = 1;
+        }
+    } else {
+        return 0;
+    }
+    return 1;
+}
+#endif
+
 static void run_thread(job_t *j, int tid, int nt) {
     int64_t m0, m1;
     split(j->M, 1, tid, nt, &m0, &m1);
@@ -193,34 +225,7 @@ static void run_thread(job_t *j, int tid, int nt) {
     } else {
         split(j->N, j->nr, tid, nt, &n0, &n1);
 #ifdef BITLAB_X86
-        const decode_fn group_decode = bitlab_group_decoder(j); /* M == 1, per-group scales */
-        if (group_decode) {
-            group_decode(j, n0, n1);
-            return;
-        }
-        if (j->M == 1 && j->wfmt == W_TERNARY && j->ws_kind != 2 && j->isa >= ISA_AVX2) {
-            if (j->isa == ISA_VNNI) bitlab_decode_vnni(j, n0, n1);
-            else bitlab_decode_avx2(j, n0, n1);
-            return;
-        }
-        if (j->M == 1 && j->wfmt == W_INT4) { /* one scale group (else group_decode or use_panel took it) */
-            if (j->isa == ISA_VNNI) bitlab_decode_i4_vnni(j, n0, n1);
-            else bitlab_decode_i4_avx2(j, n0, n1);
-            return;
-        }
-        if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_AVX2 && !j->has_m128) {
-            bitlab_decode_i8_avx2(j, n0, n1);
-            return;
-        }
-        if (j->M == 1 && j->wfmt == W_INT8 && j->ws_kind != 2 && j->isa == ISA_VNNI) {
-            if (bitlab_decode_i8_vnni(j, n0, n1) != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-                j->failed = 1;
-            }
-            return;
-        }
+        if (decode_x86(j, n0, n1)) return;
 #endif
 #ifdef BITLAB_ARM
         if (j->M == 1 && bitlab_decode_arm(j, n0, n1)) return;
