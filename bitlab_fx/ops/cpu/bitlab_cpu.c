@@ -138,6 +138,14 @@ static void quant_rows(job_t *j, int64_t m0, int64_t m1, int *m128) {
     }
 }
 
+/* a thread's path failed (out of memory): the call returns an error */
+static void mark_failed(job_t *j) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+    j->failed = 1;
+}
+
 #ifdef BITLAB_X86
 /* M == 1 on x86: runs this thread's output rows n0..n1 on the decode loop that takes the job and returns 1, or
  * returns 0 (the job takes the tiles). */
@@ -157,12 +165,7 @@ static int decode_x86(job_t *j, int64_t n0, int64_t n1) {
     } else if (j->isa == ISA_AVX2 && !j->has_m128) {
         bitlab_decode_i8_avx2(j, n0, n1);
     } else if (j->isa == ISA_VNNI) {
-        if (bitlab_decode_i8_vnni(j, n0, n1) != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            j->failed = 1;
-        }
+        if (bitlab_decode_i8_vnni(j, n0, n1) != 0) mark_failed(j);
     } else {
         return 0;
     }
@@ -216,12 +219,7 @@ static void run_thread(job_t *j, int tid, int nt) {
     int64_t n0, n1;
     if (j->xt) {
         split(j->N, j->pnc, tid, nt, &n0, &n1);
-        if (bitlab_panel_cols(j, n0, n1) != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            j->failed = 1;
-        }
+        if (bitlab_panel_cols(j, n0, n1) != 0) mark_failed(j);
     } else {
         split(j->N, j->nr, tid, nt, &n0, &n1);
 #ifdef BITLAB_X86
@@ -230,12 +228,7 @@ static void run_thread(job_t *j, int tid, int nt) {
 #ifdef BITLAB_ARM
         if (j->M == 1 && bitlab_decode_arm(j, n0, n1)) return;
 #endif
-        if (bitlab_gemm_cols(j, n0, n1) != 0) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            j->failed = 1;
-        }
+        if (bitlab_gemm_cols(j, n0, n1) != 0) mark_failed(j);
     }
 }
 
