@@ -224,7 +224,8 @@ def main():
             rows.append([f"{n}x{k}", m, t32, t16, t8, tdyn, tref, tk, t32 / tk, t16 / tk, t8 / tk,
                          packed_bytes / tk / 1e3, (dram, probe) if m == 1 else float("nan")])
             print(" ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
-        del model, qlin, lin, dyn
+        # free this shape's layers before the next (a del would leave the lambdas above naming deleted names)
+        model = qlin = lin = dyn = None
     headers = ["N x K", "M", "fp32 us", "bf16 us", "int8-wo us", "dyn-int8 us", "ref us", "bitlab us",
                "x fp32", "x bf16", "x int8-wo", "GB/s", "GB/s DRAM"]
     cpu_name = platform.processor() or platform.machine()
