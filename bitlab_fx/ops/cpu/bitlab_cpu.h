@@ -181,6 +181,15 @@ static inline __attribute__((always_inline)) TGT_AVX2 void group_store(const job
         j->out[n] = j->bias ? _mm_cvtss_f32(y) + j->bias[n] : _mm_cvtss_f32(y);
     }
 }
+
+/* The row walk of a per-group decode loop NAME built on its tile NAME##_tile(j, n, NR, pf): output rows [n0, n1) in
+ * 4-row tiles (prefetching the next tile's rows, STRIDE bytes a row), then the ragged end one row at a time. */
+#define DEFINE_ROW_WALK(NAME, TGT, STRIDE)                                                                      \
+    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
+        int64_t n = n0;                                                                                        \
+        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * (STRIDE) : 0);                      \
+        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
+    }
 #endif
 
 /* [b, e): thread tid's share of nt of [0, total), in whole units */

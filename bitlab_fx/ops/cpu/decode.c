@@ -65,11 +65,7 @@ static inline __attribute__((always_inline)) void store1_row(const job_t *j, int
             y = group_add(j, n, NR, g, ROWS(w, stride, NR, j->xq, g * per, (g + 1) * per, pf), OFF, y);        \
         group_store(j, n, NR, y);                                                                              \
     }                                                                                                          \
-    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
-        int64_t n = n0;                                                                                        \
-        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * (STRIDE) : 0);                      \
-        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
-    }
+    DEFINE_ROW_WALK(NAME, TGT, STRIDE)
 
 /* ------------------------------------------------------------------------------------------ */
 /* Decode (M == 1, ternary, per-tensor or per-channel scale): output rows [n0, n1) in one      */

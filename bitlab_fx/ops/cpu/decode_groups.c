@@ -74,11 +74,7 @@ decode_halves_i4_avx2(const uint8_t *w, int64_t rb, const int NR, const int8_t *
         }                                                                                                      \
         group_store(j, n, NR, y);                                                                              \
     }                                                                                                          \
-    static TGT void NAME(const job_t *j, int64_t n0, int64_t n1) {                                             \
-        int64_t n = n0;                                                                                        \
-        for (; n + 4 <= n1; n += 4) NAME##_tile(j, n, 4, n + 8 <= n1 ? 4 * (STRIDE) : 0);                      \
-        for (; n < n1; n++) NAME##_tile(j, n, 1, 0);                                                           \
-    }
+    DEFINE_ROW_WALK(NAME, TGT, STRIDE)
 
 /* int4 chunk c in the parts driver's form: its two halves */
 #define I4_HALVES(SUFFIX, TGT)                                                                                  \
