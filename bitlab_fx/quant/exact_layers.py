@@ -56,14 +56,12 @@ def input_codes(x: torch.Tensor, quantizer, token_dims: int, on_grid: bool = Fal
     kept = quantizer.take_codes(x)
     if kept is not None:
         return kept
-    if quantizer.spec.dynamic and not on_grid:
-        return P.dynamic_activation_codes(x, quantizer.spec, token_dims)
+    if not on_grid:
+        return quantizer.codes(x, token_dims)
     with torch.no_grad():
         xf = x.detach().float()
         mult = quantizer.code_multiplier(xf, token_dims)
-        if on_grid:
-            return A.int8_codes(xf, mult), mult
-        return A.codes(xf, mult, quantizer.spec.qmin, quantizer.spec.qmax), mult
+        return A.int8_codes(xf, mult), mult
 
 
 def layer_grads(grad: torch.Tensor, x_fq: torch.Tensor, w_fq: torch.Tensor, bias_shape, geometry, needs):

@@ -222,19 +222,26 @@ class ActivationFakeQuant(_FakeQuant):
         if self.spec.learned:
             self.multiplier(x)  # observes the first batches (initialisation)
             return self._blend(x, P.lsq_fake_quantize_activation(x, self.scale, self.spec))
-        if self.spec.dynamic:
-            q, s = P.dynamic_activation_codes(x, self.spec, self.token_dims)
-        else:
-            s = self.multiplier(x)
-            q = P.quantize_activation(x, s, self.spec)
+        q, s = self.codes(x, observe=True)
         self._keep_codes(x, q, s)
         if self.returns_stand_in():
             return x
         return self._blend(x, P.fake_quantize_activation(x, q, s))
 
+    def codes(self, x: torch.Tensor, token_dims: Optional[int] = None, observe: bool = False):
+        """``(codes, multiplier)`` of ``x`` (fp32 whole numbers; the multiplier broadcasts against ``x``), as the
+        converted op computes them for a layer with ``token_dims`` trailing dims per token (default: this
+        quantizer's). ``observe``: a static quantizer first observes ``x`` as its forward does (in training or
+        calibration); otherwise its stored range is used as it is."""
+        token_dims = self.token_dims if token_dims is None else token_dims
+        if self.spec.dynamic:
+            return P.dynamic_activation_codes(x, self.spec, token_dims)
+        s = self.multiplier(x if observe else x.new_empty(0))  # (an empty probe never observes)
+        return P.quantize_activation(x, s, self.spec), s
+
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.code_multiplier(x.detach().float(), self.token_dims)  # the forward's multiplier, not observing again
-        return P.fake_quantize_activation(x, P.quantize_activation(x, s, self.spec), s)
+        q, s = self.codes(x)  # the forward's codes, not observing again
+        return P.fake_quantize_activation(x, q, s)
 
 
 class BiasFakeQuant(_FakeQuant):
