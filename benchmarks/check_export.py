@@ -46,9 +46,7 @@ def metrics(ours: torch.Tensor, theirs: torch.Tensor, ids: torch.Tensor) -> dict
 
 
 def llama_cpp_logits(path: str, ids: list, threads: int = 2) -> torch.Tensor:
-    from llama_cpp import Llama
-
-    llm = Llama(path, n_ctx=len(ids) + 8, logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads)
+    llm = bfx.load_llama_cpp(path, n_ctx=len(ids) + 8, logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads)
     llm.eval(ids)
     return torch.tensor(np.array(llm.scores[:len(ids)]))
 

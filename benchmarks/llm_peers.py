@@ -31,9 +31,7 @@ def write_gguf(model, path: str, kind: str, tokenizer=None) -> dict:
 
 def llama_cpp_speed(path: str, prompt: list, new_tokens: int, prefill_ids: list, threads: int, repeats: int) -> dict:
     """Greedy decode tokens/s (after the prompt) and prefill tokens/s of a GGUF in llama.cpp; medians."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=path, n_ctx=max(len(prompt) + new_tokens, len(prefill_ids)) + 8, n_threads=threads,
+    llm = bfx.load_llama_cpp(path, n_ctx=max(len(prompt) + new_tokens, len(prefill_ids)) + 8, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, verbose=False)
     decode, prefill, tokens = [], [], []
     for _ in range(repeats):

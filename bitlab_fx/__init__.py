@@ -12,7 +12,7 @@ from .decode import compile_for_decode, greedy_decode
 from .lean import lean_fallback_reason
 from .config import IntActivation, IntBias, IntWeight, PerGroup, QuantConfig, TernaryWeight, int8, ternary, weight_only
 from .errors import BitlabError, CaptureError, ConfigError, ConvertError, ExportError, KernelError
-from .export import export_gguf, export_onnx, export_onnx_decoder
+from .export import export_gguf, export_onnx, export_onnx_decoder, load_llama_cpp
 from .mapping import QConfigMapping
 from .quant.fake_quant import calibrate
 from .nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
@@ -33,5 +33,5 @@ __all__ = [
     "lean_fallback_reason", "recipes",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
-    "export_gguf", "export_onnx", "export_onnx_decoder",
+    "export_gguf", "export_onnx", "export_onnx_decoder", "load_llama_cpp",
 ]

@@ -47,7 +47,7 @@ def test_emulation_reproduces_llama_cpp_and_per_token_mode_reproduces_bitlab(tmp
     path = str(tmp_path / "lm.gguf")
     assert set(bfx.export_gguf(model, path).values()) == {"Q8_0", "F16", "F32"}
     ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1))
-    llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm = bfx.load_llama_cpp(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids.tolist())
     theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
     with torch.no_grad():

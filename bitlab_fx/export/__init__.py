@@ -5,7 +5,8 @@ format's own layout; nothing is re-quantized. The format packages (``gguf``, ``o
 (the ``export`` extra).
 """
 from .gguf import export_gguf
+from .llama_cpp_runtime import load_llama_cpp
 from .onnx import export_onnx
 from .onnx_decoder import OnnxDecoder, export_onnx_decoder
 
-__all__ = ["export_gguf", "export_onnx", "export_onnx_decoder", "OnnxDecoder"]
+__all__ = ["export_gguf", "load_llama_cpp", "export_onnx", "export_onnx_decoder", "OnnxDecoder"]

@@ -26,7 +26,7 @@ def _converted_lm(arch: str, hidden: int, head_qc=INT8_HEAD):
 
 
 def _llama_cpp_logits(path: str, ids: list) -> torch.Tensor:
-    llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm = bfx.load_llama_cpp(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids)
     return torch.tensor(np.array(llm.scores[:len(ids)]))
 
@@ -99,7 +99,7 @@ def test_the_tokenizer_tokenizes_in_llama_cpp_as_in_transformers(tmp_path):
     model = bfx.convert(bfx.prepare_qat(transformers.LlamaForCausalLM(cfg), bfx.ternary()).eval())
     path = str(tmp_path / "lm.gguf")
     bfx.export_gguf(model, path, tokenizer=tok)
-    llm = llama_cpp.Llama(path, n_ctx=64, verbose=False, n_threads=1, vocab_only=True)
+    llm = bfx.load_llama_cpp(path, n_ctx=64, verbose=False, n_threads=1, vocab_only=True)
     sentence = "the lazy fox takes two bits<|endoftext|>"
     assert llm.tokenize(sentence.encode(), add_bos=False, special=True) == tok(sentence)["input_ids"]
 
