@@ -4,10 +4,10 @@ A quantized layer with int8 input codes has one value, in training as at inferen
 
     acc = xq @ wq.T   (exact integers),   y = fp32(acc) * w_step / x_mult  (+ bias)
 
-``exact_layers`` computes it with a float matmul of the codes and saves the fake-quantized float input and
-weight for the backward. With ``train_kernel="int8"`` a linear layer runs the product on the CPU kernel
-instead (:func:`linear_codes`: the weight codes packed each step, ``bitlab_linear_q`` on the int8 input codes,
-bitwise the same ``y``), and every such layer (linear or conv) saves integers for the backward: the int8
+``exact_layers`` computes it from the codes (torch's int8 GEMM on CPU, ``arithmetic.int_matmul``) and saves the
+fake-quantized float input and weight for the backward. With ``train_kernel="int8"`` a linear layer computes the
+same ``y`` (:func:`_product`: the int8 GEMM, or the CPU kernel on the weight codes packed each step), and every
+such layer (linear or conv) saves integers for the backward: the int8
 input codes with their multipliers (one per token) and the int8 weight codes with their steps, about a
 quarter of the float tensors' bytes. The backward rebuilds ``x_fq = xq / x_mult`` and ``w_fq = wq * w_step``,
 exactly the fake-quant values, and computes the fake-quant layer's gradients from them (``exact_layers``'
@@ -44,11 +44,18 @@ def _kernel_fits(source: Tensor, weight_format: str, w_step: Tensor, bias_codes:
 
 def _product(source: Tensor, act_spec, mult: Tensor, xq: Tensor, wq: Tensor, w_step: Tensor, weight_spec,
              bias: Optional[Tensor], bias_codes: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """``y`` (``source``'s leading dims, ``dtype``) of the layer: the converted layer's op (``torch.ops.bitlab``) on
-    the weight codes stored in its format this step, which quantizes ``source`` to the codes ``xq`` itself (the
-    one arithmetic); where no op takes the layer, :func:`arithmetic.linear_from_codes` on ``xq`` (same value)."""
+    """``y`` (``source``'s leading dims, ``dtype``) of the layer, bitwise the same whichever computes it: in eager
+    mode :func:`arithmetic.linear_from_codes` on the int8 codes (torch's int8 GEMM, :func:`arithmetic.int_matmul`);
+    for per-group steps and under torch.compile the converted layer's op (``torch.ops.bitlab``) on the weight codes
+    stored in its format this step, which quantizes ``source`` to the codes ``xq`` itself (the one arithmetic);
+    where neither takes the layer, ``linear_from_codes`` (same value)."""
     fmt = format_of(weight_spec)
-    if not _kernel_fits(source, fmt.name, w_step, bias_codes):
+    # eager: torch's int8 GEMM (no packing; 2-4x faster than the kernel at training shapes); compiled: the op, with
+    # which inductor saves the weight codes for the backward (with the GEMM it recomputed them there: 1.22x vs 0.96x
+    # the fp32 step on the MLP of bench_qat_step.py, Xeon with AMX)
+    int8_gemm = w_step.dim() < 2 and A.int8_gemm_fits(xq, wq, P.weight_qrange(weight_spec)) and \
+        not torch.compiler.is_compiling()
+    if int8_gemm or not _kernel_fits(source, fmt.name, w_step, bias_codes):
         y = A.linear_from_codes(xq, mult, wq, w_step, bias, dtype, P.weight_qrange(weight_spec), bias_codes)
         return y.reshape(*source.shape[:-1], wq.shape[0])
     act, multiplier = (act_spec.granularity, None) if act_spec.dynamic else ("per_tensor", mult.float().reshape(1))
@@ -83,10 +90,6 @@ class _IntegerForward(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
-def _int8(codes: Tensor) -> Tensor:
-    return codes if codes.dtype == torch.int8 else codes.to(torch.int8)
-
-
 _last_saved: list = []  # [(weakref to the input, its version, spec, int8 codes, multipliers)] of the last layer call
 
 
@@ -110,7 +113,7 @@ def linear(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], source: Tensor, a
     with ``act_spec``) and weight codes ``wq`` (step ``w_step``; fp32 whole numbers or int8): its value on the
     integer kernel, the int8 codes saved for the backward."""
     k = x_fq.shape[-1]
-    xq2, wq2 = _int8(xq.reshape(-1, k)), _int8(wq.reshape(wq.shape[0], -1))
+    xq2, wq2 = A.as_int8(xq.reshape(-1, k)), A.as_int8(wq.reshape(wq.shape[0], -1))
     rows = mult.float().reshape(-1, 1)
     float_bias = None if float_bias is None else float_bias.float()
     y = _product(source, act_spec, rows, xq2, wq2, w_step, weight_spec, float_bias, bias_codes, x_fq.dtype)
@@ -121,5 +124,5 @@ def linear(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], source: Tensor, a
 def conv(x_fq: Tensor, w_fq: Tensor, bias: Optional[Tensor], y: Tensor, xq: Tensor, mult: Tensor, wq: Tensor,
          w_step: Tensor, weight_spec, geometry) -> Tensor:
     """A conv layer whose value ``y`` the caller computed from the codes: saves the int8 codes for the backward."""
-    return _IntegerForward.apply(x_fq, w_fq, bias, y, _int8(xq), mult.float(), _int8(wq), w_step,
+    return _IntegerForward.apply(x_fq, w_fq, bias, y, A.as_int8(xq), mult.float(), A.as_int8(wq), w_step,
                                  weight_spec.granularity, geometry)

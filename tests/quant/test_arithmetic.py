@@ -34,6 +34,39 @@ def test_int_matmul_is_exact_beyond_fp32_integers():
                                                     xq[:, :4096].long() @ wq[:, :4096].sign().long().t())
 
 
+
+@pytest.mark.parametrize("codes", ["int8", "fp32"])
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), max_abs_w=st.sampled_from([1, 7, 127]),
+       layout=st.sampled_from(["contiguous", "sliced"]), seed=st.integers(0, 2 ** 16))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_int_matmul_on_the_int8_gemm_is_exact(codes, m, k, n, max_abs_w, layout, seed):
+    """CPU codes take torch's int8 GEMM (int32 sums; every shape, strided inputs, K = 1 on the fp32 product) and give
+    the exact integer product; whole-number fp32 codes the same as int8 ones."""
+    gen = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (m, 2 * k), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-max_abs_w, max_abs_w + 1, (n, 2 * k), generator=gen, dtype=torch.int8)
+    xq, wq = (xq[:, ::2], wq[:, ::2]) if layout == "sliced" else (xq[:, :k].contiguous(), wq[:, :k].contiguous())
+    got = A.int_matmul(xq if codes == "int8" else xq.float(), wq if codes == "int8" else wq.float(), max_abs_w)
+    assert A.int8_gemm_fits(xq, wq, max_abs_w) == (k >= 2)
+    assert got.dtype == (torch.int32 if k >= 2 else torch.float32)
+    assert torch.equal(got.long(), xq.long() @ wq.long().t())
+
+
+def test_int8_gemm_only_where_its_int32_sums_cannot_overflow():
+    x, w = torch.zeros(2, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8)
+    assert A.int8_gemm_fits(x, w, 127) and not A.int8_gemm_fits(x, w, 255)  # codes beyond int8
+    long_k = 2 ** 31 // (A.X_CODE_MAX * 127) + 1
+    assert not A.int8_gemm_fits(torch.zeros(1, long_k), torch.zeros(1, long_k), 127)
+    assert A.int8_gemm_fits(torch.zeros(1, long_k), torch.zeros(1, long_k), 1)  # ternary: short enough
+    assert not A.int8_gemm_fits(x.to("meta"), w.to("meta"), 127)  # CPU only (CUDA: its own kernels)
+
+
+def test_the_int8_gemm_compiles_fullgraph_to_the_same_product():
+    xq = torch.randint(-128, 128, (33, 70)).float()
+    wq = torch.randint(-1, 2, (17, 70)).float()
+    compiled = torch.compile(lambda a, b: A.int_matmul(a, b, 1).float() * 0.5, fullgraph=True)
+    assert torch.equal(compiled(xq, wq), (xq.double() @ wq.double().t()).float() * 0.5)
+
 def test_int_conv_is_exact():
     torch.manual_seed(1)
     xq = torch.randint(-128, 128, (2, 64, 9, 9)).float()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -135,3 +136,15 @@ def test_dynamic_activation_codes_and_weight_codes_match_their_formulas():
     step = w.abs().mean(-1).clamp(min=1e-5)
     assert torch.equal(g, step)
     assert torch.equal(wq, torch.clamp(torch.round(w / step[:, None]), -1, 1))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", bfx.PerGroup(4)])
+def test_int8_codes_dequantize_to_the_fp32_codes_numbers(granularity):
+    """int8 codes (what the integer training forward saves) give bitwise the values of the same codes in fp32."""
+    torch.manual_seed(0)
+    wq = torch.randint(-127, 128, (6, 8), dtype=torch.int8)
+    g = P.weight_scale(torch.randn(6, 8), bfx.IntWeight(8, granularity=granularity))
+    assert torch.equal(P.dequantize_weight(wq, g, granularity), P.dequantize_weight(wq.float(), g, granularity))
+    xq, mult = torch.randint(-128, 128, (5, 8), dtype=torch.int8), torch.rand(5, 1) * 300
+    assert torch.equal(P.dequantize_activation(xq, mult, torch.float32), xq.float() / mult)
+    assert torch.equal(P.dequantize_activation(xq, mult, torch.bfloat16), (xq.float() / mult).bfloat16())
