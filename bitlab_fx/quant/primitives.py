@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..config import IntActivation, IntWeight, PerGroup, TernaryWeight
+from ..ops.cpu import train_quant
 from . import arithmetic as A
 
 EPS = A.EPS
@@ -96,13 +97,17 @@ def _expand_scale(g: torch.Tensor, granularity) -> torch.Tensor:
 
 def weight_codes(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
                  scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights as fp32 whole numbers (``w``'s shape) and their fp32 step ``g``
-    (``scale`` if given: a learned step, see :func:`lsq_fake_quantize_weight`). No gradient."""
+    """Integer weights (``w``'s shape: int8 from the C kernel's one pass where it applies, else fp32 whole numbers;
+    the same numbers) and their fp32 step ``g`` (``scale`` if given: a learned step, see
+    :func:`lsq_fake_quantize_weight`). No gradient."""
     with torch.no_grad():
         groups = weight_groups(w.detach().float(), spec.granularity)
         if scale is None:  # the codes are written over the magnitudes the step was computed from (one tensor fewer)
             magnitudes = groups.abs()
             g, out = _scale_of(magnitudes, w.shape, spec), magnitudes
+            fused = train_quant.weight_codes_s8(groups, g, weight_qrange(spec))
+            if fused is not None:
+                return fused.reshape(w.shape), g
         else:
             g, out = learned_step(scale.detach().float()).reshape(scale_shape(w.shape, spec.granularity)), None
         wq = A.weight_codes(groups, _expand_scale(g, spec.granularity), weight_qrange(spec), out=out)
@@ -207,10 +212,16 @@ def _ranges_and_multiplier(xf: torch.Tensor, spec: IntActivation, token_dims: in
 
 
 def dynamic_activation_codes(x: torch.Tensor, spec: IntActivation, token_dims: int):
-    """``(codes, s)`` of a dynamic spec: :func:`quantize_activation` on :func:`activation_multiplier`, the codes
-    written over the magnitudes the multiplier was reduced from (one tensor of ``x``'s size fewer). No gradient."""
+    """``(codes, s)`` of a dynamic spec: :func:`quantize_activation` on :func:`activation_multiplier`: for signed
+    8-bit codes int8 from the C kernel's one pass where it applies, else fp32 whole numbers written over the
+    magnitudes the multiplier was reduced from (one tensor of ``x``'s size fewer); the same numbers. No gradient."""
     with torch.no_grad():
         xf = x.detach().float()
+        if spec.signed and spec.bits == 8:
+            per_token = spec.granularity == "per_token" and xf.dim() > token_dims
+            fused = train_quant.activation_codes_s8(xf, token_dims if per_token else None, spec.qmax)
+            if fused is not None:
+                return fused
         ranges, s = _ranges_and_multiplier(xf, spec, token_dims)
         return A.codes(xf, s, spec.qmin, spec.qmax, out=ranges), s
 

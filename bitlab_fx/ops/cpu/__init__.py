@@ -57,6 +57,10 @@ def _load():
             lib.bitlab_expand_wo.argtypes = [p, i32, i64, i64, p, i32, i64, p, i32]
             lib.bitlab_im2col_s8.argtypes = [p] + [i64] * 14 + [p, i32]
             lib.bitlab_im2col_s8.restype = None
+            lib.bitlab_weight_codes_s8.argtypes = [p, i64, i64, p, i32, p, i32]
+            lib.bitlab_weight_codes_s8.restype = None
+            lib.bitlab_act_codes_s8.argtypes = [p, i64, i64, i32, p, p, i32]
+            lib.bitlab_act_codes_s8.restype = None
             lib.bitlab_set_isa.argtypes = [i32]
             lib.bitlab_set_panel_min_m.argtypes = [i32]
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()

@@ -34,6 +34,7 @@ HERE = Path(__file__).parent
 FILES = (
     ("bitlab_cpu.h", 0),   # shared types, macros, inline helpers, cross-file declarations
     ("quant.c", 2),        # activation quantization (scalar, AVX2): max |x|, codes, code sums
+    ("train_quant.c", 2),  # a QAT step's quantizers, one pass per tensor: weight codes; activation multipliers + codes
     ("bitlab_cpu.c", 2),   # ABI, ISA, job and threads, bitlab_linear(_q)
     ("tiles.c", 1),        # small M: scalar and AVX2 register tiles, dot_tile, gemm_cols
     ("tiles_vnni.c", 2),   # small M: VNNI register tiles

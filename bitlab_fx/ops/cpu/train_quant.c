@@ -1,0 +1,76 @@
+/* train_quant.c: the quantizers of a QAT step in one pass per tensor, exported for quant/fused_codes.py. A weight's
+ * int8 codes from its steps, clamp(round(w / step), -qmax, qmax), and a dynamic signed activation's per-row
+ * multipliers qmax / max(max|x|, EPS) with its int8 codes clamp(round(x * mult), -128, 127): bitwise the numbers of
+ * quant/arithmetic.py's torch expressions (IEEE division and product, round half to even, the multiplier as
+ * torch evaluates it), which the tests check on every ISA. NaN: 0 in scalar code, a bound in vector code (the
+ * kernel's convention, quant.c). Rows are shared out over OpenMP threads. Compiled in the job of quant.c, whose
+ * row_absmax / row_quant the activation codes use. */
+#include "bitlab_cpu.h"
+
+static void wcodes_scalar(const float *w, int64_t n, float step, float qmax, int8_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = w[i] / step;
+        if (v != v) v = 0.f;
+        v = v > qmax ? qmax : v;
+        v = v < -qmax ? -qmax : v;
+        q[i] = (int8_t)(int)nearbyintf(v);
+    }
+}
+
+#ifdef BITLAB_X86
+static TGT_AVX2 void wcodes_avx2(const float *w, int64_t n, float step, float qmax, int8_t *q) {
+    const __m256 vs = _mm256_set1_ps(step), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 f = _mm256_div_ps(_mm256_loadu_ps(w + i + 8 * j), vs);
+            v[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi)); /* MXCSR: round half to even */
+        }
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, perm));
+    }
+    wcodes_scalar(w + i, n - i, step, qmax, q + i);
+}
+#endif
+
+/* w: rows x n floats (a weight's groups: one row per step), step[rows], codes q: rows x n int8 */
+void bitlab_weight_codes_s8(const float *w, int64_t rows, int64_t n, const float *step, int qmax, int8_t *q,
+                            int nthreads) {
+    const int isa = bitlab_isa();
+    const int nt = (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+    (void)nt;
+    (void)isa;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+#ifdef BITLAB_X86
+        if (isa >= ISA_AVX2) {
+            wcodes_avx2(w + r * n, n, step[r], (float)qmax, q + r * n);
+            continue;
+        }
+#endif
+        wcodes_scalar(w + r * n, n, step[r], (float)qmax, q + r * n);
+    }
+}
+
+/* x: rows x n floats (one row per token, or the whole tensor as one row); mult[rows]; codes q: rows x n int8 */
+void bitlab_act_codes_s8(const float *x, int64_t rows, int64_t n, int qmax, float *mult, int8_t *q, int nthreads) {
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.isa = bitlab_isa();
+    const int nt = (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        float a = row_absmax(&j, x + r * n, n);
+        a = a < EPS ? EPS : a;                /* clamp(min=EPS); NaN stays NaN like torch */
+        const float s = (1.0f / a) * (float)qmax; /* torch: qmax / t == t.reciprocal() * qmax */
+        mult[r] = s;
+        row_quant(&j, x + r * n, n, s, q + r * n);
+    }
+}
