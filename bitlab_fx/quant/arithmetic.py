@@ -108,7 +108,8 @@ def _no_autocast(fn):
 # transposed, a strided pass that cost more than the int8 GEMM saves).
 _LIB = torch.library.Library("bitlab", "FRAGMENT")
 _LIB.define("int8_mm_nt(Tensor xq, Tensor wq) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-_LIB.impl("int8_mm_nt", lambda xq, wq: torch._int_mm(xq.contiguous(), wq.contiguous().t()), "CompositeExplicitAutograd")
+_LIB.impl("int8_mm_nt", lambda xq, wq: torch._int_mm(xq.contiguous(), wq.contiguous().t()),
+          "CompositeExplicitAutograd")
 torch.library.register_fake("bitlab::int8_mm_nt", lambda xq, wq: xq.new_empty((xq.shape[0], wq.shape[0]),
                                                                                  dtype=torch.int32), lib=_LIB)
 

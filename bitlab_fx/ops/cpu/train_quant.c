@@ -1,4 +1,4 @@
-/* train_quant.c: the quantizers of a QAT step in one pass per tensor, exported for quant/fused_codes.py. A weight's
+/* train_quant.c: the quantizers of a QAT step in one pass per tensor, exported for train_quant.py. A weight's
  * int8 codes from its steps, clamp(round(w / step), -qmax, qmax), and a dynamic signed activation's per-row
  * multipliers qmax / max(max|x|, EPS) with its int8 codes clamp(round(x * mult), -128, 127): bitwise the numbers of
  * quant/arithmetic.py's torch expressions (IEEE division and product, round half to even, the multiplier as

@@ -4,7 +4,8 @@
 ops (``clamp(round(w / step), -q, q)``; the multiplier ``qmax / max(max|x|, EPS)`` per row and
 ``clamp(round(x * mult), -128, 127)``), as int8 tensors, without the fp32 temporaries and the five to eight
 passes of the torch expressions. They return None where they do not apply (kernel not built or disabled, not a
-contiguous fp32 CPU tensor, a tensor subclass such as a DTensor, under torch.compile); the caller then computes the same numbers with torch.
+contiguous fp32 CPU tensor, a tensor subclass such as a DTensor, under torch.compile); the caller then computes
+the same numbers with torch.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from . import kernel_library
 def _fits(t: Tensor) -> bool:
     """A plain contiguous fp32 CPU tensor outside torch.compile (not a subclass: a DTensor's data_ptr is not its
     values)."""
-    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.numel() > 0 and \
-        not t.requires_grad
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.device.type == "cpu"
+            and t.dtype == torch.float32 and t.is_contiguous() and t.numel() > 0 and not t.requires_grad)
 
 
 def weight_codes_s8(groups: Tensor, steps: Tensor, qmax: int) -> Optional[Tensor]:
@@ -59,3 +60,4 @@ def activation_codes_s8(x: Tensor, token_dims: Optional[int], qmax: int) -> Opti
     lib.bitlab_act_codes_s8(x.data_ptr(), rows, x.numel() // rows, int(qmax), mult.data_ptr(), codes.data_ptr(),
                             torch.get_num_threads())
     return codes, mult
+
