@@ -15,20 +15,9 @@ import os
 from typing import Iterable, Optional
 
 from ..errors import ExportError
+from ..ops.cpu._build import cpu_flags
 
 _KEEP = "BITLAB_FX_LLAMA_CPP_EXTRA_BUFTS"
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
-    """The CPU's feature flags as the kernel lists them (empty where there is no ``/proc/cpuinfo``)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def extra_buffers_crash(flags: Optional[Iterable[str]] = None) -> bool:

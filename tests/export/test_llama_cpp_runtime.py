@@ -14,13 +14,6 @@ llama_cpp = pytest.importorskip("llama_cpp")  # CI installs it (.ci/run)
 import llama_cpp.llama_cpp as llama_module  # noqa: E402
 
 
-def test_the_cpu_flags_are_read_from_cpuinfo(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni amx_int8 amx_tile\nbugs\t\t: spectre_v1\n")
-    assert {"avx2", "amx_int8"} <= R.cpu_flags(str(info)) and "spectre_v1" not in R.cpu_flags(str(info))
-    assert R.cpu_flags(str(tmp_path / "missing")) == frozenset()
-
-
 def test_extra_buffers_are_turned_off_only_on_amx_cpus_unless_told(monkeypatch):
     monkeypatch.delenv("BITLAB_FX_LLAMA_CPP_EXTRA_BUFTS", raising=False)
     assert R.extra_buffers_crash({"avx2", "avx512_vnni", "amx_int8"})

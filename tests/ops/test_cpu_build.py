@@ -92,3 +92,15 @@ def test_openmp_on_macos_links_torchs_libomp_then_homebrews(tmp_path, monkeypatc
     ]
     monkeypatch.setattr(build.platform, "system", lambda: "Linux")
     assert build.openmp_variants() == [(["-fopenmp"], ["-fopenmp"])]
+
+
+def test_the_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    """x86 lists ``flags``, ARM64 ``Features``; the other lines are not flags; no file: none."""
+    from bitlab_fx.ops.cpu._build import cpu_flags
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni amx_int8 amx_tile\nbugs\t\t: spectre_v1\n")
+    assert {"avx2", "amx_int8"} <= cpu_flags(str(info)) and "spectre_v1" not in cpu_flags(str(info))
+    arm = tmp_path / "cpuinfo_arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_flags(str(arm)) == {"fp", "asimd", "asimddp", "i8mm"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()

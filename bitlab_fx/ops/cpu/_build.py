@@ -151,18 +151,22 @@ def build_cached(path: Path, make: Callable[[Path], None]) -> Path:
     return path
 
 
-def cpu_features() -> str:
-    """The CPU's SIMD features that matter to the kernel (part of the cache key)."""
-    flags = set()
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU's feature flags as the kernel lists them (x86 ``flags``, ARM64 ``Features``; empty where there is no
+    ``/proc/cpuinfo``)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.machine() + ":" + ",".join(sorted(f for f in flags if f in _CPU_FLAGS))
+    return frozenset()
+
+
+def cpu_features() -> str:
+    """The CPU's SIMD features that matter to the kernel (part of the cache key)."""
+    return platform.machine() + ":" + ",".join(sorted(f for f in cpu_flags() if f in _CPU_FLAGS))
 
 
 def library_path(cc: List[str], openmp: bool = True, source: Optional[str] = None) -> Path:

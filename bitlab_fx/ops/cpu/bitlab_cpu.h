@@ -151,6 +151,13 @@ extern const i8_fn bitlab_i8_avx2[4][4];
 extern const tern_fn bitlab_tern_vnni[4][4];
 extern const i8_fn bitlab_i8_vnni[4][4];
 
+/* 32 int32 values (four vectors, each in [-128, 127]) as 32 int8 in their order, stored at q (quant.c, train_quant.c) */
+static inline __attribute__((always_inline)) TGT_AVX2 void store_i32x32_as_i8(const __m256i v[4], int8_t *q) {
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, perm));
+}
+
 static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));

@@ -51,7 +51,6 @@ static TGT_AVX2 float absmax_avx2(const float *x, int64_t n) {
 
 static TGT_AVX2 int quant_avx2(const float *x, int64_t n, float s, int8_t *q) {
     const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
-    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256i vmin = _mm256_set1_epi32(0);
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -63,10 +62,7 @@ static TGT_AVX2 int quant_avx2(const float *x, int64_t n, float s, int8_t *q) {
             v[j] = _mm256_cvtps_epi32(f); /* MXCSR default: round half to even */
             vmin = _mm256_min_epi32(vmin, v[j]);
         }
-        __m256i p01 = _mm256_packs_epi32(v[0], v[1]);
-        __m256i p23 = _mm256_packs_epi32(v[2], v[3]);
-        __m256i b = _mm256_packs_epi16(p01, p23);
-        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, perm));
+        store_i32x32_as_i8(v, q + i);
     }
     int32_t t[8];
     _mm256_storeu_si256((__m256i *)t, vmin);

@@ -20,7 +20,6 @@ static void wcodes_scalar(const float *w, int64_t n, float step, float qmax, int
 #ifdef BITLAB_X86
 static TGT_AVX2 void wcodes_avx2(const float *w, int64_t n, float step, float qmax, int8_t *q) {
     const __m256 vs = _mm256_set1_ps(step), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
-    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m256i v[4];
@@ -28,8 +27,7 @@ static TGT_AVX2 void wcodes_avx2(const float *w, int64_t n, float step, float qm
             __m256 f = _mm256_div_ps(_mm256_loadu_ps(w + i + 8 * j), vs);
             v[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi)); /* MXCSR: round half to even */
         }
-        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, perm));
+        store_i32x32_as_i8(v, q + i);
     }
     wcodes_scalar(w + i, n - i, step, qmax, q + i);
 }

@@ -9,6 +9,7 @@ the same numbers with torch.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -51,13 +52,10 @@ def activation_codes_s8(x: Tensor, token_dims: Optional[int], qmax: int) -> Opti
     if token_dims is None:
         rows, mult_shape = 1, ()
     else:
-        rows = 1
-        for d in x.shape[:-token_dims]:
-            rows *= d
+        rows = math.prod(x.shape[:-token_dims])
         mult_shape = tuple(x.shape[:-token_dims]) + (1,) * token_dims
     codes = torch.empty(x.shape, dtype=torch.int8)
     mult = torch.empty(mult_shape, dtype=torch.float32)
     lib.bitlab_act_codes_s8(x.data_ptr(), rows, x.numel() // rows, int(qmax), mult.data_ptr(), codes.data_ptr(),
                             torch.get_num_threads())
     return codes, mult
-
