@@ -93,8 +93,8 @@ def _prepared(model, example, train_kernel):
     return bfx.prepare_qat(model, _ternary(train_kernel), example_inputs=(example,))
 
 
-def _compiled(model, example, train_kernel, fullgraph):
-    return torch.compile(_prepared(model, example, train_kernel), fullgraph=fullgraph)
+def _compiled(model, example, train_kernel, fullgraph, compile_fn=bfx.compile):
+    return compile_fn(_prepared(model, example, train_kernel), fullgraph=fullgraph)
 
 
 def _torchao(model, example, weight_dtype):
@@ -132,6 +132,9 @@ VARIANTS = {
     "bitlab ternary int8-fwd": (lambda m, x, case: _prepared(m, x, "int8"), None, None),
     "bitlab ternary compiled": (lambda m, x, case: _compiled(m, x, "fake_quant", case == "mlp"), None, None),
     "bitlab ternary int8-fwd compiled": (lambda m, x, case: _compiled(m, x, "int8", case == "mlp"), None, None),
+    "bitlab ternary int8-fwd torch.compile": (
+        lambda m, x, case: _compiled(m, x, "int8", case == "mlp", torch.compile), None, None),
+    "fp32 compiled": (lambda m, x, case: bfx.compile(m, fullgraph=case == "mlp"), None, None),
     "torchao 8da4w": (lambda m, x, case: _torchao(m, x, torch.int4), None, "torchao"),
     "torchao 8da2w": (lambda m, x, case: _torchao(m, x, torch.int2), None, "torchao"),
     "brevitas w3": (lambda m, x, case: _brevitas(m, x), None, "brevitas"),

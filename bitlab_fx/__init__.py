@@ -22,6 +22,7 @@ from .recipes import QuantWarmup
 from .bitlab import BitQuantConfig
 from .serialization import load_quantized, save_quantized
 from .summary import Summary, summary
+from .training_compile import compile
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,7 @@ __all__ = [
     "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer", "calibrate",
     "QConfigMapping", "QuantConfig", "TernaryWeight", "IntWeight", "IntActivation", "IntBias", "PerGroup",
     "ternary", "int8", "weight_only", "QuantWarmup", "BitQuantConfig", "compile_for_decode", "greedy_decode",
-    "lean_fallback_reason", "recipes",
+    "lean_fallback_reason", "recipes", "compile",
     "QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding",
     "BitlabError", "ConfigError", "CaptureError", "ConvertError", "KernelError", "ExportError",
     "export_gguf", "export_onnx", "export_onnx_decoder", "load_llama_cpp",

@@ -44,17 +44,14 @@ def _kernel_fits(source: Tensor, weight_format: str, w_step: Tensor, bias_codes:
 
 def _product(source: Tensor, act_spec, mult: Tensor, xq: Tensor, wq: Tensor, w_step: Tensor, weight_spec,
              bias: Optional[Tensor], bias_codes: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """``y`` (``source``'s leading dims, ``dtype``) of the layer, bitwise the same whichever computes it: in eager
-    mode :func:`arithmetic.linear_from_codes` on the int8 codes (torch's int8 GEMM, :func:`arithmetic.int_matmul`);
-    for per-group steps and under torch.compile the converted layer's op (``torch.ops.bitlab``) on the weight codes
-    stored in its format this step, which quantizes ``source`` to the codes ``xq`` itself (the one arithmetic);
-    where neither takes the layer, ``linear_from_codes`` (same value)."""
+    """``y`` (``source``'s leading dims, ``dtype``) of the layer, bitwise the same whichever computes it:
+    :func:`arithmetic.linear_from_codes` on the int8 codes (torch's int8 GEMM, :func:`arithmetic.int_matmul`), in eager
+    mode and under torch.compile (the codes come from opaque ops there, ``ops/cpu/train_quant.py``, which inductor
+    keeps for the backward); for per-group steps the converted layer's op (``torch.ops.bitlab``) on the weight codes
+    stored in its format this step, which quantizes ``source`` to the codes ``xq`` itself (the one arithmetic); where
+    neither takes the layer, ``linear_from_codes`` (same value)."""
     fmt = format_of(weight_spec)
-    # eager: torch's int8 GEMM (no packing; 2-4x faster than the kernel at training shapes); compiled: the op, with
-    # which inductor saves the weight codes for the backward (with the GEMM it recomputed them there: 1.22x vs 0.96x
-    # the fp32 step on the MLP of bench_qat_step.py, Xeon with AMX)
-    int8_gemm = w_step.dim() < 2 and A.int8_gemm_fits(xq, wq, P.weight_qrange(weight_spec)) and \
-        not torch.compiler.is_compiling()
+    int8_gemm = w_step.dim() < 2 and A.int8_gemm_fits(xq, wq, P.weight_qrange(weight_spec))
     if int8_gemm or not _kernel_fits(source, fmt.name, w_step, bias_codes):
         y = A.linear_from_codes(xq, mult, wq, w_step, bias, dtype, P.weight_qrange(weight_spec), bias_codes)
         return y.reshape(*source.shape[:-1], wq.shape[0])

@@ -84,9 +84,8 @@ def test_the_quantizers_codes_are_the_torch_paths(isa, monkeypatch, granularity,
 def test_it_declines_what_it_does_not_compute():
     w = torch.randn(4, 8)
     steps = torch.ones(4)
-    assert T.weight_codes_s8(w.t(), steps, 1) is None  # not contiguous
     assert T.weight_codes_s8(w.bfloat16(), steps, 1) is None
-    assert T.weight_codes_s8(w.requires_grad_(), steps, 1) is None
+    assert T.weight_codes_s8(w.clone().requires_grad_(), steps, 1) is None
     assert T.weight_codes_s8(torch.randn(4, 8), torch.ones(3), 1) is None  # one step per row
     assert T.weight_codes_s8(torch.randn(4, 8), steps, 200) is None  # beyond int8
     assert T.activation_codes_s8(torch.empty(0, 8), 1, 127) is None
@@ -96,5 +95,38 @@ def test_it_declines_what_it_does_not_compute():
 
     assert T.weight_codes_s8(torch.randn(4, 8).as_subclass(Sub), steps, 1) is None
     assert T.activation_codes_s8(torch.randn(4, 8).as_subclass(Sub), 1, 127) is None
-    compiled = torch.compile(lambda x: T.activation_codes_s8(x, 1, 127) is None, fullgraph=True)
-    assert compiled(torch.randn(2, 8))  # under torch.compile: the torch expressions, traceable
+
+
+def test_strided_inputs_give_the_codes_of_their_values():
+    w = torch.randn(8, 6) * 0.3
+    steps = torch.rand(6) * 0.1 + 0.05
+    got = T.weight_codes_s8(w.t(), steps, 1)  # a transposed view: read as its values
+    assert torch.equal(got.float(), A.weight_codes(w.t(), steps[:, None], 1))
+    x = torch.randn(6, 10)[:, ::2]
+    codes, mult = T.activation_codes_s8(x, 1, 127)
+    want_mult = A.multiplier(x.abs().amax(-1, keepdim=True), 127)
+    assert torch.equal(mult, want_mult) and torch.equal(codes.float(), A.codes(x, want_mult, -128, 127))
+
+
+def test_the_ops_pass_opcheck_and_run_inside_torch_compile():
+    """Both quantizers are ops (torch.ops.bitlab.*) with fake kernels: torch.compile calls the one-pass kernels
+    (fullgraph) and gets the eager codes."""
+    x, w, steps = torch.randn(5, 40), torch.randn(3, 40), torch.rand(3) * 0.1 + 0.05
+    torch.library.opcheck(torch.ops.bitlab.act_codes_s8.default, (x, 5, 127))
+    torch.library.opcheck(torch.ops.bitlab.weight_codes_s8.default, (w, steps, 1))
+    compiled = torch.compile(lambda x, w, s: (T.activation_codes_s8(x, 1, 127), T.weight_codes_s8(w, s, 1)),
+                             fullgraph=True)
+    (codes, mult), wq = compiled(x, w, steps)
+    (codes_e, mult_e), wq_e = T.activation_codes_s8(x, 1, 127), T.weight_codes_s8(w, steps, 1)
+    assert torch.equal(codes, codes_e) and torch.equal(mult, mult_e) and torch.equal(wq, wq_e)
+
+
+def test_the_ops_compute_without_the_kernel(monkeypatch):
+    """A graph compiled while the kernel was on still runs after BITLAB_FX_DISABLE_CPU_KERNEL=1: the ops then compute
+    the same codes with the torch expressions."""
+    x, w, steps = torch.randn(5, 40) * 2, torch.randn(3, 40) * 0.2, torch.rand(3) * 0.1 + 0.05
+    want = torch.ops.bitlab.act_codes_s8(x, 5, 127), torch.ops.bitlab.weight_codes_s8(w, steps, 1)
+    monkeypatch.setenv("BITLAB_FX_DISABLE_CPU_KERNEL", "1")
+    (codes, mult), wq = torch.ops.bitlab.act_codes_s8(x, 5, 127), torch.ops.bitlab.weight_codes_s8(w, steps, 1)
+    assert codes.dtype == wq.dtype == torch.int8 and mult.shape == (5,)
+    assert torch.equal(codes, want[0][0]) and torch.equal(mult, want[0][1]) and torch.equal(wq, want[1])

@@ -83,6 +83,12 @@ def kernel_library():
     return _lib if _lib is not None else _load()
 
 
+def kernel_loaded() -> bool:
+    """Whether the library is loaded and enabled, without building or loading it (traceable by torch.compile, which
+    cannot enter the loader's lock)."""
+    return _lib is not None and not _kernel_disabled()
+
+
 # Read on every call (tests and users switch it at run time), so read cheaply: os.environ.get encodes the key
 # and decodes the value each time (~1.5 us, a tenth of a small layer's kernel); its underlying dict does not.
 _DISABLE = "BITLAB_FX_DISABLE_CPU_KERNEL"

@@ -3,9 +3,11 @@
 :func:`weight_codes_s8` and :func:`activation_codes_s8` give bitwise what ``quant/primitives.py`` computes with torch
 ops (``clamp(round(w / step), -q, q)``; the multiplier ``qmax / max(max|x|, EPS)`` per row and
 ``clamp(round(x * mult), -128, 127)``), as int8 tensors, without the fp32 temporaries and the five to eight
-passes of the torch expressions. They return None where they do not apply (kernel not built or disabled, not a
-contiguous fp32 CPU tensor, a tensor subclass such as a DTensor, under torch.compile); the caller then computes
-the same numbers with torch.
+passes of the torch expressions. They return None where they do not apply (kernel not built or disabled, not an
+fp32 CPU tensor, a tensor subclass such as a DTensor); the caller then computes the same numbers with torch.
+
+Both run as ops (``torch.ops.bitlab.weight_codes_s8`` / ``act_codes_s8``), opaque to torch.compile: inductor then
+calls the one-pass kernels too, and keeps their int8 outputs for the backward rather than recomputing them there.
 """
 from __future__ import annotations
 
@@ -15,47 +17,86 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import kernel_library
+from . import kernel_library, kernel_loaded
+
+_LIB = torch.library.Library("bitlab", "FRAGMENT")
+_LIB.define("weight_codes_s8(Tensor groups, Tensor steps, int qmax) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("act_codes_s8(Tensor x, int rows, int qmax) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _weight_codes_impl(groups: Tensor, steps: Tensor, qmax: int) -> Tensor:
+    groups, steps = groups.contiguous(), steps.contiguous()
+    n = groups.shape[-1]
+    lib = kernel_library()
+    if lib is None:  # disabled after a torch.compile trace took the op: the same numbers from the torch expression
+        from ...quant import arithmetic as A
+        rows = groups.reshape(-1, n)
+        return A.weight_codes(rows, steps.reshape(-1, 1), qmax).to(torch.int8).reshape(groups.shape)
+    codes = torch.empty(groups.shape, dtype=torch.int8)
+    lib.bitlab_weight_codes_s8(groups.data_ptr(), groups.numel() // n, n, steps.data_ptr(), qmax,
+                                            codes.data_ptr(), torch.get_num_threads())
+    return codes
+
+
+def _act_codes_impl(x: Tensor, rows: int, qmax: int) -> Tuple[Tensor, Tensor]:
+    x = x.contiguous()
+    lib = kernel_library()
+    if lib is None:  # as in _weight_codes_impl
+        from ...quant import arithmetic as A
+        flat = x.reshape(rows, -1)
+        mult = A.multiplier(flat.abs().amax(-1, keepdim=True), qmax)
+        return A.codes(flat, mult, -qmax - 1, qmax).to(torch.int8).reshape(x.shape), mult.reshape(rows)
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    mult = torch.empty(rows, dtype=torch.float32)
+    lib.bitlab_act_codes_s8(x.data_ptr(), rows, x.numel() // rows, qmax, mult.data_ptr(),
+                                         codes.data_ptr(), torch.get_num_threads())
+    return codes, mult
+
+
+_LIB.impl("weight_codes_s8", _weight_codes_impl, "CPU")
+_LIB.impl("act_codes_s8", _act_codes_impl, "CPU")
+torch.library.register_fake("bitlab::weight_codes_s8",
+                            lambda groups, steps, qmax: groups.new_empty(groups.shape, dtype=torch.int8), lib=_LIB)
+torch.library.register_fake("bitlab::act_codes_s8", lambda x, rows, qmax: (
+    x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32)), lib=_LIB)
+
+
+def _kernel_built() -> bool:
+    """Whether the C kernel is there; under torch.compile, whether it is loaded already (the trace cannot enter the
+    loader's lock; ``bfx.compile`` loads it first), else the torch expressions are traced."""
+    return kernel_loaded() if torch.compiler.is_compiling() else kernel_library() is not None
 
 
 def _fits(t: Tensor) -> bool:
-    """A plain contiguous fp32 CPU tensor outside torch.compile (not a subclass: a DTensor's data_ptr is not its
-    values)."""
-    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.device.type == "cpu"
-            and t.dtype == torch.float32 and t.is_contiguous() and t.numel() > 0 and not t.requires_grad)
+    """A plain fp32 CPU tensor (not a subclass: a DTensor's data_ptr is not its values) with no gradient, and the
+    kernel built."""
+    plain = type(t) is torch.Tensor or torch.compiler.is_compiling()  # traced: FakeTensors / FunctionalTensors
+    return (plain and t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0
+            and not t.requires_grad and _kernel_built())
 
 
 def weight_codes_s8(groups: Tensor, steps: Tensor, qmax: int) -> Optional[Tensor]:
     """int8 codes of a weight viewed as ``groups [rows..., n]`` (each row one step: ``steps`` holds one per row, any
     shape with that many numbers) with ``|code| <= qmax <= 127``; None where the kernel does not apply."""
-    lib = kernel_library() if _fits(groups) else None
-    if lib is None or not 1 <= qmax <= 127:
+    if not (_fits(groups) and 1 <= qmax <= 127):
         return None
-    n = groups.shape[-1]
-    rows = groups.numel() // n
-    steps = steps.detach().float().contiguous()
-    if steps.numel() != rows or type(steps) is not torch.Tensor:
+    rows = groups.numel() // groups.shape[-1]
+    steps = steps.detach().float()
+    if steps.numel() != rows or not (type(steps) is torch.Tensor or torch.compiler.is_compiling()):
         return None
-    codes = torch.empty(groups.shape, dtype=torch.int8)
-    lib.bitlab_weight_codes_s8(groups.data_ptr(), rows, n, steps.data_ptr(), int(qmax), codes.data_ptr(),
-                               torch.get_num_threads())
-    return codes
+    return torch.ops.bitlab.weight_codes_s8(groups, steps.reshape(rows), int(qmax))
 
 
 def activation_codes_s8(x: Tensor, token_dims: Optional[int], qmax: int) -> Optional[Tuple[Tensor, Tensor]]:
     """``(int8 codes, fp32 multipliers)`` of a dynamic signed quantizer on ``x``: one multiplier per token (the last
     ``token_dims`` dims; shaped ``x.shape[:-token_dims] + (1,) * token_dims``), or for the whole tensor
     (``token_dims=None``: shape ``()``); None where the kernel does not apply."""
-    lib = kernel_library() if _fits(x) else None
-    if lib is None or not 1 <= qmax <= 127:
+    if not (_fits(x) and 1 <= qmax <= 127):
         return None
     if token_dims is None:
         rows, mult_shape = 1, ()
     else:
         rows = math.prod(x.shape[:-token_dims])
         mult_shape = tuple(x.shape[:-token_dims]) + (1,) * token_dims
-    codes = torch.empty(x.shape, dtype=torch.int8)
-    mult = torch.empty(mult_shape, dtype=torch.float32)
-    lib.bitlab_act_codes_s8(x.data_ptr(), rows, x.numel() // rows, int(qmax), mult.data_ptr(), codes.data_ptr(),
-                            torch.get_num_threads())
-    return codes, mult
+    codes, mult = torch.ops.bitlab.act_codes_s8(x, rows, int(qmax))
+    return codes, mult.reshape(mult_shape)
