@@ -43,3 +43,15 @@ def test_llm_benchmark_runs_and_says_which_peers_are_missing():
     assert "| fp32 |" in proc.stdout and "| bitlab-ternary |" in proc.stdout and "| bitlab-ternary-greedy |" in proc.stdout
     assert "| bitlab-ternary-lean |" in proc.stdout
     assert "| llamacpp-tq2_0 |" in proc.stdout or "llamacpp-tq2_0: skipped" in proc.stdout
+
+
+def test_qat_step_benchmark_runs_its_compiled_rows():
+    """bench_qat_step.py on the MLP, one step of fp32 and of the compiled integer forward (bfx.compile): a table row
+    each, with a ratio to fp32."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qat_step.py"), "--cases", "mlp",
+                           "--rounds", "1", "--steps", "1", "--variants", "fp32,bitlab ternary int8-fwd compiled"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLP")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "bitlab ternary int8-fwd compiled"]
+    assert "1.00x" in rows[0]
