@@ -214,7 +214,7 @@ def distill_config(fmt: str, args) -> "bfx.recipes.DistillConfig":
         steps=args.steps, lr=lr, lr_warmup_steps=max(1, args.steps // 20), lr_schedule="cosine",
         grad_accum=args.grad_accum, temperature=args.temperature, lm_weight=args.lm_weight,
         quant_ramp_steps=int(ramp * args.steps), checkpoint=checkpoint, checkpoint_every=max(1, args.steps // 4),
-        time_budget_s=args.time_budget, progress_every=max(1, args.steps // 20))
+        time_budget_s=args.time_budget, progress_every=max(1, args.steps // 20), compile=args.compile)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -239,6 +239,7 @@ def parse_args(argv):
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (0: not timed)")
     p.add_argument("--bench-lock", default="/tmp/bitlab_bench.lock", help="flock file for decode timing ('' = none)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each format's run here (resumes when present)")
+    p.add_argument("--compile", action="store_true", help="train through bfx.compile (DistillConfig(compile=True))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the table and curves here (docs/img/qat_llm.json)")

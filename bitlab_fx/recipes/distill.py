@@ -53,6 +53,7 @@ class DistillConfig:
     quant_ramp_steps: int = 0            # QuantWarmup: blend float -> quantized over these steps ...
     quant_delay_steps: int = 0           # ... after training this many steps in float
     autocast: Optional[str] = None       # "bf16" (or "fp16"): the student's forward under torch.autocast
+    compile: bool = False                # the student's training step under bfx.compile once fully quantized
     checkpoint: Optional[str] = None     # a file: resumed from when it exists, written every checkpoint_every steps
     checkpoint_every: int = 50
     time_budget_s: Optional[float] = None  # stop (and checkpoint) once this much wall time has passed in this run
@@ -67,6 +68,8 @@ class DistillConfig:
                 raise ConfigError(f"DistillConfig({name}={value!r}): must be an int >= {low}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"DistillConfig(lr_schedule={self.lr_schedule!r}): use one of {', '.join(LR_SCHEDULES)}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"DistillConfig(compile={self.compile!r}): must be True or False")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"DistillConfig(autocast={self.autocast!r}): use None, 'bf16' or 'fp16'")
         if self.temperature <= 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -140,6 +143,18 @@ class _Trainer:
         quantizing = config.quant_ramp_steps or config.quant_delay_steps
         self.warmup = QuantWarmup(student, config.quant_ramp_steps, config.quant_delay_steps) if quantizing else None
         self.step, self.history = 0, []
+        self._compiled = None
+
+    def _student_forward(self) -> nn.Module:
+        """The module the step calls: the student, or with ``compile`` its ``bfx.compile`` wrapper (same parameters)
+        once every quantizer is fully on. While QuantWarmup ramps, ``mix`` changes every step and each value would
+        compile the graph again, so the ramp runs eagerly."""
+        if not self.config.compile or (self.warmup is not None and self.warmup.mix < 1.0):
+            return self.student
+        if self._compiled is None:
+            from ..training_compile import compile as compile_for_training
+            self._compiled = compile_for_training(self.student)
+        return self._compiled
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "student": self.student.state_dict(),
@@ -167,7 +182,7 @@ class _Trainer:
         t_logits, t_hidden = self._teacher(ids)
         dtype = AUTOCAST_DTYPES[cfg.autocast]
         with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype is not None):
-            s_logits, s_hidden = _call(self.student, ids, cfg.hidden_weight > 0)
+            s_logits, s_hidden = _call(self._student_forward(), ids, cfg.hidden_weight > 0)
         parts = {"kl": kl_logits(s_logits, t_logits, cfg.temperature) if cfg.kl_weight else None,
                  "lm": lm_loss(s_logits, ids) if cfg.lm_weight else None,
                  "hidden": hidden_mse(s_hidden, t_hidden) if cfg.hidden_weight else None}

@@ -131,3 +131,28 @@ def test_hidden_loss_with_cache_or_tensor_model_is_a_config_error(tmp_path):
                 teacher_cache=TeacherCache(str(tmp_path)))
     with pytest.raises(bfx.ConfigError, match="no trainable"):
         distill(student.requires_grad_(False), model, _batches(), DistillConfig(steps=1))
+
+
+def test_compiled_steps_follow_the_eager_run(tmp_path):
+    """DistillConfig(compile=True): the ramp runs eagerly, the later steps through bfx.compile; losses and weights
+    are the eager run's to float rounding, and the checkpoint holds the student's own state_dict."""
+    model = build("llama")[0]
+    data = _batches()
+    config = dict(steps=4, lr=1e-3, quant_ramp_steps=2, progress_every=10)
+    eager = distill(_student(model), model, data, DistillConfig(**config))
+    student = _student(model)
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = distill(student, model, data, DistillConfig(**config, compile=True, checkpoint=str(tmp_path / "c.pt")))
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the steps at mix 1 went through torch.compile
+    assert [h["mix"] for h in compiled.history] == [h["mix"] for h in eager.history] == [0.0, 0.5, 1.0, 1.0]
+    assert [h["loss"] for h in compiled.history[:2]] == [h["loss"] for h in eager.history[:2]]  # eager until mix 1
+    for c, e in zip(compiled.history[2:], eager.history[2:]):
+        torch.testing.assert_close(c["loss"], e["loss"], rtol=1e-4, atol=1e-6)
+    saved = torch.load(tmp_path / "c.pt", weights_only=False)["student"]
+    assert saved.keys() == student.state_dict().keys() and not any(k.startswith("_orig_mod") for k in saved)
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(bfx.ConfigError, match="compile='yes'"):
+        DistillConfig(steps=1, compile="yes")
