@@ -68,24 +68,27 @@ def test_dropout_masks_are_not_drawn_again():
 
 
 def test_the_pass_tags_only_forward_bool_tensors():
-    """On a traced joint graph: the ReLU mask of the forward is tagged; tensors of the backward are not."""
-    from torch._functorch.aot_autograd import aot_function
+    """On a joint graph: a bool the forward computes from a primal is tagged; one computed from an incoming gradient
+    (the backward) and non-bool tensors are not."""
+    from bitlab_fx.training_compile import _tag_forward_bool_tensors
 
-    tagged = []
+    def joint(primals_1, tangents_1):
+        forward_mask = primals_1 > 0
+        backward_mask = tangents_1 > 0
+        return torch.where(forward_mask, tangents_1, 0.0), backward_mask
 
-    def compiler(gm, _inputs):
-        return gm
+    gm = torch.fx.symbolic_trace(joint)
 
-    def partition(joint, inputs, **kwargs):
-        pass_ = RecomputeBoolTensors()
-        pass_(joint.graph)
-        tagged.append(pass_.tagged)
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+    class Record(torch.fx.Interpreter):  # node.meta["val"], as AOTAutograd's joint graphs carry it
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = out
+            return out
 
-    f = aot_function(lambda x, w: torch.relu(x @ w).sum(), fw_compiler=compiler, partition_fn=partition)
-    f(torch.randn(4, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)).backward()
-    assert tagged == [1] or tagged == [0], tagged  # relu's backward may be traced as a mask or as a where on y
+    Record(gm).run(torch.randn(4), torch.randn(4))
+    assert _tag_forward_bool_tensors(gm.graph) == 1
+    tags = {n.name: n.meta.get("recompute") for n in gm.graph.nodes if n.op == "call_function"}
+    assert tags == {"gt": torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE, "gt_1": None, "where": None}
 
 
 def test_inductor_options_keep_the_callers_passes_and_modes():
