@@ -126,6 +126,11 @@ def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.T
     fp32 (exact) and scaled in place, the same numbers as the mixed-dtype product at half its time (a 1024x1024
     weight: 0.12 vs 0.25 ms)."""
     if wq.dtype != torch.float32 and not wq.requires_grad:
+        groups = weight_groups(wq, granularity)
+        if g.numel() == groups.numel() // groups.shape[-1]:  # one step per group row: the C kernel's one pass
+            fused = train_quant.dequantize_s8(groups, g.float(), divide=False)
+            if fused is not None:
+                return fused.reshape(wq.shape)
         return dequantize_weight_(wq.to(torch.float32).contiguous(), g, granularity)
     return (weight_groups(wq, granularity) * _expand_scale(g.float(), granularity)).reshape(wq.shape)
 
@@ -231,8 +236,20 @@ def dequantize_activation(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) 
     fp32, exact, and divided in place; the same numbers)."""
     if q.dtype != torch.float32 and not q.requires_grad and s.dtype == torch.float32 and \
             torch.broadcast_shapes(q.shape, s.shape) == q.shape:
-        return q.to(torch.float32).div_(s).to(dtype)
+        fused = train_quant.dequantize_s8(q, s, divide=True) if _one_per_leading_row(q, s) else None
+        return (fused if fused is not None else q.to(torch.float32).div_(s)).to(dtype)
     return (q / s).to(dtype)
+
+
+def _one_per_leading_row(q: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether ``s`` holds one number per row of ``q`` viewed as ``[s.numel(), -1]``: one number, or ``q``'s leading
+    dims followed by ones (a per-token ``[M, 1]``, a per-sample ``[B, 1, 1, 1]``)."""
+    if s.numel() == 1:
+        return True
+    lead = s.dim()
+    while lead > 0 and s.shape[lead - 1] == 1:
+        lead -= 1
+    return s.dim() == q.dim() and tuple(s.shape[:lead]) == tuple(q.shape[:lead])
 
 
 def fake_quantize_activation(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

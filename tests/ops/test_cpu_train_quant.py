@@ -130,3 +130,44 @@ def test_the_ops_compute_without_the_kernel(monkeypatch):
     (codes, mult), wq = torch.ops.bitlab.act_codes_s8(x, 5, 127), torch.ops.bitlab.weight_codes_s8(w, steps, 1)
     assert codes.dtype == wq.dtype == torch.int8 and mult.shape == (5,)
     assert torch.equal(codes, want[0][0]) and torch.equal(mult, want[0][1]) and torch.equal(wq, want[1])
+
+
+@given(rows=st.integers(1, 9), n=st.integers(1, 300), divide=st.booleans(), seed=st.integers(0, 2 ** 16))
+@settings(max_examples=40, deadline=None)
+def test_dequantize_is_the_torch_expression(rows, n, divide, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (rows, n), generator=gen, dtype=torch.int8)
+    scale = torch.rand(rows, 1, generator=gen) * 3 + 1e-3
+    want = q.to(torch.float32).div_(scale) if divide else q.to(torch.float32).mul_(scale)
+    for name in ISAS:
+        cpu.set_isa(name)
+        got = T.dequantize_s8(q, scale, divide)
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+    cpu.set_isa(None)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", bfx.PerGroup(16)])
+def test_the_backward_values_are_the_torch_paths(isa, monkeypatch, granularity):
+    """P.dequantize_weight / P.dequantize_activation of int8 codes with the C pass and with the kernel disabled."""
+    torch.manual_seed(0)
+    wspec = bfx.TernaryWeight(granularity=granularity)
+    wq, g = P.weight_codes(torch.randn(24, 64), wspec)
+    x = torch.randn(2, 5, 64) * 3
+    xq, mult = P.dynamic_activation_codes(x, bfx.IntActivation(), 1)
+    xq4, mult4 = P.dynamic_activation_codes(torch.randn(3, 4, 5, 6), bfx.IntActivation(), 3)  # per sample
+    fused = (P.dequantize_weight(wq, g, granularity), P.dequantize_activation(xq, mult, torch.float32),
+             P.dequantize_activation(xq4, mult4, torch.float32))
+    monkeypatch.setenv("BITLAB_FX_DISABLE_CPU_KERNEL", "1")
+    plain = (P.dequantize_weight(wq, g, granularity), P.dequantize_activation(xq, mult, torch.float32),
+             P.dequantize_activation(xq4, mult4, torch.float32))
+    for a, b in zip(fused, plain):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_dequantize_declines_what_it_does_not_compute():
+    q = torch.randint(-5, 5, (4, 6), dtype=torch.int8)
+    assert T.dequantize_s8(q.float(), torch.ones(4), True) is None      # not int8
+    assert T.dequantize_s8(q, torch.ones(4).double(), True) is None      # not an fp32 scale
+    assert T.dequantize_s8(q, torch.ones(5), True) is None               # rows do not divide the codes
+    assert not P._one_per_leading_row(q, torch.ones(1, 6))               # one per column is not one per row
+    assert P._one_per_leading_row(q, torch.ones(4, 1)) and P._one_per_leading_row(q, torch.ones(()))

@@ -61,6 +61,8 @@ def _load():
             lib.bitlab_weight_codes_s8.restype = None
             lib.bitlab_act_codes_s8.argtypes = [p, i64, i64, i32, p, p, i32]
             lib.bitlab_act_codes_s8.restype = None
+            lib.bitlab_dequant_s8.argtypes = [p, i64, i64, p, i32, p, i32]
+            lib.bitlab_dequant_s8.restype = None
             lib.bitlab_set_isa.argtypes = [i32]
             lib.bitlab_set_panel_min_m.argtypes = [i32]
             isa = os.environ.get("BITLAB_FX_CPU_ISA", "").strip().lower()

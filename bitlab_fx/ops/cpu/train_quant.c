@@ -72,3 +72,47 @@ void bitlab_act_codes_s8(const float *x, int64_t rows, int64_t n, int qmax, floa
         row_quant(&j, x + r * n, n, s, q + r * n);
     }
 }
+
+/* The backward's float values of int8 codes: out = (float)q * scale or (float)q / scale, one scale per row, bitwise
+ * torch's q.to(float32).mul_(s) / .div_(s) (an exact int8 -> float conversion, then one IEEE product or quotient)
+ * in one pass instead of a copy and an in-place pass. */
+static void dequant_scalar(const int8_t *q, int64_t n, float scale, int divide, float *out) {
+    if (divide)
+        for (int64_t i = 0; i < n; i++) out[i] = (float)q[i] / scale;
+    else
+        for (int64_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
+#ifdef BITLAB_X86
+static TGT_AVX2 void dequant_avx2(const int8_t *q, int64_t n, float scale, int divide, float *out) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(q + i));
+        __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        _mm256_storeu_ps(out + i, divide ? _mm256_div_ps(f, vs) : _mm256_mul_ps(f, vs));
+    }
+    dequant_scalar(q + i, n - i, scale, divide, out + i);
+}
+#endif
+
+/* q: rows x n int8 codes, scale[rows], out: rows x n floats */
+void bitlab_dequant_s8(const int8_t *q, int64_t rows, int64_t n, const float *scale, int divide, float *out,
+                       int nthreads) {
+    const int isa = bitlab_isa();
+    const int nt = (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+    (void)nt;
+    (void)isa;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+#ifdef BITLAB_X86
+        if (isa >= ISA_AVX2) {
+            dequant_avx2(q + r * n, n, scale[r], divide, out + r * n);
+            continue;
+        }
+#endif
+        dequant_scalar(q + r * n, n, scale[r], divide, out + r * n);
+    }
+}

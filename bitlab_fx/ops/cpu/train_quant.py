@@ -22,6 +22,7 @@ from . import kernel_library, kernel_loaded
 _LIB = torch.library.Library("bitlab", "FRAGMENT")
 _LIB.define("weight_codes_s8(Tensor groups, Tensor steps, int qmax) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
 _LIB.define("act_codes_s8(Tensor x, int rows, int qmax) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("dequant_s8(Tensor codes, Tensor scale, bool divide) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
 
 
 def _weight_codes_impl(groups: Tensor, steps: Tensor, qmax: int) -> Tensor:
@@ -53,7 +54,23 @@ def _act_codes_impl(x: Tensor, rows: int, qmax: int) -> Tuple[Tensor, Tensor]:
     return codes, mult
 
 
+def _dequant_impl(codes: Tensor, scale: Tensor, divide: bool) -> Tensor:
+    codes, scale = codes.contiguous(), scale.contiguous()
+    rows = scale.numel()
+    lib = kernel_library()
+    if lib is None:  # as in _weight_codes_impl
+        flat = codes.reshape(rows, -1).to(torch.float32)
+        return (flat.div_(scale.reshape(rows, 1)) if divide else flat.mul_(scale.reshape(rows, 1))).reshape(codes.shape)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    lib.bitlab_dequant_s8(codes.data_ptr(), rows, codes.numel() // rows, scale.data_ptr(), int(divide), out.data_ptr(),
+                          torch.get_num_threads())
+    return out
+
+
 _LIB.impl("weight_codes_s8", _weight_codes_impl, "CPU")
+_LIB.impl("dequant_s8", _dequant_impl, "CPU")
+torch.library.register_fake("bitlab::dequant_s8", lambda codes, scale, divide: codes.new_empty(
+    codes.shape, dtype=torch.float32), lib=_LIB)
 _LIB.impl("act_codes_s8", _act_codes_impl, "CPU")
 torch.library.register_fake("bitlab::weight_codes_s8",
                             lambda groups, steps, qmax: groups.new_empty(groups.shape, dtype=torch.int8), lib=_LIB)
@@ -100,3 +117,18 @@ def activation_codes_s8(x: Tensor, token_dims: Optional[int], qmax: int) -> Opti
         mult_shape = tuple(x.shape[:-token_dims]) + (1,) * token_dims
     codes, mult = torch.ops.bitlab.act_codes_s8(x, rows, int(qmax))
     return codes, mult.reshape(mult_shape)
+
+
+def dequantize_s8(codes: Tensor, scale: Tensor, divide: bool) -> Optional[Tensor]:
+    """fp32 ``codes * scale`` (``divide``: ``codes / scale``) of int8 codes in one pass, bitwise torch's
+    ``codes.to(torch.float32).mul_(scale)`` / ``.div_(scale)``, where ``scale`` holds one number per row of ``codes``
+    (``codes`` viewed as ``[scale.numel(), -1]``: a per-token multiplier shaped ``[M, 1]`` or ``[B, 1, 1, 1]``, a
+    weight's steps in its groups' order, or one number); None where the kernel does not apply (then the caller uses
+    torch). Eager mode only: under torch.compile inductor fuses the same two operations into its kernels."""
+    if torch.compiler.is_compiling() or not (type(codes) is torch.Tensor and type(scale) is torch.Tensor):
+        return None
+    if not (codes.dtype == torch.int8 and scale.dtype == torch.float32 and codes.device.type == "cpu"
+            and scale.device.type == "cpu" and codes.numel() > 0 and not codes.requires_grad
+            and not scale.requires_grad and codes.numel() % max(scale.numel(), 1) == 0 and _kernel_built()):
+        return None
+    return torch.ops.bitlab.dequant_s8(codes, scale.reshape(-1), bool(divide))
