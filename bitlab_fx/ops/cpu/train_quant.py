@@ -8,6 +8,8 @@ fp32 CPU tensor, a tensor subclass such as a DTensor); the caller then computes 
 
 Both run as ops (``torch.ops.bitlab.weight_codes_s8`` / ``act_codes_s8``), opaque to torch.compile: inductor then
 calls the one-pass kernels too, and keeps their int8 outputs for the backward rather than recomputing them there.
+:func:`dequantize_s8` (``torch.ops.bitlab.dequant_s8``, eager mode) gives the backward the float values of int8 codes
+in one pass, bitwise ``codes.to(torch.float32).mul_(scale)`` / ``.div_(scale)``.
 """
 from __future__ import annotations
 
