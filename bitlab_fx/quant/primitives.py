@@ -122,9 +122,9 @@ def quantize_weight(w: torch.Tensor, spec: Union[TernaryWeight, IntWeight],
 
 
 def dequantize_weight(wq: torch.Tensor, g: torch.Tensor, granularity) -> torch.Tensor:
-    """``wq * g`` (fp32, ``wq``'s shape) for codes ``wq`` and steps ``g`` of ``granularity``: int8 codes are copied to
-    fp32 (exact) and scaled in place, the same numbers as the mixed-dtype product at half its time (a 1024x1024
-    weight: 0.12 vs 0.25 ms)."""
+    """``wq * g`` (fp32, ``wq``'s shape) for codes ``wq`` and steps ``g`` of ``granularity``: int8 codes in one C
+    pass (``train_quant.dequantize_s8``) where it applies, else copied to fp32 (exact) and scaled in place; the
+    same numbers as the mixed-dtype product, at a fraction of its time."""
     if wq.dtype != torch.float32 and not wq.requires_grad:
         groups = weight_groups(wq, granularity)
         if g.numel() == groups.numel() // groups.shape[-1]:  # one step per group row: the C kernel's one pass
@@ -232,8 +232,8 @@ def dynamic_activation_codes(x: torch.Tensor, spec: IntActivation, token_dims: i
 
 
 def dequantize_activation(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q / s`` in ``dtype``: the value activation codes ``q`` with multiplier ``s`` stand for (int8 codes: copied to
-    fp32, exact, and divided in place; the same numbers)."""
+    """``q / s`` in ``dtype``: the value activation codes ``q`` with multiplier ``s`` stand for (int8 codes: one C
+    pass where it applies, else copied to fp32, exact, and divided in place; the same numbers)."""
     if q.dtype != torch.float32 and not q.requires_grad and s.dtype == torch.float32 and \
             torch.broadcast_shapes(q.shape, s.shape) == q.shape:
         fused = train_quant.dequantize_s8(q, s, divide=True) if _one_per_leading_row(q, s) else None

@@ -11,11 +11,16 @@
  * to divide). Every pass of this file has a scalar and an AVX2 version of this type, run by each_row. */
 typedef void (*row_pass_fn)(const void *in, int64_t n, float scale, int arg, void *out);
 
+/* Threads for a pass over rows x n values: one below 64K values (the team would cost more than it saves). */
+static int row_threads(int64_t rows, int64_t n, int nthreads) {
+    return (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+}
+
 /* Runs a per-row pass over rows x n values (in_bytes / out_bytes per value), the rows shared out over OpenMP
  * threads, with the AVX2 version where the CPU has it (and the ISA is not capped below it). */
 static void each_row(row_pass_fn avx2, row_pass_fn scalar, const void *in, int in_bytes, int64_t rows, int64_t n,
                      const float *scale, int arg, void *out, int out_bytes, int nthreads) {
-    const int nt = (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+    const int nt = row_threads(rows, n, nthreads);
     row_pass_fn fn = bitlab_isa() >= ISA_AVX2 && avx2 ? avx2 : scalar;
     (void)nt;
 #ifdef _OPENMP
@@ -69,7 +74,7 @@ void bitlab_act_codes_s8(const float *x, int64_t rows, int64_t n, int qmax, floa
     job_t j;
     memset(&j, 0, sizeof j);
     j.isa = bitlab_isa();
-    const int nt = (nthreads < 1 || rows * n < (1 << 16)) ? 1 : nthreads;
+    const int nt = row_threads(rows, n, nthreads);
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
